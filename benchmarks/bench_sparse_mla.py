@@ -1,0 +1,224 @@
+"""Sparse MLA decode and prefill: ours vs SGLang 0.5.23's Triton kernels vs torch.
+
+Decode: T = 1..128 query tokens, H = 16/32/64/128 heads, top-k 2048 random
+slots of a cache of 2^20 slots (1.2 GB BF16, 0.69 GB FP8), so gathers miss L2.
+Prefill: T = 4096 tokens, each attending top-k 2048 of its causal prefix in an
+8K..12K-token context spread over the same cache.
+
+FLOPs count 2*(576+512) per (token, head, valid index); bytes count the
+gathered KV rows (1152 B BF16, 656 B FP8) plus q and the output. Prefill rows
+are shared between tokens (as in real prefill) so most of its gathers hit L2:
+its GB/s is "logical" and TFLOP/s is the figure to read.
+
+    python benchmarks/bench_sparse_mla.py --out results.json [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import sglang_baselines  # noqa: E402
+from timing import Ceilings, measure_ceilings, rotation_count, time_launches  # noqa: E402
+
+from sglang_sparse_mla.kernels import quantize_kv_fp8  # noqa: E402
+from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_forward  # noqa: E402
+from sglang_sparse_mla.kernels.sparse_mla_configs import SparseMLAConfig  # noqa: E402
+
+TOPK = 2048
+NUM_SLOTS = 1 << 20
+SM_SCALE = 576**-0.5
+ROW_BYTES = {"bf16": 1152, "fp8": 656}
+
+
+def torch_gather_attention(q, kv, idx, chunk=512):
+    """The plain torch path: gather rows, bf16 matmuls, fp32 softmax (no float64)."""
+    outs = []
+    for t0 in range(0, q.shape[0], chunk):
+        i = idx[t0 : t0 + chunk]
+        k = kv[i.clamp_min(0).long()]  # [t, topk, 576]
+        s = torch.matmul(q[t0 : t0 + chunk], k.transpose(1, 2)).float() * SM_SCALE
+        s = s.masked_fill((i < 0)[:, None, :], float("-inf"))
+        p = torch.softmax(s, dim=-1).to(torch.bfloat16)
+        outs.append(torch.matmul(p, k[..., :512]))
+    return torch.cat(outs)
+
+
+def decode_inputs(tokens, heads, sets, gen):
+    qs = [torch.randn(tokens, heads, 576, device="cuda", generator=gen).bfloat16() for _ in range(sets)]
+    idx = [
+        torch.randint(0, NUM_SLOTS, (tokens, TOPK), device="cuda", generator=gen, dtype=torch.int32)
+        for _ in range(sets)
+    ]
+    return qs, idx
+
+
+def prefill_inputs(tokens, heads, sets, gen):
+    """Token t sees the first 8192 + t positions of a request whose positions
+    live at random cache slots; it attends 2048 random distinct ones."""
+    qs, idxs = [], []
+    for _ in range(sets):
+        context = 8192 + tokens
+        slots = torch.randperm(NUM_SLOTS, device="cuda", generator=gen)[:context].to(torch.int32)
+        visible = torch.arange(context, device="cuda")[None, :] < (8192 + torch.arange(tokens, device="cuda"))[:, None]
+        keys = torch.rand(tokens, context, device="cuda", generator=gen).masked_fill(~visible, 2.0)
+        pos = keys.topk(TOPK, dim=1, largest=False).indices
+        idxs.append(slots[pos].contiguous())
+        qs.append(torch.randn(tokens, heads, 576, device="cuda", generator=gen).bfloat16())
+    return qs, idxs
+
+
+def config_label(cfg):
+    return "auto" if cfg is None else f"h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}"
+
+
+def measure(label, calls, flops, bytes_, ceilings: Ceilings, shape):
+    timing = time_launches(calls)
+    us = timing.ms * 1e3
+    tflops = flops / (timing.ms * 1e-3) / 1e12
+    gbs = bytes_ / (timing.ms * 1e-3) / 1e9
+    return dict(
+        shape,
+        impl=label,
+        us=us,
+        tflops=tflops,
+        gbs=gbs,
+        pct_mma=100 * tflops / ceilings.bf16_tflops,
+        pct_bw=100 * gbs / ceilings.copy_gbs,
+        spread=timing.spread,
+        timing=timing.method,
+    )
+
+
+def run_case(phase, tokens, heads, kv_format, caches, ceilings, gen, configs, split_options, baselines):
+    bytes_per_call = tokens * TOPK * ROW_BYTES[kv_format]
+    sets = min(rotation_count(bytes_per_call), 32) if phase == "decode" else 2
+    make = decode_inputs if phase == "decode" else prefill_inputs
+    qs, idxs = make(tokens, heads, sets, gen)
+    kv = caches[kv_format]
+    flops = 2 * tokens * heads * TOPK * (576 + 512)
+    bytes_ = bytes_per_call + tokens * heads * (576 + 512) * 2
+    shape = dict(phase=phase, tokens=tokens, heads=heads, kv=kv_format, topk=TOPK)
+    rows = []
+    for cfg in configs:
+        for splits in split_options:
+            name = "ours" if cfg is None and splits is None else f"ours[{config_label(cfg)} s={splits}]"
+            calls = [
+                (lambda q=q, i=i: sparse_mla_forward(q, kv, i, SM_SCALE, num_kv_splits=splits, config=cfg))
+                for q, i in zip(qs, idxs)
+            ]
+            try:
+                rows.append(measure(name, calls, flops, bytes_, ceilings, shape))
+            except Exception as err:  # a sweep config that does not fit this GPU
+                rows.append(dict(shape, impl=name, error=f"{type(err).__name__}: {err}"[:200]))
+    if not baselines:
+        return rows
+    if kv_format == "bf16":
+        fn, why = sglang_baselines.sparse_mla_decode() if phase == "decode" else sglang_baselines.sparse_mla_prefill()
+        if fn is None:
+            rows.append(dict(shape, impl="sglang-triton", error=why))
+        elif phase == "decode":
+            kv3 = kv.view(-1, 1, 576)
+            calls = [
+                (lambda q=q, i=i: fn(q[..., :512], q[..., 512:], kv3, i.view(tokens, 1, TOPK), SM_SCALE, 512))
+                for q, i in zip(qs, idxs)
+            ]
+            rows.append(measure("sglang-triton", calls, flops, bytes_, ceilings, shape))
+        else:
+            calls = [(lambda q=q, i=i: fn(q, kv, i, SM_SCALE, 512)) for q, i in zip(qs, idxs)]
+            rows.append(measure("sglang-triton", calls, flops, bytes_, ceilings, shape))
+    if phase == "decode" and kv_format == "bf16" and heads <= 32:
+        calls = [(lambda q=q, i=i: torch_gather_attention(q, kv, i)) for q, i in zip(qs, idxs)]
+        rows.append(measure("torch-gather", calls, flops, bytes_, ceilings, shape))
+    return rows
+
+
+SWEEP_CONFIGS = {
+    ("bf16", 16): [(16, 32, 4, 2), (16, 64, 4, 2)],
+    ("fp8", 16): [(16, 16, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1), (16, 16, 8, 2)],
+    ("bf16", 32): [(32, 64, 8, 2), (32, 32, 8, 2)],
+    ("fp8", 32): [(32, 32, 8, 1), (32, 16, 8, 1), (32, 32, 8, 2)],
+    ("bf16", 128): [(64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 2)],
+    ("fp8", 128): [(32, 32, 8, 1), (32, 16, 8, 1), (16, 16, 8, 1)],
+}
+
+
+def sweep_cases(caches, ceilings, gen):
+    """Candidate tile configs (heuristic split count) and split counts (default
+    config) on the shapes that decide the dispatch tables."""
+    rows = []
+    for kv_format in ("bf16", "fp8"):
+        for heads in (16, 32, 128):
+            configs = [SparseMLAConfig(*c) for c in SWEEP_CONFIGS[kv_format, heads]]
+            for tokens in (32, 128):
+                rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, configs, [None], False)
+                rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, [None], [1, 2, 4, 8], False)
+            rows += run_case("prefill", 4096, heads, kv_format, caches, ceilings, gen, configs, [None], False)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def full_table(caches, ceilings, gen, quick, baselines):
+    rows = []
+    decode_tokens = [1, 32, 128] if quick else [1, 8, 32, 64, 128]
+    heads_list = [16, 128] if quick else [16, 32, 64, 128]
+    for kv_format in ("bf16", "fp8"):
+        for heads in heads_list:
+            for tokens in decode_tokens:
+                rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, [None], [None], baselines)
+            rows += run_case("prefill", 4096, heads, kv_format, caches, ceilings, gen, [None], [None], baselines)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON results file")
+    parser.add_argument("--sweep", action="store_true", help="time candidate tile configs and split counts instead")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--no-baselines", action="store_true")
+    args = parser.parse_args()
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ceilings = measure_ceilings()
+    kv = torch.randn(NUM_SLOTS, 576, device="cuda", generator=gen).bfloat16()
+    caches = {"bf16": kv, "fp8": quantize_kv_fp8(kv)}
+    if args.sweep:
+        rows = sweep_cases(caches, ceilings, gen)
+    else:
+        rows = full_table(caches, ceilings, gen, args.quick, not args.no_baselines)
+    result = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+        sglang=sglang_baselines.sglang_version(),
+        ceilings=asdict(ceilings),
+        rows=rows,
+    )
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print_table(result)
+
+
+def print_table(result):
+    c = result["ceilings"]
+    print(f"# {result['device']}  torch {result['torch']}  triton {result['triton']}  sglang {result['sglang']}")
+    print(f"# ceilings: copy {c['copy_gbs']:.0f} GB/s, bf16 matmul {c['bf16_tflops']:.0f} TFLOP/s")
+    print(f"{'phase':8}{'kv':5}{'H':>4}{'T':>6}  {'impl':44}{'us':>9}{'TFLOP/s':>9}{'GB/s':>8}{'%bw':>6}{'%mma':>6}")
+    for r in result["rows"]:
+        head = f"{r['phase']:8}{r['kv']:5}{r['heads']:>4}{r['tokens']:>6}  {r['impl'][:43]:44}"
+        if "error" in r:
+            print(head + "  n/a: " + r["error"][:90])
+        else:
+            print(head + f"{r['us']:9.1f}{r['tflops']:9.1f}{r['gbs']:8.0f}{r['pct_bw']:6.0f}{r['pct_mma']:6.0f}")
+
+
+if __name__ == "__main__":
+    main()

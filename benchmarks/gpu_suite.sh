@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The whole GPU check in one go, for a CUDA machine with torch + triton and no
+# package index (the project's H100 test machine):
+#
+#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env test sweep bench indexer-sweep indexer
+#
+# (no STEP = env test bench indexer). Wheels it needs come from .stage/ in the
+# checkout (made here by `bash benchmarks/stage_wheels.sh`, carried to the
+# machine): pytest if missing, and SGLang 0.5.23's kernels for the baselines
+# (the sglang wheel without its Rust .so files, plus the pure-Python packages
+# its import chain needs). Results go to $OUT (or benchmarks/results/run/),
+# the short table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RESULTS=${OUT:-$ROOT/benchmarks/results/run}
+mkdir -p "$RESULTS"
+STEPS=${*:-env test bench indexer}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+SGBASE=/tmp/sglang-baseline
+status=0
+
+log() { printf '\n=== %s ===\n' "$*"; }
+
+ensure_pytest() {
+    $PY -c "import pytest" 2>/dev/null && return
+    $PY -m pip install -q --no-index --no-deps --target /tmp/test-tools .stage/tools/*.whl
+    export PYTHONPATH=$PYTHONPATH:/tmp/test-tools
+}
+
+ensure_sglang_baseline() {
+    [ -d "$SGBASE/sglang" ] && return 0
+    [ -f .stage/sgbase/sglang-trim.zip ] || { echo "no .stage/sgbase: SGLang baselines unavailable"; return 1; }
+    $PY -m pip install -q --no-index --no-deps --target "$SGBASE" .stage/sgbase/*.whl &&
+        $PY -c "import zipfile,sys; zipfile.ZipFile('.stage/sgbase/sglang-trim.zip').extractall(sys.argv[1])" "$SGBASE"
+}
+
+for step in $STEPS; do
+    case $step in
+    env)
+        log env
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+        $PY -c "import torch, triton; p=torch.cuda.get_device_properties(0); print('torch', torch.__version__, 'triton', triton.__version__, p.name, 'sm%d%d'%(p.major,p.minor), p.multi_processor_count, 'SMs', p.L2_cache_size>>20, 'MB L2')"
+        ;;
+    test)
+        log "GPU tests (native, then the forced SM80 path)"
+        ensure_pytest
+        $PY -m pytest -q -x ${TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$RESULTS/pytest_gpu.log" | tail -15 || status=1
+        ;;
+    sweep)
+        log "sparse MLA config sweep"
+        $PY benchmarks/bench_sparse_mla.py --sweep --out "$RESULTS/sparse_mla_sweep.json" > "$RESULTS/sparse_mla_sweep.txt" 2>&1 || status=1
+        cat "$RESULTS/sparse_mla_sweep.txt"
+        ;;
+    bench)
+        log "sparse MLA benchmark"
+        ensure_sglang_baseline && export PYTHONPATH=$PYTHONPATH:$SGBASE
+        $PY benchmarks/bench_sparse_mla.py --out "$RESULTS/sparse_mla.json" > "$RESULTS/sparse_mla.txt" 2>&1 || status=1
+        ;;
+    indexer-sweep)
+        log "indexer config sweep"
+        $PY benchmarks/bench_indexer.py --sweep --out "$RESULTS/indexer_sweep.json" > "$RESULTS/indexer_sweep.txt" 2>&1 || status=1
+        cat "$RESULTS/indexer_sweep.txt"
+        ;;
+    indexer)
+        log "indexer benchmark"
+        ensure_sglang_baseline && export PYTHONPATH=$PYTHONPATH:$SGBASE
+        $PY benchmarks/bench_indexer.py --out "$RESULTS/indexer.json" > "$RESULTS/indexer.txt" 2>&1 || status=1
+        ;;
+    *) echo "unknown step $step"; exit 2 ;;
+    esac
+done
+
+log "summary"
+for f in "$RESULTS"/sparse_mla.txt "$RESULTS"/indexer.txt; do
+    [ -f "$f" ] && cat "$f"
+done
+exit $status

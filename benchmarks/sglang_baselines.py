@@ -1,0 +1,45 @@
+"""SGLang 0.5.23's own DSA kernels, loaded for side-by-side timing.
+
+On the GPU test machine SGLang is not installed: ``benchmarks/gpu_suite.sh``
+unpacks the sglang 0.5.23 wheel (its Rust extension ``.so`` files removed: no
+kernel imports them) and a few pure-Python dependencies its import chain needs
+onto ``PYTHONPATH``. Every loader returns ``(callable, None)`` or
+``(None, reason)`` so that a missing baseline is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+
+def _load(module: str, name: str) -> tuple[Callable | None, str | None]:
+    try:
+        return getattr(importlib.import_module(module), name), None
+    except Exception as err:  # any import failure makes the baseline unavailable
+        return None, f"{module}.{name}: {type(err).__name__}: {err}"
+
+
+def sglang_version() -> str | None:
+    try:
+        return importlib.import_module("sglang.version").__version__
+    except Exception:
+        return None
+
+
+def sparse_mla_decode() -> tuple[Callable | None, str | None]:
+    """``triton_sparse_mla_decode(q_nope, q_rope, kv[S,1,576], indices[T,1,topk], sm_scale, d_v)``."""
+    return _load("sglang.kernels.ops.attention.dsa.triton_sparse_mla_decode", "triton_sparse_mla_decode")
+
+
+def sparse_mla_prefill() -> tuple[Callable | None, str | None]:
+    """``sparse_mla_prefill(q[T,H,576], kv[S,576], indices[T,topk], sm_scale, d_v)``."""
+    return _load("sglang.kernels.ops.attention.dsa.triton_sparse_mla_prefill", "sparse_mla_prefill")
+
+
+def fp8_mqa_logits_torch() -> tuple[Callable | None, str | None]:
+    return _load("sglang.srt.layers.attention.dsa.utils", "_fp8_mqa_logits_torch")
+
+
+def fp8_paged_mqa_logits_torch() -> tuple[Callable | None, str | None]:
+    return _load("sglang.srt.layers.attention.dsa.utils", "_fp8_paged_mqa_logits_torch")

@@ -1,0 +1,74 @@
+"""What the kernels need to know about the GPU they run on.
+
+Every launcher asks here, never ``torch.cuda`` directly, so that the Triton
+interpreter (``TRITON_INTERPRET=1``, CPU tensors) and the forced SM80 code path
+(``SGLANG_SPARSE_MLA_FORCE_SM80=1``, which lets an SM90 machine run the Ampere
+kernels) are handled in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+FORCE_SM80_ENV = "SGLANG_SPARSE_MLA_FORCE_SM80"
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def force_sm80() -> bool:
+    """True when the SM80 code paths are forced on a newer GPU (for testing)."""
+    return os.environ.get(FORCE_SM80_ENV, "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The properties that pick a kernel configuration.
+
+    ``capability`` is ``(major, minor)``; ``max_shared_memory`` is the opt-in
+    shared memory per block in bytes; ``num_sms`` the multiprocessor count.
+    """
+
+    capability: tuple[int, int]
+    max_shared_memory: int
+    num_sms: int
+
+    @property
+    def native_fp8(self) -> bool:
+        """FP8 (e4m3) conversions and tensor-core dots exist from SM89 on."""
+        return self.capability >= (8, 9)
+
+
+# The interpreter runs every configuration; it reports an SM90-class device so
+# that launchers take their most general path.
+_INTERPRETER_DEVICE = DeviceInfo(capability=(9, 0), max_shared_memory=232448, num_sms=8)
+# Ampere A100/A800: 164 KiB of shared memory per SM, 163 KiB opt-in per block.
+_SM80_DEVICE_SMEM = 166912
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_info(index: int, forced_sm80: bool) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(index)
+    capability = (props.major, props.minor)
+    smem = int(getattr(props, "shared_memory_per_block_optin", 0) or 49152)
+    if forced_sm80:
+        capability = (8, 0)
+        smem = min(smem, _SM80_DEVICE_SMEM)
+    return DeviceInfo(capability, smem, props.multi_processor_count)
+
+
+_INTERPRETER_SM80_DEVICE = DeviceInfo(capability=(8, 0), max_shared_memory=_SM80_DEVICE_SMEM, num_sms=8)
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    """Properties of ``device`` as the kernels should see them."""
+    if is_interpreter() or device.type != "cuda":
+        return _INTERPRETER_SM80_DEVICE if force_sm80() else _INTERPRETER_DEVICE
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_device_info(index, force_sm80())

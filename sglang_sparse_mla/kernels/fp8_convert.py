@@ -1,0 +1,45 @@
+"""FP8 (e4m3fn) to 16-bit conversion inside Triton kernels, on every arch.
+
+SM89 and newer convert float8_e4m3fn in hardware. SM80/86 have no FP8 at all
+(Triton refuses the type there), so the emulated path rebuilds the value from
+its bits: an e4m3 code ``s eeee mmm`` shifted into an fp16 ``s 0eeee mmm0000000``
+is exactly ``value / 2**8`` for normal *and* subnormal codes (both formats have
+the same subnormal rule and fp16 has the wider exponent), so the conversion is
+two shifts, a bitcast, and a scale of 256 that callers fold into their own
+scale factor. The result is exact either way; NaN codes (0x7F/0xFF) never
+occur in data quantized with ``amax / 448``.
+"""
+
+import triton
+import triton.language as tl
+
+# What the emulated conversion leaves out: multiply its result by this.
+EMULATED_FP8_FACTOR = 256.0
+
+
+@triton.jit
+def fp8_e4m3_to_bf16(raw, NATIVE: tl.constexpr):
+    """uint8 e4m3fn codes -> bfloat16.
+
+    With ``NATIVE`` the value itself; otherwise ``value / 256`` (see module doc).
+    """
+    if NATIVE:
+        return raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+    else:
+        bits = raw.to(tl.int16)
+        half_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
+        return half_bits.to(tl.float16, bitcast=True).to(tl.float32).to(tl.bfloat16)
+
+
+@triton.jit
+def fp8_e4m3_to_f16(raw, NATIVE: tl.constexpr):
+    """uint8 e4m3fn codes -> float16 for fp16 tensor-core dots on SM80.
+
+    With ``NATIVE`` the value itself; otherwise ``value / 256`` (see module doc).
+    """
+    if NATIVE:
+        return raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    else:
+        bits = raw.to(tl.int16)
+        half_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
+        return half_bits.to(tl.float16, bitcast=True)

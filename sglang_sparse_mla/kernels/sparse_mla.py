@@ -1,0 +1,525 @@
+"""Sparse MLA attention over top-k selected KV slots (DeepSeek Sparse Attention).
+
+For each query token ``t`` and head ``h`` (absorbed MLA, one shared latent KV
+row per slot)::
+
+    s_j   = sm_scale * q[t, h] . kv[indices[t, j]]           (576-dim dot)
+    out   = sum_j softmax(s)_j * kv[indices[t, j], :512]       (V = latent)
+    lse   = log(sum_j exp(s_j))
+
+over the valid entries ``j`` (``0 <= indices[t, j] < num_slots``); ``-1`` marks
+"no token". Duplicated slots count once per occurrence.
+
+One Triton kernel serves decode and prefill: a program owns one token, a block
+of heads and a contiguous range of the top-k list (its KV split), streams the
+selected rows through an online softmax and writes either the final bf16
+output (single pass) or a normalized fp32 partial with its log-sum-exp, which
+a second kernel merges (split-KV). A gathered tile of latent rows serves as K
+(with the rope part) and as V; FP8 rows are dequantized to bf16 in registers
+and both products run on bf16 tensor cores.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim, check_same_device
+from .device_info import device_info, is_interpreter
+from .fp8_convert import EMULATED_FP8_FACTOR, fp8_e4m3_to_bf16
+from .kv_cache_layout import D_LATENT, D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, as_slot_rows
+from .sparse_mla_configs import SparseMLAConfig, choose_num_kv_splits, select_config
+
+_LOG2E = 1.4426950408889634
+# Column of the first scale word / bf16 rope value in an FP8 row's typed views.
+_FP8_SCALE_COL = tl.constexpr(FP8_SCALE_OFFSET // 4)
+_FP8_ROPE_COL = tl.constexpr(FP8_ROPE_OFFSET // 2)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    # Triton's interpreter multiplies bf16 operands wrongly: fp32 there only.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _slots(idx_row, n0, end, num_slots, BLOCK_N: tl.constexpr):
+    """Slots ``n0 .. n0 + BLOCK_N`` of a top-k row: (int64 slot, valid mask);
+    entries past ``end``, negative or out of range are invalid (slot 0)."""
+    offs = n0 + tl.arange(0, BLOCK_N)
+    slot = tl.load(idx_row + offs, mask=offs < end, other=-1)
+    valid = (slot >= 0) & (slot < num_slots)
+    return tl.where(valid, slot, 0).to(tl.int64), valid
+
+
+@triton.jit
+def _softmax_step(s, valid, m_i, l_i, qk_scale_log2):
+    """Online-softmax update for one tile of raw scores ``s [BLOCK_H, BLOCK_N]``.
+
+    Returns the tile's unnormalized probabilities, the factor that rescales
+    what was accumulated so far, and the new running max / sum (log2 domain).
+    Rows that have seen no valid key keep ``m = -inf`` and never produce NaN.
+    """
+    s = tl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_base)
+    p = tl.exp2(s - m_base[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _store_lse(lse_ptr, t, split, heads, head_mask, m_i, l_i, stride_lt, stride_lh, stride_ls, SPLIT_OUTPUT: tl.constexpr):
+    """Split partials keep log2-sum-exp for the merge; the final lse is natural log."""
+    has_keys = l_i > 0.0
+    lse_log2 = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    if SPLIT_OUTPUT:
+        tl.store(lse_ptr + t * stride_lt + split * stride_ls + heads * stride_lh, lse_log2, mask=head_mask)
+    else:
+        tl.store(lse_ptr + t * stride_lt + heads * stride_lh, lse_log2 * 0.6931471805599453, mask=head_mask)
+
+
+@triton.jit
+def _store_out(out_rows, acc, l_i, col0, head_mask):
+    """Normalized ``acc [BLOCK_H, W]`` into output columns ``col0 .. col0 + W``."""
+    has_keys = l_i > 0.0
+    inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)
+    cols = col0 + tl.arange(0, acc.shape[1])
+    tl.store(out_rows + cols[None, :], (acc * inv_l[:, None]).to(out_rows.dtype.element_ty), mask=head_mask[:, None])
+
+
+@triton.jit
+def _sparse_mla_bf16_kernel(
+    q_ptr,
+    kv_ptr,
+    idx_ptr,
+    out_ptr,
+    lse_ptr,
+    num_heads,
+    num_slots,
+    topk,
+    keys_per_split,
+    qk_scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_kv,
+    stride_it,
+    stride_ot,
+    stride_oh,
+    stride_os,
+    stride_lt,
+    stride_lh,
+    stride_ls,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_OUTPUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """BF16 cache: one ``[BLOCK_N, 512]`` tile per step is K (with its rope
+    part) and V; the pipeliner streams it through shared memory."""
+    t = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(2)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_mask = heads < num_heads
+    q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
+    d_latent = tl.arange(0, 512)
+    d_rope = tl.arange(0, 64)
+    q_nope = tl.load(q_rows + d_latent[None, :], mask=head_mask[:, None], other=0.0)
+    q_rope = tl.load(q_rows + (d_rope + 512)[None, :], mask=head_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, 512], tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, topk)
+    idx_row = idx_ptr + t * stride_it
+    for n0 in range(start, end, BLOCK_N):
+        slot, valid = _slots(idx_row, n0, end, num_slots, BLOCK_N)
+        rows = kv_ptr + slot * stride_kv
+        k = tl.load(rows[:, None] + d_latent[None, :], mask=valid[:, None], other=0.0)
+        k_rope = tl.load(rows[:, None] + (d_rope + 512)[None, :], mask=valid[:, None], other=0.0)
+        s = _dot(q_rope, tl.trans(k_rope), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST)
+        s = _dot(q_nope, tl.trans(k), s, UPCAST)
+        p, alpha, m_i, l_i = _softmax_step(s, valid, m_i, l_i, qk_scale_log2)
+        acc = _dot(p.to(tl.bfloat16), k, acc * alpha[:, None], UPCAST)
+
+    _store_lse(lse_ptr, t, split, heads, head_mask, m_i, l_i, stride_lt, stride_lh, stride_ls, SPLIT_OUTPUT)
+    out_rows = out_ptr + t * stride_ot + split * stride_os + heads[:, None] * stride_oh
+    _store_out(out_rows, acc, l_i, 0, head_mask)
+
+
+@triton.jit
+def _fp8_tile(kv_ptr, words_ptr, rope_ptr, slot, valid, stride_kv, stride_words, stride_rope):
+    """Issue the loads of one tile of FP8 rows: the four 128-code chunks
+    (uint8), their float32 scales, and the bf16 rope part."""
+    rows = kv_ptr + slot * stride_kv
+    words = words_ptr + slot * stride_words + _FP8_SCALE_COL
+    cols = tl.arange(0, 128)
+    c0 = tl.load(rows[:, None] + cols[None, :], mask=valid[:, None], other=0)
+    c1 = tl.load(rows[:, None] + (cols + 128)[None, :], mask=valid[:, None], other=0)
+    c2 = tl.load(rows[:, None] + (cols + 256)[None, :], mask=valid[:, None], other=0)
+    c3 = tl.load(rows[:, None] + (cols + 384)[None, :], mask=valid[:, None], other=0)
+    sc0 = tl.load(words, mask=valid, other=0).to(tl.float32, bitcast=True)
+    sc1 = tl.load(words + 1, mask=valid, other=0).to(tl.float32, bitcast=True)
+    sc2 = tl.load(words + 2, mask=valid, other=0).to(tl.float32, bitcast=True)
+    sc3 = tl.load(words + 3, mask=valid, other=0).to(tl.float32, bitcast=True)
+    rope_rows = rope_ptr + slot * stride_rope + _FP8_ROPE_COL
+    k_rope = tl.load(rope_rows[:, None] + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0)
+    return c0, c1, c2, c3, sc0, sc1, sc2, sc3, k_rope
+
+
+@triton.jit
+def _fp8_scores(q, codes, scale, s, FP8_NATIVE: tl.constexpr, UPCAST: tl.constexpr):
+    """``s += scale * (q . codes)``: the per-128 scale multiplies the scores."""
+    k = fp8_e4m3_to_bf16(codes, FP8_NATIVE)
+    return s + _dot(q, tl.trans(k), tl.zeros(s.shape, tl.float32), UPCAST) * scale[None, :]
+
+
+@triton.jit
+def _fp8_values(p, codes, scale, acc, FP8_NATIVE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc += (p * scale) @ codes``: the scale multiplies the probabilities."""
+    k = fp8_e4m3_to_bf16(codes, FP8_NATIVE)
+    return _dot((p * scale[None, :]).to(tl.bfloat16), k, acc, UPCAST)
+
+
+@triton.jit
+def _sparse_mla_fp8_kernel(
+    q_ptr,
+    kv_ptr,
+    words_ptr,
+    rope_ptr,
+    idx_ptr,
+    out_ptr,
+    lse_ptr,
+    num_heads,
+    num_slots,
+    topk,
+    keys_per_split,
+    qk_scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_kv,
+    stride_words,
+    stride_rope,
+    stride_it,
+    stride_ot,
+    stride_oh,
+    stride_os,
+    stride_lt,
+    stride_lh,
+    stride_ls,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP8_NATIVE: tl.constexpr,
+    FP8_FACTOR: tl.constexpr,
+    SPLIT_OUTPUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """FP8 cache (656-byte rows). The e4m3 codes are exact in bf16, so each
+    128-wide chunk enters the tensor cores as is and its scale multiplies the
+    scores (QK) and the probabilities (PV) instead of every element.
+
+    Triton does not pipeline byte loads that feed arithmetic, so this kernel
+    pipelines by hand: the rows of tile i+1 and the indices of tile i+2 are in
+    flight while tile i is computed.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(2)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_mask = heads < num_heads
+    q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
+    d128 = tl.arange(0, 128)
+    q0 = tl.load(q_rows + d128[None, :], mask=head_mask[:, None], other=0.0)
+    q1 = tl.load(q_rows + (d128 + 128)[None, :], mask=head_mask[:, None], other=0.0)
+    q2 = tl.load(q_rows + (d128 + 256)[None, :], mask=head_mask[:, None], other=0.0)
+    q3 = tl.load(q_rows + (d128 + 384)[None, :], mask=head_mask[:, None], other=0.0)
+    q_rope = tl.load(q_rows + (tl.arange(0, 64) + 512)[None, :], mask=head_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc0 = tl.zeros([BLOCK_H, 128], tl.float32)
+    acc1 = tl.zeros([BLOCK_H, 128], tl.float32)
+    acc2 = tl.zeros([BLOCK_H, 128], tl.float32)
+    acc3 = tl.zeros([BLOCK_H, 128], tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, topk)
+    idx_row = idx_ptr + t * stride_it
+
+    slot, valid = _slots(idx_row, start, end, num_slots, BLOCK_N)
+    c0, c1, c2, c3, sc0, sc1, sc2, sc3, k_rope = _fp8_tile(kv_ptr, words_ptr, rope_ptr, slot, valid, stride_kv, stride_words, stride_rope)
+    next_slot, next_valid = _slots(idx_row, start + BLOCK_N, end, num_slots, BLOCK_N)
+    for n0 in range(start, end, BLOCK_N):
+        cur_valid = valid
+        cur_c0, cur_c1, cur_c2, cur_c3 = c0, c1, c2, c3
+        cur_sc0, cur_sc1, cur_sc2, cur_sc3 = sc0 * FP8_FACTOR, sc1 * FP8_FACTOR, sc2 * FP8_FACTOR, sc3 * FP8_FACTOR
+        cur_rope = k_rope
+        c0, c1, c2, c3, sc0, sc1, sc2, sc3, k_rope = _fp8_tile(
+            kv_ptr, words_ptr, rope_ptr, next_slot, next_valid, stride_kv, stride_words, stride_rope
+        )
+        valid = next_valid
+        next_slot, next_valid = _slots(idx_row, n0 + 2 * BLOCK_N, end, num_slots, BLOCK_N)
+
+        s = _dot(q_rope, tl.trans(cur_rope), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST)
+        s = _fp8_scores(q0, cur_c0, cur_sc0, s, FP8_NATIVE, UPCAST)
+        s = _fp8_scores(q1, cur_c1, cur_sc1, s, FP8_NATIVE, UPCAST)
+        s = _fp8_scores(q2, cur_c2, cur_sc2, s, FP8_NATIVE, UPCAST)
+        s = _fp8_scores(q3, cur_c3, cur_sc3, s, FP8_NATIVE, UPCAST)
+        p, alpha, m_i, l_i = _softmax_step(s, cur_valid, m_i, l_i, qk_scale_log2)
+        acc0 = _fp8_values(p, cur_c0, cur_sc0, acc0 * alpha[:, None], FP8_NATIVE, UPCAST)
+        acc1 = _fp8_values(p, cur_c1, cur_sc1, acc1 * alpha[:, None], FP8_NATIVE, UPCAST)
+        acc2 = _fp8_values(p, cur_c2, cur_sc2, acc2 * alpha[:, None], FP8_NATIVE, UPCAST)
+        acc3 = _fp8_values(p, cur_c3, cur_sc3, acc3 * alpha[:, None], FP8_NATIVE, UPCAST)
+
+    _store_lse(lse_ptr, t, split, heads, head_mask, m_i, l_i, stride_lt, stride_lh, stride_ls, SPLIT_OUTPUT)
+    out_rows = out_ptr + t * stride_ot + split * stride_os + heads[:, None] * stride_oh
+    _store_out(out_rows, acc0, l_i, 0, head_mask)
+    _store_out(out_rows, acc1, l_i, 128, head_mask)
+    _store_out(out_rows, acc2, l_i, 256, head_mask)
+    _store_out(out_rows, acc3, l_i, 384, head_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    num_heads,
+    num_splits,
+    stride_pt,
+    stride_ph,
+    stride_ps,
+    stride_plt,
+    stride_plh,
+    stride_pls,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_lh,
+    BLOCK_H: tl.constexpr,
+    D_V: tl.constexpr,
+):
+    """Combine normalized split partials by their log2-sum-exp weights."""
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_mask = heads < num_heads
+    lse_rows = part_lse_ptr + t * stride_plt + heads * stride_plh
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(lse_rows + s * stride_pls, mask=head_mask, other=float("-inf")))
+    m_base = tl.where(m == float("-inf"), 0.0, m)
+    d = tl.arange(0, D_V)
+    part_rows = part_out_ptr + t * stride_pt + heads[:, None] * stride_ph + d[None, :]
+    weight_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D_V], tl.float32)
+    for s in range(num_splits):
+        w = tl.exp2(tl.load(lse_rows + s * stride_pls, mask=head_mask, other=float("-inf")) - m_base)
+        part = tl.load(part_rows + s * stride_ps, mask=head_mask[:, None], other=0.0)
+        weight_sum += w
+        acc += w[:, None] * part
+    has_keys = weight_sum > 0.0
+    out = acc * tl.where(has_keys, 1.0 / tl.where(has_keys, weight_sum, 1.0), 0.0)[:, None]
+    lse = tl.where(has_keys, (m + tl.log2(tl.where(has_keys, weight_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    tl.store(lse_ptr + t * stride_lt + heads * stride_lh, lse, mask=head_mask)
+
+
+def _validate(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, d_v: int):
+    check_dtype("q", q, torch.bfloat16)
+    check_ndim("q", q, 3, f"[tokens, heads, {D_QK}]")
+    check_dim("q", q, 2, D_QK, f"latent {D_LATENT} + rope {D_ROPE}")
+    check_last_dim_contiguous("q", q)
+    check_dtype("indices", indices, torch.int32)
+    check_ndim("indices", indices, 2, "[tokens, topk]")
+    check_last_dim_contiguous("indices", indices)
+    if indices.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"indices has {indices.shape[0]} rows but q has {q.shape[0]} tokens; "
+            "they must match"
+        )
+    if d_v != D_LATENT:
+        raise ValueError(f"d_v must be {D_LATENT} (V is the MLA latent), got {d_v}")
+    if q.shape[1] == 0:
+        raise ValueError("q must have at least one head")
+    check_same_device([("q", q), ("kv_cache", kv_cache), ("indices", indices)])
+    return as_slot_rows(kv_cache)
+
+
+def _output_buffer(name, buf, shape, dtype, device) -> torch.Tensor:
+    if buf is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check_dtype(name, buf, dtype)
+    if tuple(buf.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(buf.shape)}")
+    if buf.device != device:
+        raise ValueError(f"{name} is on {buf.device}, expected {device}")
+    check_last_dim_contiguous(name, buf)
+    return buf
+
+
+def sparse_mla_forward(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = D_LATENT,
+    num_kv_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    config: SparseMLAConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA attention; see :func:`sparse_mla_decode` for the contract.
+
+    ``config`` overrides the tile configuration (benchmarks and tests only).
+    """
+    rows = _validate(q, kv_cache, indices, d_v)
+    num_tokens, num_heads, _ = q.shape
+    topk = indices.shape[1]
+    out = _output_buffer("out", out, (num_tokens, num_heads, d_v), torch.bfloat16, q.device)
+    lse = _output_buffer("lse", lse, (num_tokens, num_heads), torch.float32, q.device)
+    if num_tokens == 0:
+        return out, lse
+
+    info = device_info(q.device)
+    cfg = config or select_config(num_heads, rows.is_fp8, info)
+    head_blocks = triton.cdiv(num_heads, cfg.block_h)
+    if num_kv_splits is None:
+        num_kv_splits = choose_num_kv_splits(num_tokens * head_blocks, topk, cfg, info)
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    keys_per_split = triton.cdiv(triton.cdiv(max(topk, 1), num_kv_splits), cfg.block_n) * cfg.block_n
+    num_kv_splits = max(1, triton.cdiv(topk, keys_per_split))
+
+    if num_kv_splits == 1:
+        part_out, part_lse = out, lse
+        stride_os, stride_ls = 0, 0
+    else:
+        part_out = torch.empty(num_tokens, num_heads, num_kv_splits, d_v, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_tokens, num_heads, num_kv_splits, dtype=torch.float32, device=q.device)
+        stride_os, stride_ls = part_out.stride(2), part_lse.stride(2)
+
+    grid = (num_tokens, head_blocks, num_kv_splits)
+    shape_args = (num_heads, rows.num_slots, topk, keys_per_split, sm_scale * _LOG2E, q.stride(0), q.stride(1))
+    out_args = (
+        indices.stride(0),
+        part_out.stride(0),
+        part_out.stride(1),
+        stride_os,
+        part_lse.stride(0),
+        part_lse.stride(1),
+        stride_ls,
+    )
+    meta = dict(
+        BLOCK_H=cfg.block_h,
+        BLOCK_N=cfg.block_n,
+        SPLIT_OUTPUT=num_kv_splits > 1,
+        UPCAST=is_interpreter(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if rows.is_fp8:
+        _sparse_mla_fp8_kernel[grid](
+            q, rows.latent, rows.words, rows.rope, indices, part_out, part_lse,
+            *shape_args,
+            rows.latent.stride(0), rows.words.stride(0), rows.rope.stride(0),
+            *out_args,
+            FP8_NATIVE=info.native_fp8,
+            FP8_FACTOR=1.0 if info.native_fp8 else EMULATED_FP8_FACTOR,
+            **meta,
+        )  # fmt: skip
+    else:
+        _sparse_mla_bf16_kernel[grid](
+            q, rows.latent, indices, part_out, part_lse,
+            *shape_args,
+            rows.latent.stride(0),
+            *out_args,
+            **meta,
+        )  # fmt: skip
+    if num_kv_splits > 1:
+        merge_block_h = 16
+        _merge_splits_kernel[(num_tokens, triton.cdiv(num_heads, merge_block_h))](
+            part_out,
+            part_lse,
+            out,
+            lse,
+            num_heads,
+            num_kv_splits,
+            part_out.stride(0),
+            part_out.stride(1),
+            part_out.stride(2),
+            part_lse.stride(0),
+            part_lse.stride(1),
+            part_lse.stride(2),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            lse.stride(1),
+            BLOCK_H=merge_block_h,
+            D_V=d_v,
+            num_warps=4,
+        )
+    return out, lse
+
+
+def sparse_mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    *,
+    d_v: int = D_LATENT,
+    num_kv_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA decode: each query token attends to its own top-k KV slots.
+
+    Args:
+        q: ``[T, H, 576]`` bfloat16, absorbed ``q_nope (512) ‖ q_rope (64)``;
+            T is the batch (one token per request) or, for MTP, tokens.
+        kv_cache: ``[num_slots, 576]`` bfloat16, or ``[num_slots, 656]`` uint8 in
+            the FP8 layout of :mod:`.kv_cache_layout`; ``[num_slots, 1, D]`` and
+            paged ``[num_pages, page_size, 1, D]`` views are accepted.
+        indices: ``[T, topk]`` int32 slot numbers; ``-1`` (or any value outside
+            ``[0, num_slots)``) means "no token" and is skipped; a duplicated
+            slot is attended once per occurrence.
+        sm_scale: softmax scale applied to ``q . k``.
+        d_v: value width; must be 512 (V is the latent part of the row).
+        num_kv_splits: ``None`` picks by occupancy (split the top-k list across
+            programs and merge when ``T * ceil(H / block_h)`` leaves the GPU
+            idle); ``1`` forces the single pass, whose result for a token does
+            not depend on the rest of the batch (batch invariant).
+        out, lse: optional preallocated results (``[T, H, 512]`` bf16, ``[T, H]``
+            float32, last dim contiguous), e.g. the layer's attention output.
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[T, H, 512]`` bfloat16, the softmax-weighted sum
+        of V; ``lse`` ``[T, H]`` float32, the natural-log log-sum-exp of the
+        scaled scores. A row with no valid index gives ``out = 0`` and
+        ``lse = -inf`` (never NaN).
+    """
+    return sparse_mla_forward(q, kv_cache, indices, sm_scale, d_v, num_kv_splits, out, lse)
+
+
+def sparse_mla_prefill(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    *,
+    d_v: int = D_LATENT,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA prefill/extend: every token of a chunk over its own top-k slots.
+
+    Same arguments and results as :func:`sparse_mla_decode` with ``T`` the
+    number of extend tokens; causality is encoded in ``indices`` (a token's
+    top-k only lists slots it may see). Large ``T`` runs the single pass; a
+    short extend is split across the top-k list like a decode batch.
+    """
+    return sparse_mla_forward(q, kv_cache, indices, sm_scale, d_v, None, out, lse)

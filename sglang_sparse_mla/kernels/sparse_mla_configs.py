@@ -1,0 +1,97 @@
+"""Tile configurations of the sparse MLA kernel and how one is chosen.
+
+A configuration must fit the shared memory of the GPU it runs on: about
+227 KiB per block on SM90/SM100/SM110, 163 KiB on SM80/SM87 (A100, A800,
+Orin), 99 KiB on SM86/SM89/SM120/SM121 (RTX 30/40/50, L40, DGX Spark).
+``tests/kernels/test_sparse_mla_compile.py`` compiles every configuration this
+module can return for each of those targets and checks the fit and the
+absence of register spills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .device_info import DeviceInfo
+
+
+@dataclass(frozen=True)
+class SparseMLAConfig:
+    """``block_h`` heads and ``block_n`` top-k entries per program iteration."""
+
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Shared-memory classes, by the opt-in limit per block (bytes).
+SMEM_LARGE = 227 * 1024  # SM90, SM100, SM110
+SMEM_MEDIUM = 163 * 1024  # SM80, SM87
+SMEM_SMALL = 99 * 1024  # SM86, SM89, SM120, SM121
+
+# (smem class, kv_fp8, head bucket) -> config. Head buckets: <=16, <=32, more.
+# BF16 rows stream through shared memory (Triton pipelines them); a 64-head
+# block turns the products into Hopper wgmma. FP8 rows are prefetched into
+# registers by hand, which caps the head block at 32 (more spills).
+_CONFIGS: dict[tuple[int, bool, int], SparseMLAConfig] = {
+    (SMEM_LARGE, False, 16): SparseMLAConfig(16, 32, 4, 2),
+    (SMEM_LARGE, False, 32): SparseMLAConfig(32, 64, 8, 2),
+    (SMEM_LARGE, False, 64): SparseMLAConfig(64, 64, 8, 3),
+    (SMEM_LARGE, True, 16): SparseMLAConfig(16, 16, 8, 1),
+    (SMEM_LARGE, True, 32): SparseMLAConfig(32, 32, 8, 1),
+    (SMEM_LARGE, True, 64): SparseMLAConfig(32, 32, 8, 1),
+    (SMEM_MEDIUM, False, 16): SparseMLAConfig(16, 32, 4, 2),
+    (SMEM_MEDIUM, False, 32): SparseMLAConfig(32, 64, 8, 2),
+    (SMEM_MEDIUM, False, 64): SparseMLAConfig(64, 32, 8, 2),
+    (SMEM_MEDIUM, True, 16): SparseMLAConfig(16, 16, 8, 1),
+    (SMEM_MEDIUM, True, 32): SparseMLAConfig(32, 32, 8, 1),
+    (SMEM_MEDIUM, True, 64): SparseMLAConfig(32, 32, 8, 1),
+    (SMEM_SMALL, False, 16): SparseMLAConfig(16, 32, 4, 2),
+    (SMEM_SMALL, False, 32): SparseMLAConfig(32, 32, 8, 2),
+    (SMEM_SMALL, False, 64): SparseMLAConfig(32, 32, 8, 2),
+    (SMEM_SMALL, True, 16): SparseMLAConfig(16, 16, 8, 1),
+    (SMEM_SMALL, True, 32): SparseMLAConfig(32, 16, 8, 1),
+    (SMEM_SMALL, True, 64): SparseMLAConfig(32, 16, 8, 1),
+}
+
+
+def smem_class(max_shared_memory: int) -> int:
+    for limit in (SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL):
+        if max_shared_memory >= limit:
+            return limit
+    raise RuntimeError(
+        f"the GPU offers {max_shared_memory} bytes of shared memory per block; "
+        f"sparse MLA needs at least {SMEM_SMALL}"
+    )
+
+
+def head_bucket(num_heads: int) -> int:
+    return 16 if num_heads <= 16 else 32 if num_heads <= 32 else 64
+
+
+def select_config(num_heads: int, kv_fp8: bool, info: DeviceInfo) -> SparseMLAConfig:
+    return _CONFIGS[smem_class(info.max_shared_memory), kv_fp8, head_bucket(num_heads)]
+
+
+def all_configs(info: DeviceInfo) -> list[tuple[bool, SparseMLAConfig]]:
+    """Every ``(kv_fp8, config)`` pair :func:`select_config` can return on a device."""
+    found = {}
+    for num_heads in (16, 32, 64):
+        for fp8 in (False, True):
+            found[(fp8, select_config(num_heads, fp8, info))] = None
+    return list(found)
+
+
+def choose_num_kv_splits(programs: int, topk: int, config: SparseMLAConfig, info: DeviceInfo) -> int:
+    """Split the top-k list until the grid covers the GPU about twice.
+
+    Each split keeps at least four ``block_n`` tiles so that its partial result
+    (written in fp32 and merged) stays small next to the KV bytes it reads.
+    """
+    target = 2 * info.num_sms
+    if programs >= info.num_sms:
+        return 1
+    max_splits = max(1, topk // (4 * config.block_n))
+    splits = -(-target // programs)
+    return max(1, min(splits, max_splits))

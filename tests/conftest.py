@@ -1,0 +1,72 @@
+"""One test suite for two machines.
+
+On a machine with a CUDA GPU the kernels run natively at real shapes; anywhere
+else they run through Triton's CPU interpreter at tiny shapes. The ``target``
+fixture says which, and tests take their sizes from it (``target.pick(cpu=...,
+gpu=...)``) instead of being written twice.
+
+``TRITON_INTERPRET`` must be set before Triton decorates any kernel, so it is
+decided here, at import time, before the package under test is imported.
+``SGLANG_SPARSE_MLA_TEST_DEVICE=cpu`` forces the interpreter on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+_FORCE_CPU = os.environ.get("SGLANG_SPARSE_MLA_TEST_DEVICE", "") == "cpu"
+ON_GPU = torch.cuda.is_available() and not _FORCE_CPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the kernels under test run, and the sizes that suit it."""
+
+    device: torch.device
+    gpu: bool
+
+    def pick(self, cpu, gpu):
+        """``gpu`` on a real GPU, ``cpu`` under the interpreter."""
+        return gpu if self.gpu else cpu
+
+
+@pytest.fixture(scope="session")
+def target() -> Target:
+    return Target(torch.device("cuda") if ON_GPU else torch.device("cpu"), ON_GPU)
+
+
+@pytest.fixture
+def rng(target) -> torch.Generator:
+    """A fresh generator per test on the target device; its seed is printed
+    (pytest shows it with a failure) so that a failing draw can be replayed."""
+    seed = int(os.environ.get("SGLANG_SPARSE_MLA_TEST_SEED", "0")) or int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed} (replay with SGLANG_SPARSE_MLA_TEST_SEED={seed})")
+    return torch.Generator(device=target.device).manual_seed(seed)
+
+
+@pytest.fixture(params=[False, True], ids=["native", "forced_sm80"])
+def arch_path(request, monkeypatch) -> bool:
+    """Run a test on the native code path and on the forced SM80 one."""
+    if request.param:
+        monkeypatch.setenv("SGLANG_SPARSE_MLA_FORCE_SM80", "1")
+    else:
+        monkeypatch.delenv("SGLANG_SPARSE_MLA_FORCE_SM80", raising=False)
+    return request.param
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are zero)."""
+    out = out.double()
+    ref = ref.double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff

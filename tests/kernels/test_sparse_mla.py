@@ -1,0 +1,183 @@
+"""Sparse MLA decode/prefill against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import relative_error
+
+from sglang_sparse_mla.kernels import quantize_kv_fp8, sparse_mla_decode, sparse_mla_prefill
+from sglang_sparse_mla.kernels.reference import sparse_mla_reference
+
+SM_SCALE = 576**-0.5
+OUT_TOL = 1.5e-2  # bf16 output, bf16 probabilities in the PV product
+LSE_TOL = 2e-3
+
+
+def make_cache(target, rng, num_slots: int, kv_format: str) -> torch.Tensor:
+    kv = torch.randn(num_slots, 576, generator=rng, device=target.device).bfloat16()
+    return quantize_kv_fp8(kv) if kv_format == "fp8" else kv
+
+
+def make_indices(target, rng, tokens: int, topk: int, num_slots: int) -> torch.Tensor:
+    """Random slots with every awkward case mixed in: -1 holes, a duplicated
+    slot, a short row (-1 tail), an all-invalid row, an out-of-range slot."""
+    idx = torch.randint(0, num_slots, (tokens, topk), generator=rng, device=target.device, dtype=torch.int32)
+    holes = torch.rand(tokens, topk, generator=rng, device=target.device) < 0.1
+    idx[holes] = -1
+    idx[0, 1] = idx[0, 0]
+    if tokens > 1:
+        idx[1, topk // 3 :] = -1
+    if tokens > 2:
+        idx[2] = -1
+    if tokens > 3:
+        idx[3, 5] = num_slots + 7
+    return idx
+
+
+def make_q(target, rng, tokens: int, heads: int) -> torch.Tensor:
+    return (2 * torch.randn(tokens, heads, 576, generator=rng, device=target.device)).bfloat16()
+
+
+def assert_matches_reference(out, lse, q, kv, idx):
+    ref_out, ref_lse = sparse_mla_reference(q, kv, idx, SM_SCALE)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert relative_error(out, ref_out) < OUT_TOL
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[~finite] == float("-inf")).all()
+    assert (out[~finite] == 0).all()
+    if finite.any():
+        assert (lse[finite].double() - ref_lse[finite]).abs().max().item() < LSE_TOL
+
+
+def poisoned(shape, dtype, device):
+    fill = float("nan")
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
+@pytest.mark.parametrize("heads", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("num_kv_splits", [None, 1, 3])
+def test_decode_matches_reference(target, rng, arch_path, kv_format, heads, num_kv_splits):
+    tokens = target.pick(cpu=5, gpu=37)
+    topk = target.pick(cpu=96, gpu=2048)
+    num_slots = target.pick(cpu=700, gpu=1 << 20)
+    kv = make_cache(target, rng, num_slots, kv_format)
+    q = make_q(target, rng, tokens, heads)
+    idx = make_indices(target, rng, tokens, topk, num_slots)
+    out = poisoned((tokens, heads, 512), torch.bfloat16, target.device)
+    lse = poisoned((tokens, heads), torch.float32, target.device)
+    sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, out=out, lse=lse)
+    assert_matches_reference(out, lse, q, kv, idx)
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
+@pytest.mark.parametrize("heads", [16, 128])
+def test_prefill_matches_reference(target, rng, kv_format, heads):
+    tokens = target.pick(cpu=6, gpu=300)
+    topk = target.pick(cpu=128, gpu=2048)
+    num_slots = target.pick(cpu=500, gpu=1 << 16)
+    kv = make_cache(target, rng, num_slots, kv_format)
+    q = make_q(target, rng, tokens, heads)
+    idx = make_indices(target, rng, tokens, topk, num_slots)
+    out, lse = sparse_mla_prefill(q, kv, idx, SM_SCALE)
+    assert_matches_reference(out, lse, q, kv, idx)
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
+def test_split_and_single_pass_agree(target, rng, kv_format):
+    tokens, heads = target.pick(cpu=3, gpu=16), 16
+    topk = target.pick(cpu=256, gpu=2048)
+    num_slots = target.pick(cpu=600, gpu=1 << 18)
+    kv = make_cache(target, rng, num_slots, kv_format)
+    q = make_q(target, rng, tokens, heads)
+    idx = make_indices(target, rng, tokens, topk, num_slots)
+    single, single_lse = sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=1)
+    for splits in (2, 4, 7):
+        split, split_lse = sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=splits)
+        assert relative_error(split, single) < 1e-2
+        finite = torch.isfinite(single_lse)
+        assert torch.equal(torch.isfinite(split_lse), finite)
+        assert (split_lse[finite] - single_lse[finite]).abs().max().item() < 1e-4
+
+
+def test_single_pass_is_batch_invariant(target, rng):
+    tokens, heads = target.pick(cpu=4, gpu=64), 32
+    topk = target.pick(cpu=128, gpu=2048)
+    num_slots = target.pick(cpu=400, gpu=1 << 18)
+    kv = make_cache(target, rng, num_slots, "bf16")
+    q = make_q(target, rng, tokens, heads)
+    idx = make_indices(target, rng, tokens, topk, num_slots)
+    batch_out, batch_lse = sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=1)
+    for t in (0, tokens - 1):
+        one_out, one_lse = sparse_mla_decode(q[t : t + 1], kv, idx[t : t + 1], SM_SCALE, num_kv_splits=1)
+        assert torch.equal(one_out[0], batch_out[t])
+        assert torch.equal(one_lse[0], batch_lse[t])
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
+def test_paged_and_slot_views_agree(target, rng, kv_format):
+    page_size, pages = 64, target.pick(cpu=8, gpu=512)
+    kv = make_cache(target, rng, page_size * pages, kv_format)
+    q = make_q(target, rng, 3, 16)
+    idx = make_indices(target, rng, 3, 64, page_size * pages)
+    flat, flat_lse = sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=1)
+    for view in (kv.view(pages, page_size, 1, kv.shape[-1]), kv.view(-1, 1, kv.shape[-1])):
+        paged, paged_lse = sparse_mla_decode(q, view, idx, SM_SCALE, num_kv_splits=1)
+        assert torch.equal(paged, flat) and torch.equal(paged_lse, flat_lse)
+
+
+def test_rows_shorter_than_one_tile_and_tiny_topk(target, rng):
+    kv = make_cache(target, rng, 50, "bf16")
+    q = make_q(target, rng, 2, 16)
+    idx = torch.tensor([[3, -1, 7], [-1, -1, 49]], dtype=torch.int32, device=target.device)
+    out, lse = sparse_mla_decode(q, kv, idx, SM_SCALE)
+    assert_matches_reference(out, lse, q, kv, idx)
+
+
+def test_empty_batch(target):
+    q = torch.empty(0, 16, 576, dtype=torch.bfloat16, device=target.device)
+    kv = torch.zeros(10, 576, dtype=torch.bfloat16, device=target.device)
+    idx = torch.empty(0, 64, dtype=torch.int32, device=target.device)
+    out, lse = sparse_mla_decode(q, kv, idx, SM_SCALE)
+    assert out.shape == (0, 16, 512) and lse.shape == (0, 16)
+    out, lse = sparse_mla_prefill(q, kv, idx, SM_SCALE)
+    assert out.shape == (0, 16, 512)
+
+
+def test_non_contiguous_q_rows(target, rng):
+    kv = make_cache(target, rng, 300, "bf16")
+    q_wide = make_q(target, rng, 3, 32)
+    q = q_wide[:, ::2]  # every other head: strided heads, contiguous head dim
+    idx = make_indices(target, rng, 3, 64, 300)
+    out, lse = sparse_mla_decode(q, kv, idx, SM_SCALE)
+    assert_matches_reference(out, lse, q, kv, idx)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(q=a["q"].half()), "q must be torch.bfloat16"),
+        (lambda a: a.update(q=a["q"][..., :512]), "q.shape\\[2\\]"),
+        (lambda a: a.update(q=a["q"][0]), "q must be \\[tokens, heads, 576\\]"),
+        (lambda a: a.update(indices=a["indices"].long()), "indices must be torch.int32"),
+        (lambda a: a.update(indices=a["indices"][:1]), "indices has 1 rows but q has 2"),
+        (lambda a: a.update(kv_cache=a["kv_cache"][:, :512]), "576 values per slot"),
+        (lambda a: a.update(kv_cache=a["kv_cache"].float()), "kv_cache must be"),
+        (lambda a: a.update(kv_cache=torch.zeros(8, 600, dtype=torch.uint8, device=a["q"].device)), "656 bytes"),
+        (lambda a: a.update(kv_cache=a["kv_cache"].view(4, 2, 576)), "\\[num_slots, 1, D\\]"),
+        (lambda a: a.update(d_v=256), "d_v must be 512"),
+        (lambda a: a.update(out=torch.empty(2, 4, 512, device=a["q"].device)), "out must be torch.bfloat16"),
+    ],
+)
+def test_bad_input_is_refused(target, change, message):
+    args = dict(
+        q=torch.zeros(2, 4, 576, dtype=torch.bfloat16, device=target.device),
+        kv_cache=torch.zeros(8, 576, dtype=torch.bfloat16, device=target.device),
+        indices=torch.zeros(2, 16, dtype=torch.int32, device=target.device),
+        sm_scale=SM_SCALE,
+    )
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        sparse_mla_decode(**args)

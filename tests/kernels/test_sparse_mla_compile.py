@@ -1,0 +1,73 @@
+"""Every sparse MLA configuration the dispatcher can pick compiles for every
+supported architecture, fits its shared memory and spills no registers.
+
+Runs without a GPU: Triton lowers the kernels for a named target and ptxas
+reports the resources (see ``target_compile.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from target_compile import SHARED_MEMORY_LIMIT, CompileJob, CompileReport, compile_many
+
+from sglang_sparse_mla.kernels.device_info import DeviceInfo
+from sglang_sparse_mla.kernels.sparse_mla_configs import all_configs
+
+_SHAPE_ARGS = ["num_heads", "num_slots", "topk", "keys_per_split"]
+_STRIDES = ["stride_qt", "stride_qh", "stride_it", "stride_ot", "stride_oh", "stride_os", "stride_lt", "stride_lh", "stride_ls"]
+
+
+def kernel_signature(fp8: bool, split: bool) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Argument types of the forward kernel, and the arguments a real launch
+    sees as 16-divisible (aligned base pointers and row strides)."""
+    sig = {"q_ptr": "*bf16"}
+    if fp8:
+        sig |= {"kv_ptr": "*u8", "words_ptr": "*i32", "rope_ptr": "*bf16"}
+        strides = ["stride_kv", "stride_words", "stride_rope"]
+    else:
+        sig |= {"kv_ptr": "*bf16"}
+        strides = ["stride_kv"]
+    sig |= {"idx_ptr": "*i32", "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32"}
+    sig |= {name: "i32" for name in _SHAPE_ARGS} | {"qk_scale_log2": "fp32"}
+    sig |= {name: "i32" for name in _STRIDES[:2] + strides + _STRIDES[2:]}
+    aligned = tuple(n for n in sig if n.endswith("_ptr")) + ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_os")
+    aligned += tuple(s for s in strides if not (fp8 and s == "stride_words"))
+    return sig, aligned
+
+
+_MODULE = "sglang_sparse_mla.kernels.sparse_mla"
+
+
+def _cases():
+    for capability, limit in SHARED_MEMORY_LIMIT.items():
+        info = DeviceInfo((capability // 10, capability % 10), limit, 132)
+        for fp8, config in all_configs(info):
+            for split in (False, True):
+                sig, aligned = kernel_signature(fp8, split)
+                constexprs = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, SPLIT_OUTPUT=split, UPCAST=False)
+                if fp8:
+                    constexprs |= dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else 256.0)
+                kernel = "_sparse_mla_fp8_kernel" if fp8 else "_sparse_mla_bf16_kernel"
+                label = f"sm{capability}-{'fp8' if fp8 else 'bf16'}-{config}-{'split' if split else 'single'}"
+                yield label, limit, CompileJob(f"{_MODULE}:{kernel}", sig, constexprs, capability, config.num_warps, config.num_stages, aligned)
+    for capability, limit in SHARED_MEMORY_LIMIT.items():
+        sig = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}
+        sig |= {n: "i32" for n in ["num_heads", "num_splits", "stride_pt", "stride_ph", "stride_ps", "stride_plt", "stride_plh", "stride_pls", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]}
+        job = CompileJob(f"{_MODULE}:_merge_splits_kernel", sig, dict(BLOCK_H=16, D_V=512), capability, 4, 2, ("part_out_ptr", "out_ptr"))
+        yield f"sm{capability}-merge", limit, job
+
+
+CASES = list(_cases())
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict[str, CompileReport]:
+    return dict(zip((label for label, _, _ in CASES), compile_many([job for _, _, job in CASES])))
+
+
+@pytest.mark.parametrize("label, limit", [(label, limit) for label, limit, _ in CASES], ids=[c[0] for c in CASES])
+def test_config_fits(reports, label, limit):
+    report = reports[label]
+    assert report.error is None, report.error
+    assert report.shared_bytes <= limit, report
+    assert report.spill_bytes == 0, report

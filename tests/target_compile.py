@@ -1,0 +1,122 @@
+"""Compile Triton kernels for a named GPU target without a GPU.
+
+``triton.compile`` lowers a kernel for any CUDA compute capability on a CPU
+machine; ``cuobjdump`` (shipped with Triton) then reports the registers and
+the stack frame (spills) ptxas gave it. The tests use this to prove that every
+configuration a launcher can pick fits each supported architecture.
+
+The test session runs Triton in interpreter mode, where ``@triton.jit``
+returns functions that cannot be compiled, so compilation happens in worker
+processes started without ``TRITON_INTERPRET``: :func:`compile_many` sends
+them the jobs (kernel named by module and attribute) and collects reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+# Opt-in shared memory per block, bytes.
+SHARED_MEMORY_LIMIT = {
+    80: 163 * 1024,
+    86: 99 * 1024,
+    89: 99 * 1024,
+    90: 227 * 1024,
+    120: 99 * 1024,
+}
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """``kernel`` is ``"package.module:function"``; ``signature`` maps every
+    non-constexpr argument to a Triton type string ("*bf16", "i32", ...);
+    ``aligned`` names the arguments a real launch specializes as 16-divisible
+    (aligned base pointers, strides)."""
+
+    kernel: str
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    capability: int
+    num_warps: int
+    num_stages: int
+    aligned: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    shared_bytes: int
+    registers: int
+    spill_bytes: int
+    error: str | None = None
+
+
+def compile_for_target(fn, signature, constexprs, capability, num_warps, num_stages, aligned=()) -> CompileReport:
+    """Compile a ``@triton.jit`` kernel (not interpreted) for ``sm_<capability>``."""
+    import triton
+    import triton.backends.nvidia as nvidia_backend
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature) | {k: "constexpr" for k in constexprs}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    kernel = triton.compile(
+        ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    cuobjdump = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
+    spills = fields.get("STACK", 0) + fields.get("LOCAL", 0)
+    return CompileReport(kernel.metadata.shared, fields.get("REG", 0), spills)
+
+
+def _compile_one(job: dict) -> dict:
+    import importlib
+
+    module, name = job["kernel"].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    try:
+        report = compile_for_target(
+            fn, job["signature"], job["constexprs"], job["capability"], job["num_warps"], job["num_stages"], job["aligned"]
+        )
+    except Exception as err:  # reported per job; the test shows the message
+        report = CompileReport(0, 0, 0, f"{type(err).__name__}: {err}")
+    return asdict(report)
+
+
+def _worker_main() -> None:
+    jobs = json.load(sys.stdin)
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers) as pool:
+        json.dump(list(pool.map(_compile_one, jobs)), sys.stdout)
+
+
+def compile_many(jobs: list[CompileJob]) -> list[CompileReport]:
+    """Compile every job (in parallel, outside interpreter mode) and report."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)],
+        input=json.dumps([asdict(j) for j in jobs]),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile worker failed:\n{proc.stderr[-4000:]}")
+    return [CompileReport(**r) for r in json.loads(proc.stdout)]
+
+
+if __name__ == "__main__":
+    _worker_main()

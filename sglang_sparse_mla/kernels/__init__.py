@@ -1,0 +1,19 @@
+"""Triton kernels for DeepSeek Sparse Attention (pure torch + Triton, no SGLang)."""
+
+from .fp8_mqa_logits import fp8_mqa_logits
+from .fp8_paged_mqa_logits import fp8_paged_mqa_logits
+from .kv_cache_layout import dequantize_kv_fp8, quantize_kv_fp8
+from .sparse_mla import sparse_mla_decode, sparse_mla_prefill
+from .topk import topk_indices
+from .topk_to_kv_slots import topk_to_kv_slots
+
+__all__ = [
+    "dequantize_kv_fp8",
+    "fp8_mqa_logits",
+    "fp8_paged_mqa_logits",
+    "quantize_kv_fp8",
+    "sparse_mla_decode",
+    "sparse_mla_prefill",
+    "topk_indices",
+    "topk_to_kv_slots",
+]

@@ -1,0 +1,408 @@
+"""Top-k selection over indexer logits, without sorting.
+
+``topk_indices(logits, lengths, k)`` returns, per row, the positions of the
+``k`` largest of the row's first ``lengths[t]`` logits (or of the window
+starting at ``row_starts[t]``), optionally mapped straight to KV slots.
+
+Algorithm (one program per row, a persistent grid over rows). Floats are
+compared as order-preserving uint32 keys. The result is fixed by the
+threshold key ``tau`` (the k-th largest): every key above it is selected,
+plus the lowest-position keys equal to it until there are ``k``. ``tau`` is
+found by a bitwise search (up to 32 halvings, "is #(keys >= candidate) >=
+k?", skipping the bits a known range ``[lo, hi]`` fixes) over a candidate
+set held in registers:
+
+* Rows of at most ``CAP`` entries are the candidate set themselves.
+* Longer rows are first cut down by two streaming passes. Pass 1 takes the
+  maxima of ``CHUNKS >= k`` strided chunks (element ``i`` in chunk
+  ``i % CHUNKS``); the k-th largest chunk maximum is a lower bound of ``tau``
+  (those ``k`` maxima are ``k`` distinct elements). Pass 2 writes, in
+  position order, the positions of the elements at or above that bound to a
+  per-program scratch row. For i.i.d. continuous data about
+  ``-CHUNKS * ln(1 - k / CHUNKS)`` elements survive (``1.39 k`` with the
+  default ``CHUNKS = 2k``), whatever the row length and distribution;
+  ``CAP = 2k`` holds them.
+* If ties or a pathological distribution leave more than ``CAP``
+  candidates, the search counts over the whole row instead (slower, same
+  result).
+
+A last pass over the candidates writes the selected positions in increasing
+position order; the row is padded with ``-1`` up to ``k``. The result is
+deterministic (no atomics).
+
+Inputs must be NaN-free. ``+inf`` and ``-inf`` are ordinary values (+inf
+largest, -inf smallest): a ``-inf`` inside a row's window is selected when
+the row has fewer than ``k`` larger entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim, check_same_device
+from .device_info import device_info
+from .topk_to_kv_slots import positions_to_slots, request_slot_row, validate_slot_mapping
+
+MAX_K = 2048  # the DSA models' index_topk; larger k needs configs that spill
+
+
+@dataclass(frozen=True)
+class TopKConfig:
+    """``chunks`` strided chunks of the bounding pass (also its streaming
+    block) and ``cap`` candidates held in registers, both powers of two in
+    ``[k, 16384]``; ``num_warps`` / ``num_stages`` of the launch."""
+
+    chunks: int
+    cap: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(k: int) -> TopKConfig:
+    """The configuration :func:`topk_indices` uses for ``k``."""
+    size = max(1024, 2 * triton.next_power_of_2(k))
+    return TopKConfig(chunks=size, cap=size, num_warps=16, num_stages=1)
+
+
+def sweep_configs(k: int) -> list[TopKConfig]:
+    """The default configuration followed by the candidates a sweep may time.
+
+    Larger ``chunks`` / ``cap`` than the default spill registers at 16 warps.
+    """
+    d = default_config(k)
+    return [d, TopKConfig(d.chunks, d.cap, 8, d.num_stages)]
+
+
+# Persistent grid: programs per SM (each owns one scratch row when rows are long).
+_PROGRAMS_PER_SM = 4
+_EMIT_BLOCK = 1024
+
+
+@triton.jit
+def _ordered_key(x):
+    """float32 -> uint32 whose unsigned order is the float order.
+
+    Negative floats have all bits flipped, others only the sign bit; no
+    non-NaN float maps to 0, which therefore marks "no element".
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _search_step(ans, step, lo, hi):
+    """Next candidate of the bitwise search and whether it still needs counting.
+
+    The answer lies in ``[lo, hi]``: a candidate ``<= lo`` is known to pass,
+    one ``> hi`` to fail.
+    """
+    cand = ans | step
+    return cand, cand <= lo, (cand > lo) & (cand <= hi)
+
+
+@triton.jit
+def _kth_largest_key(keys, k, lo, hi):
+    """Largest ``t`` with ``#(keys >= t) >= k`` over a register tensor of keys
+    (the k-th largest key), given ``#(keys >= lo) >= k`` and ``hi`` = max key."""
+    ans = tl.zeros([], tl.uint32)
+    step = tl.full([], 0x80000000, tl.uint32)
+    for _ in range(32):
+        cand, take, count = _search_step(ans, step, lo, hi)
+        if count:
+            take = tl.sum((keys >= cand).to(tl.int32), 0) >= k
+        ans = tl.where(take, cand, ans)
+        step = step >> 1
+    return ans
+
+
+@triton.jit
+def _count_keys_at_least(row_ptr, length, threshold, BLOCK: tl.constexpr):
+    """``#(key(row[i]) >= threshold)`` for ``i < length`` (streaming)."""
+    count = tl.zeros([], tl.int32)
+    for c0 in range(0, length, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + cols, mask=cols < length, other=0.0)
+        count += tl.sum(((_ordered_key(x) >= threshold) & (cols < length)).to(tl.int32), 0)
+    return count
+
+
+@triton.jit
+def _kth_largest_key_in_row(row_ptr, length, k, lo, hi, BLOCK: tl.constexpr):
+    """:func:`_kth_largest_key` counting over the row in memory (fallback)."""
+    ans = tl.zeros([], tl.uint32)
+    step = tl.full([], 0x80000000, tl.uint32)
+    for _ in range(32):
+        cand, take, count = _search_step(ans, step, lo, hi)
+        if count:
+            take = _count_keys_at_least(row_ptr, length, cand, BLOCK) >= k
+        ans = tl.where(take, cand, ans)
+        step = step >> 1
+    return ans
+
+
+@triton.jit
+def _emit(keys, positions, ok, tau, ties_wanted, taken, ties_seen, out_row_ptr, slot_row_ptr, slot_cols, MAP_SLOTS: tl.constexpr):
+    """Append the selected entries of one block, in order; returns the updated
+    ``(taken, ties_seen)`` counters.
+
+    Selected: key ``> tau``, or ``== tau`` among the first ``ties_wanted``
+    ties of the row. ``keys``/``positions``/``ok`` are ``[BLOCK]`` with
+    ``BLOCK < 2**15`` (two counts share one prefix sum).
+    """
+    above = ok & (keys > tau)
+    tie = ok & (keys == tau)
+    packed = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), 0)
+    ties_through = ties_seen + (packed >> 16)
+    first_ties = tl.minimum(ties_seen, ties_wanted)
+    take = above | (tie & (ties_through <= ties_wanted))
+    index = taken + (packed & 0xFFFF) + tl.minimum(ties_through, ties_wanted) - first_ties - 1
+    if MAP_SLOTS:
+        values = positions_to_slots(slot_row_ptr, positions, take, slot_cols)
+    else:
+        values = positions
+    tl.store(out_row_ptr + index, values, mask=take)
+    tie_count = tl.sum(tie.to(tl.int32), 0)
+    taken += tl.sum(above.to(tl.int32), 0) + tl.minimum(ties_seen + tie_count, ties_wanted) - first_ties
+    return taken, ties_seen + tie_count
+
+
+@triton.jit
+def _source_block(row_ptr, scratch_row, first, count, from_scratch, BLOCK: tl.constexpr):
+    """Keys, row positions and validity of candidates ``first .. first + BLOCK``
+    of a row's candidate list: the row itself, or the positions in scratch."""
+    idx = first + tl.arange(0, BLOCK)
+    ok = idx < count
+    positions = idx
+    if from_scratch:
+        positions = tl.load(scratch_row + idx, mask=ok, other=0)
+    keys = tl.where(ok, _ordered_key(tl.load(row_ptr + positions, mask=ok, other=0.0)), 0)
+    return keys, positions, ok
+
+
+@triton.jit
+def _lower_bound_and_candidates(row_ptr, scratch_row, length, k, CHUNKS: tl.constexpr, CAP: tl.constexpr):
+    """Two streaming passes over a long row: a lower bound ``lo`` of its k-th
+    largest key (the k-th largest maximum of ``CHUNKS`` strided chunks), the
+    maximum key ``hi``, and the number of keys ``>= lo``, whose positions (the
+    first ``CAP`` of them, in order) go to ``scratch_row``."""
+    cols = tl.arange(0, CHUNKS)
+    chunk_max = tl.full([CHUNKS], float("-inf"), tl.float32)
+    x_next = tl.load(row_ptr + cols, mask=cols < length, other=float("-inf"))
+    for c0 in range(0, length, CHUNKS):
+        x = x_next
+        x_next = tl.load(row_ptr + c0 + CHUNKS + cols, mask=c0 + CHUNKS + cols < length, other=float("-inf"))
+        chunk_max = tl.maximum(chunk_max, x)
+    chunk_keys = _ordered_key(chunk_max)
+    hi = tl.max(chunk_keys, 0)
+    lo = _kth_largest_key(chunk_keys, k, tl.min(chunk_keys, 0), hi)
+
+    tl.debug_barrier()  # the previous row's readers of the scratch row are done
+    count = tl.zeros([], tl.int32)
+    x_next = tl.load(row_ptr + cols, mask=cols < length, other=float("-inf"))
+    for c0 in range(0, length, CHUNKS):
+        x = x_next
+        x_next = tl.load(row_ptr + c0 + CHUNKS + cols, mask=c0 + CHUNKS + cols < length, other=float("-inf"))
+        keep = (c0 + cols < length) & (_ordered_key(x) >= lo)
+        slot = count + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(scratch_row + slot, c0 + cols, mask=keep & (slot < CAP))
+        count += tl.sum(keep.to(tl.int32), 0)
+    tl.debug_barrier()  # candidates visible to every thread
+    return lo, hi, count
+
+
+@triton.jit
+def _topk_kernel(
+    logits_ptr,
+    lengths_ptr,
+    row_starts_ptr,
+    out_ptr,
+    scratch_ptr,
+    req_to_token_ptr,
+    req_pool_indices_ptr,
+    token_to_req_ptr,
+    num_rows,
+    num_cols,
+    k,
+    tokens_per_req,
+    slot_cols,
+    stride_lr,
+    stride_or,
+    stride_r2t,
+    HAS_ROW_STARTS: tl.constexpr,
+    MAP_SLOTS: tl.constexpr,
+    HAS_TOKEN_TO_REQ: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    CAP: tl.constexpr,
+    EMIT_BLOCK: tl.constexpr,
+):
+    scratch_row = scratch_ptr + tl.program_id(0).to(tl.int64) * CAP
+    for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)
+        start = 0
+        if HAS_ROW_STARTS:
+            start = tl.minimum(tl.maximum(tl.load(row_starts_ptr + row), 0), num_cols)
+        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + row), 0), num_cols - start)
+        row_ptr = logits_ptr + row64 * stride_lr + start
+        out_row = out_ptr + row64 * stride_or
+        slot_row = out_row
+        if MAP_SLOTS:
+            slot_row = request_slot_row(
+                req_to_token_ptr, req_pool_indices_ptr, token_to_req_ptr, row, tokens_per_req, stride_r2t,
+                HAS_TOKEN_TO_REQ,
+            )
+
+        # Candidates: the row itself, or (long rows) the keys >= a lower bound.
+        lo = tl.zeros([], tl.uint32)
+        hi = tl.zeros([], tl.uint32)
+        count = length
+        if length > CAP:
+            lo, hi, count = _lower_bound_and_candidates(row_ptr, scratch_row, length, k, CHUNKS, CAP)
+        in_registers = count <= CAP
+        from_scratch = in_registers & (length > CAP)
+        # tau: the k-th largest key (0 when the row has fewer than k entries).
+        tau = tl.zeros([], tl.uint32)
+        ties_wanted = k
+        if in_registers:
+            keys, _, ok = _source_block(row_ptr, scratch_row, 0, count, from_scratch, CAP)
+            if count >= k:
+                tau = _kth_largest_key(keys, k, tl.min(tl.where(ok, keys, 0xFFFFFFFF), 0), tl.max(keys, 0))
+            ties_wanted = k - tl.sum((keys > tau).to(tl.int32), 0)
+        else:
+            # More candidates than registers (heavy ties): count over the row.
+            tau = _kth_largest_key_in_row(row_ptr, length, k, lo, hi, CHUNKS)
+            ties_wanted = k - _count_keys_at_least(row_ptr, length, tau + 1, CHUNKS)
+
+        num_source = tl.where(in_registers, count, length)
+        taken = tl.zeros([], tl.int32)
+        ties_seen = tl.zeros([], tl.int32)
+        for c0 in range(0, num_source, EMIT_BLOCK):
+            keys, positions, ok = _source_block(row_ptr, scratch_row, c0, num_source, from_scratch, EMIT_BLOCK)
+            taken, ties_seen = _emit(
+                keys, positions, ok, tau, ties_wanted, taken, ties_seen, out_row, slot_row, slot_cols, MAP_SLOTS
+            )
+        for c0 in range(taken, k, EMIT_BLOCK):
+            cols = c0 + tl.arange(0, EMIT_BLOCK)
+            tl.store(out_row + cols, tl.full([EMIT_BLOCK], -1, tl.int32), mask=cols < k)
+
+
+def _validate(logits, lengths, k, row_starts, out):
+    check_dtype("logits", logits, torch.float32)
+    check_ndim("logits", logits, 2, "[rows, columns]")
+    check_last_dim_contiguous("logits", logits)
+    num_rows = logits.shape[0]
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be in [1, {MAX_K}], got {k}")
+    check_dtype("lengths", lengths, torch.int32)
+    check_ndim("lengths", lengths, 1, "[rows]")
+    check_dim("lengths", lengths, 0, num_rows, "rows")
+    check_last_dim_contiguous("lengths", lengths)
+    tensors = [("logits", logits), ("lengths", lengths)]
+    if row_starts is not None:
+        check_dtype("row_starts", row_starts, torch.int32)
+        check_ndim("row_starts", row_starts, 1, "[rows]")
+        check_dim("row_starts", row_starts, 0, num_rows, "rows")
+        check_last_dim_contiguous("row_starts", row_starts)
+        tensors.append(("row_starts", row_starts))
+    if out is not None:
+        check_dtype("out", out, torch.int32)
+        check_ndim("out", out, 2, "[rows, k]")
+        check_dim("out", out, 0, num_rows, "rows")
+        check_dim("out", out, 1, k, "k")
+        check_last_dim_contiguous("out", out)
+        tensors.append(("out", out))
+    return tensors
+
+
+def _check_config(cfg: TopKConfig, k: int) -> None:
+    for name in ("chunks", "cap"):
+        value = getattr(cfg, name)
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"config.{name} must be a power of two, got {value}")
+        if not k <= value <= 16384:
+            raise ValueError(f"config.{name} must be in [k, 16384] = [{k}, 16384], got {value}")
+
+
+def topk_indices(
+    logits: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int = 2048,
+    *,
+    row_starts: torch.Tensor | None = None,
+    req_to_token: torch.Tensor | None = None,
+    req_pool_indices: torch.Tensor | None = None,
+    token_to_req: torch.Tensor | None = None,
+    tokens_per_req: int = 1,
+    out: torch.Tensor | None = None,
+    config: TopKConfig | None = None,
+) -> torch.Tensor:
+    """Positions of the ``k`` largest logits of each row (unsorted), ``-1``-padded.
+
+    Args:
+        logits: ``[T, N]`` float32, unit column stride (row stride free), NaN-free.
+        lengths: ``[T]`` int32: row ``t`` considers columns
+            ``row_starts[t] + i`` for ``0 <= i < lengths[t]`` (clamped to ``N``).
+        k: how many to select, ``1 <= k <=`` :data:`MAX_K`.
+        row_starts: optional ``[T]`` int32 window starts (default 0), e.g. the
+            ragged prefill ``ks``; returned positions are relative to them.
+        req_to_token, req_pool_indices, token_to_req, tokens_per_req: when
+            ``req_to_token`` is given, the selected positions are mapped to
+            KV slots in the same kernel, exactly as
+            :func:`.topk_to_kv_slots.topk_to_kv_slots` would map them.
+        out: optional ``[T, k]`` int32 destination, fully overwritten.
+        config: override of :func:`default_config` (benchmarks and tests).
+
+    Returns:
+        ``[T, k]`` int32: the ``min(k, lengths[t])`` selected positions (or
+        slots) of row ``t`` in increasing position order, then ``-1``. Among
+        equal values at the threshold the lower positions win.
+    """
+    tensors = _validate(logits, lengths, k, row_starts, out)
+    num_rows, num_cols = logits.shape
+    map_slots = req_to_token is not None
+    if map_slots:
+        if req_pool_indices is None:
+            raise ValueError("req_pool_indices is required with req_to_token")
+        tensors += validate_slot_mapping(num_rows, req_to_token, req_pool_indices, token_to_req, tokens_per_req)
+    elif req_pool_indices is not None or token_to_req is not None:
+        raise ValueError("req_pool_indices / token_to_req are only used with req_to_token")
+    device = check_same_device(tensors)
+    if out is None:
+        out = torch.empty(num_rows, k, dtype=torch.int32, device=device)
+    if num_rows == 0:
+        return out
+
+    cfg = config or default_config(k)
+    _check_config(cfg, k)
+    programs = min(num_rows, _PROGRAMS_PER_SM * device_info(device).num_sms)
+    scratch = torch.empty(programs, cfg.cap, dtype=torch.int32, device=device) if num_cols > cfg.cap else out
+    _topk_kernel[(programs,)](
+        logits,
+        lengths,
+        row_starts if row_starts is not None else lengths,
+        out,
+        scratch,
+        req_to_token if map_slots else out,
+        req_pool_indices if map_slots else lengths,
+        token_to_req if token_to_req is not None else lengths,
+        num_rows,
+        num_cols,
+        k,
+        tokens_per_req,
+        req_to_token.shape[1] if map_slots else 0,
+        logits.stride(0),
+        out.stride(0),
+        req_to_token.stride(0) if map_slots else 0,
+        HAS_ROW_STARTS=row_starts is not None,
+        MAP_SLOTS=map_slots,
+        HAS_TOKEN_TO_REQ=token_to_req is not None,
+        CHUNKS=cfg.chunks,
+        CAP=cfg.cap,
+        EMIT_BLOCK=_EMIT_BLOCK,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out

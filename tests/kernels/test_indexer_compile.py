@@ -1,0 +1,176 @@
+"""Every indexer kernel configuration fits every supported GPU.
+
+Compiles (without a GPU) each configuration the launchers can pick or a
+benchmark sweep can try, for SM80/86/89/90/120 and for the forced SM80 path on
+an SM90, and checks shared memory against the arch's opt-in limit and that
+ptxas spilled nothing. SM80/86 (and the forced path) compile the emulated FP8
+path (uint8 codes -> fp16 dots), the others native FP8 dots.
+
+The test session may run kernels through Triton's interpreter, whose kernels
+cannot be compiled, so the compilation runs in one child process with the
+interpreter off (``python tests/kernels/test_indexer_compile.py`` prints the
+reports as JSON), spread over the machine's cores.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent.parent
+REPO_ROOT = TESTS_DIR.parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+from target_compile import SHARED_MEMORY_LIMIT, compile_for_target  # noqa: E402
+
+RAGGED = "sglang_sparse_mla.kernels.fp8_mqa_logits"
+PAGED = "sglang_sparse_mla.kernels.fp8_paged_mqa_logits"
+TOPK = "sglang_sparse_mla.kernels.topk"
+HEADS = 64
+BLOCK_SIZE = 64
+K = 2048
+
+# (target id, compute capability, native FP8, shared memory the launcher sees)
+TARGETS = [
+    ("sm80", 80, False, SHARED_MEMORY_LIMIT[80]),
+    ("sm86", 86, False, SHARED_MEMORY_LIMIT[86]),
+    ("sm89", 89, True, SHARED_MEMORY_LIMIT[89]),
+    ("sm90", 90, True, SHARED_MEMORY_LIMIT[90]),
+    ("sm90_forced_sm80", 90, False, min(SHARED_MEMORY_LIMIT[90], SHARED_MEMORY_LIMIT[80])),
+    ("sm120", 120, True, SHARED_MEMORY_LIMIT[120]),
+]
+KERNELS = ("ragged", "paged", "topk")
+# Top-k has no FP8 code path: the forced SM80 path on sm90 is plain sm90.
+CASES = [(t[0], kernel) for t in TARGETS for kernel in KERNELS if (t[0], kernel) != ("sm90_forced_sm80", "topk")]
+
+
+@dataclass(frozen=True)
+class Job:
+    target: str
+    kernel: str  # one of KERNELS
+    label: str
+    module: str
+    function: str
+    signature: dict
+    constexprs: dict
+    capability: int
+    num_warps: int
+    num_stages: int
+    aligned: tuple
+
+
+def _fp8_ptr(native: bool) -> str:
+    return "*fp8e4nv" if native else "*u8"
+
+
+def _ragged_jobs(target, capability, native, smem):
+    module = importlib.import_module(RAGGED)
+    signature = dict(
+        q_ptr=_fp8_ptr(native), k_ptr=_fp8_ptr(native), k_scale_ptr="*fp32", w_ptr="*fp32", ks_ptr="*i32",
+        ke_ptr="*i32", out_ptr="*fp32", num_tokens="i32", num_keys="i32", cols_per_split="i32", stride_qt="i32",
+        stride_kn="i32", stride_wt="i32", stride_ot="i32", score_factor="fp32",
+    )
+    aligned = ("q_ptr", "k_ptr", "k_scale_ptr", "w_ptr", "ks_ptr", "ke_ptr", "out_ptr",
+               "stride_qt", "stride_kn", "stride_wt", "stride_ot")
+    for cfg in module.CONFIGS.candidates(smem, native):
+        constexprs = dict(HEADS=HEADS, TOKENS=cfg.tokens_for(HEADS), BLOCK_N=cfg.block_n,
+                          FILL_BLOCK=module._FILL_BLOCK, FP8_NATIVE=native)
+        yield Job(target, "ragged", str(cfg), RAGGED, "_fp8_mqa_logits_kernel", signature, constexprs,
+                  capability, cfg.num_warps, cfg.num_stages, aligned)
+
+
+def _paged_jobs(target, capability, native, smem):
+    module = importlib.import_module(PAGED)
+    signature = dict(
+        q_ptr=_fp8_ptr(native), kv_ptr=_fp8_ptr(native), kv_scale_ptr="*fp32", w_ptr="*fp32",
+        context_lens_ptr="*i32", block_table_ptr="*i32", out_ptr="*fp32", next_n="i32", max_positions="i32",
+        out_cols="i32", cols_per_split="i32", stride_qb="i32", stride_qj="i32", stride_block="i32",
+        stride_bt="i32", stride_wr="i32", stride_or="i32", score_factor="fp32",
+    )
+    aligned = ("q_ptr", "kv_ptr", "kv_scale_ptr", "w_ptr", "context_lens_ptr", "block_table_ptr", "out_ptr",
+               "stride_qb", "stride_qj", "stride_block", "stride_wr", "stride_or")
+    for cfg in module.CONFIGS.candidates(smem, native):
+        # next_n = 1, 2, 4 give every token count a program can handle.
+        for tokens in sorted({cfg.tokens_for(HEADS, n) for n in (1, 2, 4)}):
+            constexprs = dict(HEADS=HEADS, TOKENS=tokens, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=cfg.block_n,
+                              FILL_BLOCK=module._FILL_BLOCK, FP8_NATIVE=native)
+            yield Job(target, "paged", f"{cfg} tokens={tokens}", PAGED, "_fp8_paged_mqa_logits_kernel", signature,
+                      constexprs, capability, cfg.num_warps, cfg.num_stages, aligned)
+
+
+def _topk_jobs(target, capability):
+    module = importlib.import_module(TOPK)
+    signature = dict(
+        logits_ptr="*fp32", lengths_ptr="*i32", row_starts_ptr="*i32", out_ptr="*i32", scratch_ptr="*i32",
+        req_to_token_ptr="*i32", req_pool_indices_ptr="*i32", token_to_req_ptr="*i32", num_rows="i32",
+        num_cols="i32", k="i32", tokens_per_req="i32", slot_cols="i32", stride_lr="i32", stride_or="i32",
+        stride_r2t="i32",
+    )
+    aligned = ("logits_ptr", "lengths_ptr", "row_starts_ptr", "out_ptr", "scratch_ptr", "stride_lr", "stride_or")
+    # Plain selection with the default; every candidate with all options on
+    # (the fused slot mapping is the variant with the most live values).
+    variants = [(module.default_config(K), False)] + [(cfg, True) for cfg in module.sweep_configs(K)]
+    for cfg, options in variants:
+        constexprs = dict(HAS_ROW_STARTS=options, MAP_SLOTS=options, HAS_TOKEN_TO_REQ=options,
+                          CHUNKS=cfg.chunks, CAP=cfg.cap, EMIT_BLOCK=module._EMIT_BLOCK)
+        yield Job(target, "topk", f"{cfg} options={options}", TOPK, "_topk_kernel", signature, constexprs,
+                  capability, cfg.num_warps, cfg.num_stages, aligned)
+
+
+def compile_jobs() -> list[Job]:
+    jobs = []
+    for target, capability, native, smem in TARGETS:
+        jobs += _ragged_jobs(target, capability, native, smem)
+        jobs += _paged_jobs(target, capability, native, smem)
+        if (target, "topk") in CASES:
+            jobs += _topk_jobs(target, capability)
+    return jobs
+
+
+def _compile(job: Job) -> dict:
+    fn = getattr(importlib.import_module(job.module), job.function)
+    report = compile_for_target(
+        fn, job.signature, job.constexprs, job.capability, job.num_warps, job.num_stages, job.aligned
+    )
+    return {"target": job.target, "kernel": job.kernel, "label": job.label, "capability": job.capability, **asdict(report)}
+
+
+def _compile_all() -> list[dict]:
+    jobs = compile_jobs()
+    with ProcessPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8))) as pool:
+        return list(pool.map(_compile, jobs))
+
+
+@pytest.fixture(scope="module")
+def reports() -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(TESTS_DIR), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("target,kernel", CASES, ids=[f"{t}-{k}" for t, k in CASES])
+def test_configs_fit(reports, target, kernel):
+    mine = [r for r in reports if r["target"] == target and r["kernel"] == kernel]
+    assert mine, f"no {kernel} configuration compiled for {target}"
+    for r in mine:
+        limit = SHARED_MEMORY_LIMIT[r["capability"]]
+        what = f"{target} {kernel} {r['label']}"
+        assert r["shared_bytes"] <= limit, f"{what}: {r['shared_bytes']} B of shared memory > {limit}"
+        assert r["spill_bytes"] == 0, f"{what}: {r['spill_bytes']} B spilled ({r['registers']} registers)"
+
+
+if __name__ == "__main__":
+    json.dump(_compile_all(), sys.stdout)

@@ -1,0 +1,201 @@
+"""Top-k selection (``topk_indices``) and the KV-slot mapping (``topk_to_kv_slots``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_sparse_mla.kernels import topk_indices, topk_to_kv_slots
+from sglang_sparse_mla.kernels.reference import topk_indices_reference, topk_to_kv_slots_reference
+from sglang_sparse_mla.kernels.topk import TopKConfig, default_config, sweep_configs
+
+# Small chunk / candidate sizes make tiny CPU rows take every path: the
+# register-only path (length <= cap), the bounded-candidates path and the
+# counting fallback (more candidates than cap).
+SMALL = TopKConfig(chunks=64, cap=128, num_warps=4, num_stages=1)
+# On the GPU (k = 2048): chunks = k gives a weak bound, so long rows mostly
+# take the counting fallback.
+TIGHT_GPU = TopKConfig(chunks=2048, cap=2048, num_warps=16, num_stages=1)
+
+
+def distinct_logits(target, rng, rows, cols):
+    """Distinct, non-zero values of both signs over many binades: a strictly
+    increasing map of a random permutation of each row's positions."""
+    dev = target.device
+    perm = torch.argsort(torch.rand(rows, cols, generator=rng, device=dev), dim=1)
+    return torch.sinh((perm.double() - cols / 2 + 0.5) * (16 / cols)).float()
+
+
+def random_lengths(target, rng, rows, cols, k):
+    dev = target.device
+    lengths = torch.randint(0, cols + 1, (rows,), generator=rng, device=dev, dtype=torch.int32)
+    lengths[0] = cols
+    if rows > 1:
+        lengths[1] = 0
+    if rows > 2:
+        lengths[2] = min(k - 1, cols)
+    if rows > 3:
+        lengths[3] = min(k, cols)
+    return lengths
+
+
+def assert_rows_match(out, ref):
+    """Same selected set per row, positions ascending, the same ``-1`` padding."""
+    assert out.dtype == torch.int32 and out.shape == ref.shape
+    valid = ref >= 0
+    assert torch.equal(out >= 0, valid), "different number of selected entries"
+    out_sorted = torch.where(valid, out, torch.iinfo(torch.int32).max).sort(dim=1).values
+    ref_sorted = torch.where(valid, ref, torch.iinfo(torch.int32).max).sort(dim=1).values
+    assert torch.equal(out_sorted, ref_sorted)
+    assert torch.equal(torch.where(valid, out, 0), torch.where(valid, out_sorted, 0)), "not in position order"
+
+
+@pytest.mark.parametrize("config", ["default", "small"])
+def test_distinct_values_match_reference(target, rng, config):
+    rows, cols, k = target.pick(cpu=(6, 700, 40), gpu=(64, 20000, 2048))
+    cfg = target.pick(cpu=SMALL, gpu=TIGHT_GPU) if config == "small" else None
+    logits = distinct_logits(target, rng, rows, cols)
+    lengths = random_lengths(target, rng, rows, cols, k)
+    out = topk_indices(logits, lengths, k, config=cfg)
+    assert_rows_match(out, topk_indices_reference(logits, lengths, k))
+
+
+def test_long_rows(target, rng):
+    """Rows far longer than the candidate capacity (decode at long context)."""
+    rows, cols, k, cfg = target.pick(cpu=(3, 3000, 40, SMALL), gpu=(16, 160000, 2048, None))
+    logits = torch.randn(rows, cols, generator=rng, device=target.device)
+    lengths = torch.full((rows,), cols, dtype=torch.int32, device=target.device)
+    lengths[1] = cols - 1000
+    out = topk_indices(logits, lengths, k, config=cfg)
+    assert_rows_match(out, topk_indices_reference(logits, lengths, k))
+
+
+@pytest.mark.parametrize("pattern", ["constant", "two_levels", "sorted_up", "sorted_down", "infinities"])
+def test_ties_and_structure(target, rng, pattern):
+    """Heavy ties (lower positions win), monotone rows, and +-inf entries."""
+    rows, cols, k, cfg = target.pick(cpu=(3, 900, 50, SMALL), gpu=(8, 50000, 2048, None))
+    dev = target.device
+    pos = torch.arange(cols, device=dev, dtype=torch.float32).expand(rows, cols)
+    if pattern == "constant":
+        logits = torch.full((rows, cols), 1.5, device=dev)
+    elif pattern == "two_levels":
+        logits = torch.where(torch.rand(rows, cols, generator=rng, device=dev) < 0.02, 2.0, -1.0)
+    elif pattern == "sorted_up":
+        logits = pos * 0.25 + 1
+    elif pattern == "sorted_down":
+        logits = -pos * 0.25 - 1
+    else:
+        logits = torch.randn(rows, cols, generator=rng, device=dev)
+        logits[:, ::7] = float("inf")
+        logits[:, 3::5] = float("-inf")
+    logits = logits.contiguous()
+    lengths = torch.full((rows,), cols, dtype=torch.int32, device=dev)
+    lengths[-1] = cols // 2
+    out = topk_indices(logits, lengths, k, config=cfg)
+    ref = topk_indices_reference(logits, lengths, k)
+    assert_rows_match(out, ref)
+
+
+def test_row_starts_strided_and_poisoned_out(target, rng):
+    """Windows ``[row_starts, row_starts + lengths)`` of a padded-stride
+    logits view, relative positions, into a garbage-filled ``out``."""
+    rows, cols, k = target.pick(cpu=(5, 600, 30), gpu=(256, 40000, 2048))
+    dev = target.device
+    logits = torch.randn(rows, cols + 8, generator=rng, device=dev)[:, :cols]
+    starts = torch.randint(0, cols, (rows,), generator=rng, device=dev, dtype=torch.int32)
+    lengths = torch.randint(0, cols, (rows,), generator=rng, device=dev, dtype=torch.int32)
+    lengths = torch.minimum(lengths, cols - starts)
+    out = torch.full((rows, k), 12345, dtype=torch.int32, device=dev)
+    got = topk_indices(logits, lengths, k, row_starts=starts, out=out, config=SMALL if not target.gpu else None)
+    assert got.data_ptr() == out.data_ptr()
+    assert_rows_match(got, topk_indices_reference(logits, lengths, k, row_starts=starts))
+
+
+def test_sweep_configs_and_small_k(target, rng):
+    rows, cols = target.pick(cpu=(4, 1500), gpu=(64, 131072))
+    logits = distinct_logits(target, rng, rows, cols)
+    lengths = random_lengths(target, rng, rows, cols, 2048)
+    ref = topk_indices_reference(logits, lengths, 2048)
+    for cfg in sweep_configs(2048):
+        assert_rows_match(topk_indices(logits, lengths, 2048, config=cfg), ref)
+    for k in (1, 7):
+        assert_rows_match(topk_indices(logits, lengths, k), topk_indices_reference(logits, lengths, k))
+
+
+def make_slot_tables(target, rng, num_reqs, max_context):
+    dev = target.device
+    req_to_token = torch.randperm(num_reqs * 2 * max_context, generator=rng, device=dev)
+    req_to_token = req_to_token[: 2 * num_reqs * max_context].view(2 * num_reqs, max_context).to(torch.int32)
+    pool = torch.randperm(2 * num_reqs, generator=rng, device=dev)[:num_reqs].to(torch.int32)
+    return req_to_token, pool
+
+
+@pytest.mark.parametrize("mode", ["decode", "mtp", "extend"])
+def test_kv_slots_mapping_and_fusion(target, rng, mode):
+    rows, cols, k = target.pick(cpu=(6, 500, 30), gpu=(128, 65536, 2048))
+    dev = target.device
+    logits = distinct_logits(target, rng, rows, cols)
+    lengths = random_lengths(target, rng, rows, cols, k)
+    kwargs = {}
+    if mode == "decode":
+        num_reqs = rows
+    elif mode == "mtp":
+        kwargs["tokens_per_req"] = 2
+        num_reqs = rows // 2
+    else:
+        num_reqs = 3
+        kwargs["token_to_req"] = torch.randint(0, num_reqs, (rows,), generator=rng, device=dev, dtype=torch.int32)
+    req_to_token, pool = make_slot_tables(target, rng, num_reqs, cols)
+    cfg = SMALL if not target.gpu else None
+
+    positions = topk_indices(logits, lengths, k, config=cfg)
+    slots = topk_to_kv_slots(positions, req_to_token, pool, **kwargs)
+    expected = topk_to_kv_slots_reference(positions, req_to_token, pool, **kwargs)
+    assert torch.equal(slots, expected)
+    assert torch.equal(slots < 0, positions < 0)
+
+    fused = topk_indices(logits, lengths, k, req_to_token=req_to_token, req_pool_indices=pool, config=cfg, **kwargs)
+    assert torch.equal(fused, slots)
+
+
+def test_empty(target):
+    dev = target.device
+    out = topk_indices(torch.empty(0, 10, device=dev), torch.empty(0, dtype=torch.int32, device=dev), 4)
+    assert out.shape == (0, 4)
+    out = topk_indices(torch.empty(2, 0, device=dev), torch.zeros(2, dtype=torch.int32, device=dev), 4)
+    assert (out == -1).all()
+    slots = topk_to_kv_slots(
+        torch.empty(0, 4, dtype=torch.int32, device=dev),
+        torch.zeros(1, 8, dtype=torch.int32, device=dev),
+        torch.zeros(1, dtype=torch.int32, device=dev),
+    )
+    assert slots.shape == (0, 4)
+
+
+def test_validation(target):
+    dev = target.device
+    logits = torch.zeros(3, 50, device=dev)
+    lengths = torch.zeros(3, dtype=torch.int32, device=dev)
+    r2t = torch.zeros(2, 50, dtype=torch.int32, device=dev)
+    pool = torch.zeros(3, dtype=torch.int32, device=dev)
+    bad = {
+        "logits must be": lambda: topk_indices(logits.double(), lengths, 4),
+        "k must be": lambda: topk_indices(logits, lengths, 0),
+        "lengths must be": lambda: topk_indices(logits, lengths.long(), 4),
+        r"lengths.shape\[0\]": lambda: topk_indices(logits, lengths[:2], 4),
+        r"row_starts.shape\[0\]": lambda: topk_indices(logits, lengths, 4, row_starts=lengths[:1]),
+        r"out.shape\[1\]": lambda: topk_indices(logits, lengths, 4, out=torch.empty(3, 5, dtype=torch.int32, device=dev)),
+        "req_pool_indices is required": lambda: topk_indices(logits, lengths, 4, req_to_token=r2t),
+        "only used with req_to_token": lambda: topk_indices(logits, lengths, 4, req_pool_indices=pool),
+        "token_to_req has": lambda: topk_to_kv_slots(
+            torch.zeros(3, 4, dtype=torch.int32, device=dev), r2t, pool, token_to_req=pool[:2]
+        ),
+        "need 3 requests": lambda: topk_to_kv_slots(torch.zeros(3, 4, dtype=torch.int32, device=dev), r2t, pool[:2]),
+        "req_to_token must be": lambda: topk_to_kv_slots(torch.zeros(3, 4, dtype=torch.int32, device=dev), r2t.long(), pool),
+        "config.cap": lambda: topk_indices(logits, lengths, 64, config=TopKConfig(64, 32, 4, 1)),
+        "power of two": lambda: topk_indices(logits, lengths, 4, config=TopKConfig(96, 128, 4, 1)),
+    }
+    for message, fn in bad.items():
+        with pytest.raises(ValueError, match=message):
+            fn()
+    assert default_config(2048).cap >= 2048

@@ -97,6 +97,24 @@ def measure(label, calls, flops, bytes_, ceilings: Ceilings, shape):
     )
 
 
+def baseline_calls(phase, tokens, kv_format, heads, kv, qs, idxs):
+    """(label, calls or the reason it is unavailable) for each baseline."""
+    if kv_format == "bf16":
+        if phase == "decode":
+            fn, why = sglang_baselines.sparse_mla_decode()
+            kv3 = kv.view(-1, 1, 576)
+            calls = [
+                (lambda q=q, i=i: fn(q[..., :512], q[..., 512:], kv3, i.view(tokens, 1, TOPK), SM_SCALE, 512))
+                for q, i in zip(qs, idxs)
+            ]
+        else:
+            fn, why = sglang_baselines.sparse_mla_prefill()
+            calls = [(lambda q=q, i=i: fn(q, kv, i, SM_SCALE, 512)) for q, i in zip(qs, idxs)]
+        yield "sglang-triton", calls if fn is not None else why
+    if phase == "decode" and kv_format == "bf16" and heads <= 32:
+        yield "torch-gather", [(lambda q=q, i=i: torch_gather_attention(q, kv, i)) for q, i in zip(qs, idxs)]
+
+
 def run_case(phase, tokens, heads, kv_format, caches, ceilings, gen, configs, split_options, baselines):
     bytes_per_call = tokens * TOPK * ROW_BYTES[kv_format]
     sets = min(rotation_count(bytes_per_call), 32) if phase == "decode" else 2
@@ -120,41 +138,32 @@ def run_case(phase, tokens, heads, kv_format, caches, ceilings, gen, configs, sp
                 rows.append(dict(shape, impl=name, error=f"{type(err).__name__}: {err}"[:200]))
     if not baselines:
         return rows
-    if kv_format == "bf16":
-        fn, why = sglang_baselines.sparse_mla_decode() if phase == "decode" else sglang_baselines.sparse_mla_prefill()
-        if fn is None:
-            rows.append(dict(shape, impl="sglang-triton", error=why))
-        elif phase == "decode":
-            kv3 = kv.view(-1, 1, 576)
-            calls = [
-                (lambda q=q, i=i: fn(q[..., :512], q[..., 512:], kv3, i.view(tokens, 1, TOPK), SM_SCALE, 512))
-                for q, i in zip(qs, idxs)
-            ]
-            rows.append(measure("sglang-triton", calls, flops, bytes_, ceilings, shape))
-        else:
-            calls = [(lambda q=q, i=i: fn(q, kv, i, SM_SCALE, 512)) for q, i in zip(qs, idxs)]
-            rows.append(measure("sglang-triton", calls, flops, bytes_, ceilings, shape))
-    if phase == "decode" and kv_format == "bf16" and heads <= 32:
-        calls = [(lambda q=q, i=i: torch_gather_attention(q, kv, i)) for q, i in zip(qs, idxs)]
-        rows.append(measure("torch-gather", calls, flops, bytes_, ceilings, shape))
+    for label, calls in baseline_calls(phase, tokens, kv_format, heads, kv, qs, idxs):
+        if isinstance(calls, str):
+            rows.append(dict(shape, impl=label, error=calls))
+            continue
+        try:
+            rows.append(measure(label, calls, flops, bytes_, ceilings, shape))
+        except Exception as err:  # a baseline that fails on this shape is reported, not fatal
+            rows.append(dict(shape, impl=label, error=f"{type(err).__name__}: {err}"[:200]))
     return rows
 
 
 SWEEP_CONFIGS = {
     ("bf16", 16): [(16, 32, 4, 2), (16, 64, 4, 2)],
-    ("fp8", 16): [(16, 16, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1), (16, 16, 8, 2)],
+    ("fp8", 16): [(16, 16, 4, 2), (16, 32, 4, 2), (16, 32, 8, 2), (16, 32, 4, 3)],
     ("bf16", 32): [(32, 64, 8, 2), (32, 32, 8, 2)],
-    ("fp8", 32): [(32, 32, 8, 1), (32, 16, 8, 1), (32, 32, 8, 2)],
+    ("fp8", 32): [(32, 32, 8, 2), (32, 64, 8, 2), (32, 16, 8, 2)],
     ("bf16", 128): [(64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 2)],
-    ("fp8", 128): [(32, 32, 8, 1), (32, 16, 8, 1), (16, 16, 8, 1)],
+    ("fp8", 128): [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2)],
 }
 
 
-def sweep_cases(caches, ceilings, gen):
+def sweep_cases(caches, ceilings, gen, kv_formats):
     """Candidate tile configs (heuristic split count) and split counts (default
     config) on the shapes that decide the dispatch tables."""
     rows = []
-    for kv_format in ("bf16", "fp8"):
+    for kv_format in kv_formats:
         for heads in (16, 32, 128):
             configs = [SparseMLAConfig(*c) for c in SWEEP_CONFIGS[kv_format, heads]]
             for tokens in (32, 128):
@@ -183,6 +192,7 @@ def main():
     parser.add_argument("--out", required=True, help="JSON results file")
     parser.add_argument("--sweep", action="store_true", help="time candidate tile configs and split counts instead")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--kv", default="bf16,fp8", help="cache formats to sweep")
     parser.add_argument("--no-baselines", action="store_true")
     args = parser.parse_args()
 
@@ -191,7 +201,7 @@ def main():
     kv = torch.randn(NUM_SLOTS, 576, device="cuda", generator=gen).bfloat16()
     caches = {"bf16": kv, "fp8": quantize_kv_fp8(kv)}
     if args.sweep:
-        rows = sweep_cases(caches, ceilings, gen)
+        rows = sweep_cases(caches, ceilings, gen, args.kv.split(","))
     else:
         rows = full_table(caches, ceilings, gen, args.quick, not args.no_baselines)
     result = dict(

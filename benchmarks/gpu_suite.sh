@@ -2,9 +2,9 @@
 # The whole GPU check in one go, for a CUDA machine with torch + triton and no
 # package index (the project's H100 test machine):
 #
-#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env test sweep bench indexer-sweep indexer
+#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env baselines test sweep bench indexer-sweep indexer
 #
-# (no STEP = env test bench indexer). Wheels it needs come from .stage/ in the
+# (no STEP = env baselines test bench indexer). Wheels it needs come from .stage/ in the
 # checkout (made here by `bash benchmarks/stage_wheels.sh`, carried to the
 # machine): pytest if missing, and SGLang 0.5.23's kernels for the baselines
 # (the sglang wheel without its Rust .so files, plus the pure-Python packages
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 RESULTS=${OUT:-$ROOT/benchmarks/results/run}
 mkdir -p "$RESULTS"
-STEPS=${*:-env test bench indexer}
+STEPS=${*:-env baselines test bench indexer}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -49,9 +49,18 @@ for step in $STEPS; do
         ensure_pytest
         $PY -m pytest -q -x ${TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$RESULTS/pytest_gpu.log" | tail -15 || status=1
         ;;
+    baselines)
+        log "SGLang baseline imports"
+        ensure_sglang_baseline &&
+            PYTHONPATH=$PYTHONPATH:$SGBASE $PY -c "
+import sys; sys.path.insert(0, 'benchmarks'); import sglang_baselines as b
+missing = [why for fn, why in (b.sparse_mla_decode(), b.sparse_mla_prefill(), b.fp8_mqa_logits_torch(), b.fp8_paged_mqa_logits_torch()) if fn is None]
+print('sglang', b.sglang_version(), 'baselines:', 'all importable' if not missing else missing)
+sys.exit(1 if missing else 0)" || status=1
+        ;;
     sweep)
         log "sparse MLA config sweep"
-        $PY benchmarks/bench_sparse_mla.py --sweep --out "$RESULTS/sparse_mla_sweep.json" > "$RESULTS/sparse_mla_sweep.txt" 2>&1 || status=1
+        $PY benchmarks/bench_sparse_mla.py --sweep ${SWEEP_ARGS:-} --out "$RESULTS/sparse_mla_sweep.json" > "$RESULTS/sparse_mla_sweep.txt" 2>&1 || status=1
         cat "$RESULTS/sparse_mla_sweep.txt"
         ;;
     bench)

@@ -32,6 +32,20 @@ def fp8_e4m3_to_bf16(raw, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def fp8_e4m3_to_f32(codes, NATIVE: tl.constexpr):
+    """Integer tensor of e4m3fn codes (0..255, any int type) -> float32.
+
+    With ``NATIVE`` the value itself; otherwise ``value / 256`` (see module doc).
+    """
+    if NATIVE:
+        return codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        bits = codes.to(tl.int16)
+        half_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
+        return half_bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def fp8_e4m3_to_f16(raw, NATIVE: tl.constexpr):
     """uint8 e4m3fn codes -> float16 for fp16 tensor-core dots on SM80.
 

@@ -13,10 +13,14 @@ from .kv_cache_layout import D_LATENT, as_slot_rows, dequantize_kv_fp8
 
 
 def kv_rows_float64(kv_cache: torch.Tensor) -> torch.Tensor:
-    """``[num_slots, 576]`` float64 values of a BF16 or FP8 (656-byte) cache."""
+    """``[num_slots, 576]`` float64 values the attention kernels compute with.
+
+    FP8 rows are dequantized (code * scale in float32) and rounded to bf16,
+    the precision of a BF16 cache, as the kernels do.
+    """
     rows = as_slot_rows(kv_cache)
     if rows.is_fp8:
-        return dequantize_kv_fp8(rows.latent).double()
+        return dequantize_kv_fp8(rows.latent).bfloat16().double()
     return rows.latent.double()
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim, check_same_device
 from .device_info import device_info, is_interpreter
-from .fp8_convert import EMULATED_FP8_FACTOR, fp8_e4m3_to_bf16
+from .fp8_convert import EMULATED_FP8_FACTOR, fp8_e4m3_to_f32
 from .kv_cache_layout import D_LATENT, D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, as_slot_rows
 from .sparse_mla_configs import SparseMLAConfig, choose_num_kv_splits, select_config
 
@@ -84,11 +84,10 @@ def _store_lse(lse_ptr, t, split, heads, head_mask, m_i, l_i, stride_lt, stride_
 
 
 @triton.jit
-def _store_out(out_rows, acc, l_i, col0, head_mask):
-    """Normalized ``acc [BLOCK_H, W]`` into output columns ``col0 .. col0 + W``."""
+def _store_out(out_rows, acc, l_i, cols, head_mask):
+    """Normalized ``acc [BLOCK_H, W]`` into output columns ``cols [W]``."""
     has_keys = l_i > 0.0
     inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)
-    cols = col0 + tl.arange(0, acc.shape[1])
     tl.store(out_rows + cols[None, :], (acc * inv_l[:, None]).to(out_rows.dtype.element_ty), mask=head_mask[:, None])
 
 
@@ -149,47 +148,35 @@ def _sparse_mla_bf16_kernel(
 
     _store_lse(lse_ptr, t, split, heads, head_mask, m_i, l_i, stride_lt, stride_lh, stride_ls, SPLIT_OUTPUT)
     out_rows = out_ptr + t * stride_ot + split * stride_os + heads[:, None] * stride_oh
-    _store_out(out_rows, acc, l_i, 0, head_mask)
+    _store_out(out_rows, acc, l_i, d_latent, head_mask)
 
 
 @triton.jit
-def _fp8_tile(kv_ptr, words_ptr, rope_ptr, slot, valid, stride_kv, stride_words, stride_rope):
-    """Issue the loads of one tile of FP8 rows: the four 128-code chunks
-    (uint8), their float32 scales, and the bf16 rope part."""
-    rows = kv_ptr + slot * stride_kv
-    words = words_ptr + slot * stride_words + _FP8_SCALE_COL
-    cols = tl.arange(0, 128)
-    c0 = tl.load(rows[:, None] + cols[None, :], mask=valid[:, None], other=0)
-    c1 = tl.load(rows[:, None] + (cols + 128)[None, :], mask=valid[:, None], other=0)
-    c2 = tl.load(rows[:, None] + (cols + 256)[None, :], mask=valid[:, None], other=0)
-    c3 = tl.load(rows[:, None] + (cols + 384)[None, :], mask=valid[:, None], other=0)
-    sc0 = tl.load(words, mask=valid, other=0).to(tl.float32, bitcast=True)
-    sc1 = tl.load(words + 1, mask=valid, other=0).to(tl.float32, bitcast=True)
-    sc2 = tl.load(words + 2, mask=valid, other=0).to(tl.float32, bitcast=True)
-    sc3 = tl.load(words + 3, mask=valid, other=0).to(tl.float32, bitcast=True)
-    rope_rows = rope_ptr + slot * stride_rope + _FP8_ROPE_COL
-    k_rope = tl.load(rope_rows[:, None] + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0)
-    return c0, c1, c2, c3, sc0, sc1, sc2, sc3, k_rope
+def _to_bf16(x, INTERPRETED: tl.constexpr):
+    """fp32 -> bf16 rounded to nearest even (the interpreter's cast truncates)."""
+    if INTERPRETED:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(tl.bfloat16)
 
 
 @triton.jit
-def _fp8_scores(q, codes, scale, s, FP8_NATIVE: tl.constexpr, UPCAST: tl.constexpr):
-    """``s += scale * (q . codes)``: the per-128 scale multiplies the scores."""
-    k = fp8_e4m3_to_bf16(codes, FP8_NATIVE)
-    return s + _dot(q, tl.trans(k), tl.zeros(s.shape, tl.float32), UPCAST) * scale[None, :]
-
-
-@triton.jit
-def _fp8_values(p, codes, scale, acc, FP8_NATIVE: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc += (p * scale) @ codes``: the scale multiplies the probabilities."""
-    k = fp8_e4m3_to_bf16(codes, FP8_NATIVE)
-    return _dot((p * scale[None, :]).to(tl.bfloat16), k, acc, UPCAST)
+def _fp8_plane(
+    words, scale, BYTE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_NATIVE: tl.constexpr, INTERPRETED: tl.constexpr
+):
+    """Byte ``BYTE`` of every latent word, dequantized: ``[BLOCK_N, 128]`` bf16
+    holding latent columns ``4 * j + BYTE``. Word ``j`` lies in scale group
+    ``j // 32``, so the scale multiplies through a free ``[BLOCK_N, 4, 32]`` view."""
+    values = fp8_e4m3_to_f32((words >> (8 * BYTE)) & 0xFF, FP8_NATIVE)
+    values = (values.reshape(BLOCK_N, 4, 32) * scale[:, :, None]).reshape(BLOCK_N, 128)
+    return _to_bf16(values, INTERPRETED)
 
 
 @triton.jit
 def _sparse_mla_fp8_kernel(
     q_ptr,
-    kv_ptr,
     words_ptr,
     rope_ptr,
     idx_ptr,
@@ -202,7 +189,6 @@ def _sparse_mla_fp8_kernel(
     qk_scale_log2,
     stride_qt,
     stride_qh,
-    stride_kv,
     stride_words,
     stride_rope,
     stride_it,
@@ -219,25 +205,25 @@ def _sparse_mla_fp8_kernel(
     SPLIT_OUTPUT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """FP8 cache (656-byte rows). The e4m3 codes are exact in bf16, so each
-    128-wide chunk enters the tensor cores as is and its scale multiplies the
-    scores (QK) and the probabilities (PV) instead of every element.
-
-    Triton does not pipeline byte loads that feed arithmetic, so this kernel
-    pipelines by hand: the rows of tile i+1 and the indices of tile i+2 are in
-    flight while tile i is computed.
+    """FP8 cache (656-byte rows), read as 32-bit words so that Triton streams
+    them through shared memory (it does not pipeline byte loads that feed
+    arithmetic). Rather than reorder bytes, the kernel works on byte planes:
+    plane ``b`` holds latent columns ``4j + b``, the queries are loaded in the
+    same column order, and each plane's output is stored back to its columns.
+    Dequantized values are rounded to bf16 and both products run in bf16.
     """
     t = tl.program_id(0).to(tl.int64)
     split = tl.program_id(2)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_mask = heads < num_heads
     q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
-    d128 = tl.arange(0, 128)
-    q0 = tl.load(q_rows + d128[None, :], mask=head_mask[:, None], other=0.0)
-    q1 = tl.load(q_rows + (d128 + 128)[None, :], mask=head_mask[:, None], other=0.0)
-    q2 = tl.load(q_rows + (d128 + 256)[None, :], mask=head_mask[:, None], other=0.0)
-    q3 = tl.load(q_rows + (d128 + 384)[None, :], mask=head_mask[:, None], other=0.0)
-    q_rope = tl.load(q_rows + (tl.arange(0, 64) + 512)[None, :], mask=head_mask[:, None], other=0.0)
+    plane_cols = 4 * tl.arange(0, 128)
+    q0 = tl.load(q_rows + plane_cols[None, :], mask=head_mask[:, None], other=0.0)
+    q1 = tl.load(q_rows + (plane_cols + 1)[None, :], mask=head_mask[:, None], other=0.0)
+    q2 = tl.load(q_rows + (plane_cols + 2)[None, :], mask=head_mask[:, None], other=0.0)
+    q3 = tl.load(q_rows + (plane_cols + 3)[None, :], mask=head_mask[:, None], other=0.0)
+    d_rope = tl.arange(0, 64)
+    q_rope = tl.load(q_rows + (d_rope + 512)[None, :], mask=head_mask[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -248,38 +234,37 @@ def _sparse_mla_fp8_kernel(
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, topk)
     idx_row = idx_ptr + t * stride_it
-
-    slot, valid = _slots(idx_row, start, end, num_slots, BLOCK_N)
-    c0, c1, c2, c3, sc0, sc1, sc2, sc3, k_rope = _fp8_tile(kv_ptr, words_ptr, rope_ptr, slot, valid, stride_kv, stride_words, stride_rope)
-    next_slot, next_valid = _slots(idx_row, start + BLOCK_N, end, num_slots, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
-        cur_valid = valid
-        cur_c0, cur_c1, cur_c2, cur_c3 = c0, c1, c2, c3
-        cur_sc0, cur_sc1, cur_sc2, cur_sc3 = sc0 * FP8_FACTOR, sc1 * FP8_FACTOR, sc2 * FP8_FACTOR, sc3 * FP8_FACTOR
-        cur_rope = k_rope
-        c0, c1, c2, c3, sc0, sc1, sc2, sc3, k_rope = _fp8_tile(
-            kv_ptr, words_ptr, rope_ptr, next_slot, next_valid, stride_kv, stride_words, stride_rope
-        )
-        valid = next_valid
-        next_slot, next_valid = _slots(idx_row, n0 + 2 * BLOCK_N, end, num_slots, BLOCK_N)
+        slot, valid = _slots(idx_row, n0, end, num_slots, BLOCK_N)
+        word_rows = words_ptr + slot * stride_words
+        words = tl.load(word_rows[:, None] + tl.arange(0, 128)[None, :], mask=valid[:, None], other=0)
+        scale_bits = tl.load(word_rows[:, None] + (tl.arange(0, 4) + _FP8_SCALE_COL)[None, :], mask=valid[:, None], other=0)
+        scale = scale_bits.to(tl.float32, bitcast=True) * FP8_FACTOR
+        rope_rows = rope_ptr + slot * stride_rope + _FP8_ROPE_COL
+        k_rope = tl.load(rope_rows[:, None] + d_rope[None, :], mask=valid[:, None], other=0.0)
+        k0 = _fp8_plane(words, scale, 0, BLOCK_N, FP8_NATIVE, UPCAST)
+        k1 = _fp8_plane(words, scale, 1, BLOCK_N, FP8_NATIVE, UPCAST)
+        k2 = _fp8_plane(words, scale, 2, BLOCK_N, FP8_NATIVE, UPCAST)
+        k3 = _fp8_plane(words, scale, 3, BLOCK_N, FP8_NATIVE, UPCAST)
 
-        s = _dot(q_rope, tl.trans(cur_rope), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST)
-        s = _fp8_scores(q0, cur_c0, cur_sc0, s, FP8_NATIVE, UPCAST)
-        s = _fp8_scores(q1, cur_c1, cur_sc1, s, FP8_NATIVE, UPCAST)
-        s = _fp8_scores(q2, cur_c2, cur_sc2, s, FP8_NATIVE, UPCAST)
-        s = _fp8_scores(q3, cur_c3, cur_sc3, s, FP8_NATIVE, UPCAST)
-        p, alpha, m_i, l_i = _softmax_step(s, cur_valid, m_i, l_i, qk_scale_log2)
-        acc0 = _fp8_values(p, cur_c0, cur_sc0, acc0 * alpha[:, None], FP8_NATIVE, UPCAST)
-        acc1 = _fp8_values(p, cur_c1, cur_sc1, acc1 * alpha[:, None], FP8_NATIVE, UPCAST)
-        acc2 = _fp8_values(p, cur_c2, cur_sc2, acc2 * alpha[:, None], FP8_NATIVE, UPCAST)
-        acc3 = _fp8_values(p, cur_c3, cur_sc3, acc3 * alpha[:, None], FP8_NATIVE, UPCAST)
+        s = _dot(q_rope, tl.trans(k_rope), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST)
+        s = _dot(q0, tl.trans(k0), s, UPCAST)
+        s = _dot(q1, tl.trans(k1), s, UPCAST)
+        s = _dot(q2, tl.trans(k2), s, UPCAST)
+        s = _dot(q3, tl.trans(k3), s, UPCAST)
+        p, alpha, m_i, l_i = _softmax_step(s, valid, m_i, l_i, qk_scale_log2)
+        p = p.to(tl.bfloat16)
+        acc0 = _dot(p, k0, acc0 * alpha[:, None], UPCAST)
+        acc1 = _dot(p, k1, acc1 * alpha[:, None], UPCAST)
+        acc2 = _dot(p, k2, acc2 * alpha[:, None], UPCAST)
+        acc3 = _dot(p, k3, acc3 * alpha[:, None], UPCAST)
 
     _store_lse(lse_ptr, t, split, heads, head_mask, m_i, l_i, stride_lt, stride_lh, stride_ls, SPLIT_OUTPUT)
     out_rows = out_ptr + t * stride_ot + split * stride_os + heads[:, None] * stride_oh
-    _store_out(out_rows, acc0, l_i, 0, head_mask)
-    _store_out(out_rows, acc1, l_i, 128, head_mask)
-    _store_out(out_rows, acc2, l_i, 256, head_mask)
-    _store_out(out_rows, acc3, l_i, 384, head_mask)
+    _store_out(out_rows, acc0, l_i, plane_cols, head_mask)
+    _store_out(out_rows, acc1, l_i, plane_cols + 1, head_mask)
+    _store_out(out_rows, acc2, l_i, plane_cols + 2, head_mask)
+    _store_out(out_rows, acc3, l_i, plane_cols + 3, head_mask)
 
 
 @triton.jit
@@ -288,7 +273,6 @@ def _merge_splits_kernel(
     part_lse_ptr,
     out_ptr,
     lse_ptr,
-    num_heads,
     num_splits,
     stride_pt,
     stride_ph,
@@ -300,32 +284,28 @@ def _merge_splits_kernel(
     stride_oh,
     stride_lt,
     stride_lh,
-    BLOCK_H: tl.constexpr,
-    D_V: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """Combine normalized split partials by their log2-sum-exp weights."""
+    """Combine the normalized split partials of one (token, head) and one
+    ``BLOCK_D`` slice of the output by their log2-sum-exp weights."""
     t = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_mask = heads < num_heads
-    lse_rows = part_lse_ptr + t * stride_plt + heads * stride_plh
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for s in range(num_splits):
-        m = tl.maximum(m, tl.load(lse_rows + s * stride_pls, mask=head_mask, other=float("-inf")))
+    h = tl.program_id(1)
+    d_block = tl.program_id(2)
+    s = tl.arange(0, SPLITS)
+    lse_s = tl.load(part_lse_ptr + t * stride_plt + h * stride_plh + s * stride_pls, mask=s < num_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
     m_base = tl.where(m == float("-inf"), 0.0, m)
-    d = tl.arange(0, D_V)
-    part_rows = part_out_ptr + t * stride_pt + heads[:, None] * stride_ph + d[None, :]
-    weight_sum = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, D_V], tl.float32)
-    for s in range(num_splits):
-        w = tl.exp2(tl.load(lse_rows + s * stride_pls, mask=head_mask, other=float("-inf")) - m_base)
-        part = tl.load(part_rows + s * stride_ps, mask=head_mask[:, None], other=0.0)
-        weight_sum += w
-        acc += w[:, None] * part
+    w = tl.exp2(lse_s - m_base)
+    weight_sum = tl.sum(w, 0)
+    d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    parts = tl.load(part_out_ptr + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=(s < num_splits)[:, None], other=0.0)
     has_keys = weight_sum > 0.0
-    out = acc * tl.where(has_keys, 1.0 / tl.where(has_keys, weight_sum, 1.0), 0.0)[:, None]
-    lse = tl.where(has_keys, (m + tl.log2(tl.where(has_keys, weight_sum, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
-    tl.store(lse_ptr + t * stride_lt + heads * stride_lh, lse, mask=head_mask)
+    out = tl.sum(parts * w[:, None], 0) * tl.where(has_keys, 1.0 / tl.where(has_keys, weight_sum, 1.0), 0.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    if d_block == 0:
+        lse = tl.where(has_keys, (m + tl.log2(tl.where(has_keys, weight_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + t * stride_lt + h * stride_lh, lse)
 
 
 def _validate(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, d_v: int):
@@ -423,9 +403,9 @@ def sparse_mla_forward(
     )
     if rows.is_fp8:
         _sparse_mla_fp8_kernel[grid](
-            q, rows.latent, rows.words, rows.rope, indices, part_out, part_lse,
+            q, rows.words, rows.rope, indices, part_out, part_lse,
             *shape_args,
-            rows.latent.stride(0), rows.words.stride(0), rows.rope.stride(0),
+            rows.words.stride(0), rows.rope.stride(0),
             *out_args,
             FP8_NATIVE=info.native_fp8,
             FP8_FACTOR=1.0 if info.native_fp8 else EMULATED_FP8_FACTOR,
@@ -440,28 +420,15 @@ def sparse_mla_forward(
             **meta,
         )  # fmt: skip
     if num_kv_splits > 1:
-        merge_block_h = 16
-        _merge_splits_kernel[(num_tokens, triton.cdiv(num_heads, merge_block_h))](
-            part_out,
-            part_lse,
-            out,
-            lse,
-            num_heads,
-            num_kv_splits,
-            part_out.stride(0),
-            part_out.stride(1),
-            part_out.stride(2),
-            part_lse.stride(0),
-            part_lse.stride(1),
-            part_lse.stride(2),
-            out.stride(0),
-            out.stride(1),
-            lse.stride(0),
-            lse.stride(1),
-            BLOCK_H=merge_block_h,
-            D_V=d_v,
+        splits_pow2 = triton.next_power_of_2(num_kv_splits)
+        merge_block_d = min(d_v, max(64, 4096 // splits_pow2))  # <= 4096 partial values per program
+        _merge_splits_kernel[(num_tokens, num_heads, d_v // merge_block_d)](
+            part_out, part_lse, out, lse, num_kv_splits,
+            *part_out.stride()[:3], *part_lse.stride(), *out.stride()[:2], *lse.stride(),
+            SPLITS=splits_pow2,
+            BLOCK_D=merge_block_d,
             num_warps=4,
-        )
+        )  # fmt: skip
     return out, lse
 
 

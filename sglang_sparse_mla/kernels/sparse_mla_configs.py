@@ -30,29 +30,29 @@ SMEM_LARGE = 227 * 1024  # SM90, SM100, SM110
 SMEM_MEDIUM = 163 * 1024  # SM80, SM87
 SMEM_SMALL = 99 * 1024  # SM86, SM89, SM120, SM121
 
-# (smem class, kv_fp8, head bucket) -> config. Head buckets: <=16, <=32, more.
-# BF16 rows stream through shared memory (Triton pipelines them); a 64-head
-# block turns the products into Hopper wgmma. FP8 rows are prefetched into
-# registers by hand, which caps the head block at 32 (more spills).
+# (smem class, kv_fp8, head bucket) -> config, from H100 sweeps
+# (benchmarks/results). Head buckets: <=16, <=32, more. A 64-head block turns
+# the BF16 products into Hopper wgmma; FP8 rows are dequantized in registers,
+# which caps their head block at 32 (64 spills or runs slower).
 _CONFIGS: dict[tuple[int, bool, int], SparseMLAConfig] = {
     (SMEM_LARGE, False, 16): SparseMLAConfig(16, 32, 4, 2),
     (SMEM_LARGE, False, 32): SparseMLAConfig(32, 64, 8, 2),
     (SMEM_LARGE, False, 64): SparseMLAConfig(64, 64, 8, 3),
-    (SMEM_LARGE, True, 16): SparseMLAConfig(16, 16, 8, 1),
-    (SMEM_LARGE, True, 32): SparseMLAConfig(32, 32, 8, 1),
-    (SMEM_LARGE, True, 64): SparseMLAConfig(32, 32, 8, 1),
+    (SMEM_LARGE, True, 16): SparseMLAConfig(16, 32, 4, 2),
+    (SMEM_LARGE, True, 32): SparseMLAConfig(32, 64, 8, 2),
+    (SMEM_LARGE, True, 64): SparseMLAConfig(32, 64, 8, 2),
     (SMEM_MEDIUM, False, 16): SparseMLAConfig(16, 32, 4, 2),
     (SMEM_MEDIUM, False, 32): SparseMLAConfig(32, 64, 8, 2),
     (SMEM_MEDIUM, False, 64): SparseMLAConfig(64, 32, 8, 2),
-    (SMEM_MEDIUM, True, 16): SparseMLAConfig(16, 16, 8, 1),
-    (SMEM_MEDIUM, True, 32): SparseMLAConfig(32, 32, 8, 1),
-    (SMEM_MEDIUM, True, 64): SparseMLAConfig(32, 32, 8, 1),
+    (SMEM_MEDIUM, True, 16): SparseMLAConfig(16, 32, 4, 2),
+    (SMEM_MEDIUM, True, 32): SparseMLAConfig(32, 64, 8, 2),
+    (SMEM_MEDIUM, True, 64): SparseMLAConfig(32, 64, 8, 2),
     (SMEM_SMALL, False, 16): SparseMLAConfig(16, 32, 4, 2),
     (SMEM_SMALL, False, 32): SparseMLAConfig(32, 32, 8, 2),
     (SMEM_SMALL, False, 64): SparseMLAConfig(32, 32, 8, 2),
-    (SMEM_SMALL, True, 16): SparseMLAConfig(16, 16, 8, 1),
-    (SMEM_SMALL, True, 32): SparseMLAConfig(32, 16, 8, 1),
-    (SMEM_SMALL, True, 64): SparseMLAConfig(32, 16, 8, 1),
+    (SMEM_SMALL, True, 16): SparseMLAConfig(16, 32, 4, 2),
+    (SMEM_SMALL, True, 32): SparseMLAConfig(32, 32, 8, 2),
+    (SMEM_SMALL, True, 64): SparseMLAConfig(32, 32, 8, 2),
 }
 
 
@@ -84,14 +84,16 @@ def all_configs(info: DeviceInfo) -> list[tuple[bool, SparseMLAConfig]]:
 
 
 def choose_num_kv_splits(programs: int, topk: int, config: SparseMLAConfig, info: DeviceInfo) -> int:
-    """Split the top-k list until the grid covers the GPU about twice.
+    """Split the top-k list so that the grid fills the GPU.
 
-    Each split keeps at least four ``block_n`` tiles so that its partial result
-    (written in fp32 and merged) stays small next to the KV bytes it reads.
+    Memory-bound 16-head blocks want at least two resident programs per SM;
+    larger head blocks (one or two per SM by shared memory) one wave, no more.
+    Each split keeps at least two ``block_n`` tiles so that its fp32 partial,
+    written and merged, stays small next to the KV bytes it reads.
     """
-    target = 2 * info.num_sms
-    if programs >= info.num_sms:
-        return 1
-    max_splits = max(1, topk // (4 * config.block_n))
-    splits = -(-target // programs)
+    max_splits = max(1, topk // (2 * config.block_n))
+    if config.block_h <= 16:
+        splits = -(-2 * info.num_sms // programs)
+    else:
+        splits = round(info.num_sms / programs)
     return max(1, min(splits, max_splits))

@@ -65,7 +65,7 @@ class TopKConfig:
 def default_config(k: int) -> TopKConfig:
     """The configuration :func:`topk_indices` uses for ``k``."""
     size = max(1024, 2 * triton.next_power_of_2(k))
-    return TopKConfig(chunks=size, cap=size, num_warps=16, num_stages=1)
+    return TopKConfig(chunks=size, cap=size, num_warps=8, num_stages=1)
 
 
 def sweep_configs(k: int) -> list[TopKConfig]:
@@ -74,7 +74,7 @@ def sweep_configs(k: int) -> list[TopKConfig]:
     Larger ``chunks`` / ``cap`` than the default spill registers at 16 warps.
     """
     d = default_config(k)
-    return [d, TopKConfig(d.chunks, d.cap, 8, d.num_stages)]
+    return [d, TopKConfig(d.chunks, d.cap, 16, d.num_stages)]
 
 
 # Persistent grid: programs per SM (each owns one scratch row when rows are long).

@@ -22,8 +22,8 @@ def kernel_signature(fp8: bool, split: bool) -> tuple[dict[str, str], tuple[str,
     sees as 16-divisible (aligned base pointers and row strides)."""
     sig = {"q_ptr": "*bf16"}
     if fp8:
-        sig |= {"kv_ptr": "*u8", "words_ptr": "*i32", "rope_ptr": "*bf16"}
-        strides = ["stride_kv", "stride_words", "stride_rope"]
+        sig |= {"words_ptr": "*i32", "rope_ptr": "*bf16"}
+        strides = ["stride_words", "stride_rope"]
     else:
         sig |= {"kv_ptr": "*bf16"}
         strides = ["stride_kv"]
@@ -51,10 +51,11 @@ def _cases():
                 label = f"sm{capability}-{'fp8' if fp8 else 'bf16'}-{config}-{'split' if split else 'single'}"
                 yield label, limit, CompileJob(f"{_MODULE}:{kernel}", sig, constexprs, capability, config.num_warps, config.num_stages, aligned)
     for capability, limit in SHARED_MEMORY_LIMIT.items():
-        sig = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}
-        sig |= {n: "i32" for n in ["num_heads", "num_splits", "stride_pt", "stride_ph", "stride_ps", "stride_plt", "stride_plh", "stride_pls", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]}
-        job = CompileJob(f"{_MODULE}:_merge_splits_kernel", sig, dict(BLOCK_H=16, D_V=512), capability, 4, 2, ("part_out_ptr", "out_ptr"))
-        yield f"sm{capability}-merge", limit, job
+        sig = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32", "num_splits": "i32"}
+        sig |= {n: "i32" for n in ["stride_pt", "stride_ph", "stride_ps", "stride_plt", "stride_plh", "stride_pls", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]}
+        for splits in (2, 64):
+            job = CompileJob(f"{_MODULE}:_merge_splits_kernel", sig, dict(SPLITS=splits, BLOCK_D=min(512, 4096 // splits)), capability, 4, 2, ("part_out_ptr", "out_ptr"))
+            yield f"sm{capability}-merge-{splits}", limit, job
 
 
 CASES = list(_cases())

@@ -1,0 +1,197 @@
+"""Kernel dispatch of the backend: every attention-path kernel call in one place.
+
+Pure torch and this package's Triton kernels (no SGLang import, no DeepGEMM,
+FlashMLA or TileLang). The caches are SGLang's own buffers, addressed in
+their native layouts:
+
+* latent KV: ``[slots, 1, 576]`` bf16 or ``[slots, 1, 656]`` FP8 rows
+  (:mod:`sglang_sparse_mla.kernels.kv_cache_layout`), one row per token slot;
+* index K: ``[pages, 64 * 132]`` uint8 per layer, each 64-slot page holding the
+  64 fp8 keys (128 bytes each) followed by their 64 float32 scales.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import kernels
+from ..kernels.kv_cache_layout import D_QK, quantize_kv_fp8
+from .spec import INDEX_HEAD_DIM, INDEX_ROW_BYTES, PAGE_SIZE
+
+FP8_E4M3_MAX = 448.0
+# Bytes of index logits materialised at once by a ragged extend; larger
+# batches are scored in row chunks through one reused buffer.
+RAGGED_LOGITS_BUDGET_BYTES = 512 * 1024 * 1024
+
+
+# --- latent KV cache -------------------------------------------------------
+
+
+def store_kv(kv_buffer: torch.Tensor, loc: torch.Tensor, k_rows: torch.Tensor) -> None:
+    """Write the new tokens' latent rows ``k_rows [T, 576]`` at slots ``loc``.
+
+    A bf16 cache takes the rows as they are; any other cache dtype is the
+    656-byte FP8 layout, filled by :func:`quantize_kv_fp8`.
+    """
+    rows = kv_buffer.view(kv_buffer.shape[0], -1)
+    k_rows = k_rows.reshape(-1, D_QK)
+    if rows.dtype == torch.bfloat16:
+        rows[loc] = k_rows.to(torch.bfloat16)
+    else:
+        rows.view(torch.uint8)[loc] = quantize_kv_fp8(k_rows.to(torch.bfloat16).contiguous())
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    kv_buffer: torch.Tensor,
+    topk_slots: torch.Tensor,
+    sm_scale: float,
+    *,
+    decode: bool,
+) -> torch.Tensor:
+    """``[T, H, 512]`` bf16 attention of ``q [T, H, 576]`` over its top-k slots."""
+    rows = kv_buffer.view(kv_buffer.shape[0], -1)
+    if rows.dtype not in (torch.bfloat16, torch.uint8):
+        rows = rows.view(torch.uint8)
+    fn = kernels.sparse_mla_decode if decode else kernels.sparse_mla_prefill
+    out, _ = fn(q, rows, topk_slots, sm_scale)
+    return out
+
+
+# --- index keys ------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _hadamard(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float32)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h * dim**-0.5).to(dtype=dtype, device=device)
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard rotation of the last dim (a power of two).
+
+    Spreads outliers before FP8 quantization; ``q . k`` is unchanged since the
+    same rotation is applied to queries and keys.
+    """
+    return x @ _hadamard(x.shape[-1], x.dtype, x.device)
+
+
+def quantize_fp8_rows(x: torch.Tensor, power_of_two_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (``block = last dim = 128``) FP8 e4m3: ``(codes, float32 scale [...])``.
+
+    ``scale = amax / 448``, rounded up to a power of two for ``ue8m0`` (the
+    DeepSeek-V3.2 indexer's scale format).
+    """
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp_min(1e-4) / FP8_E4M3_MAX
+    if power_of_two_scale:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    codes = (xf / scale.unsqueeze(-1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def _index_pages(index_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys [pages, 64, 128] uint8, scales [pages, 64, 4] uint8)`` views of a layer's index-K buffer."""
+    pages = index_buffer.view(index_buffer.shape[0], PAGE_SIZE * INDEX_ROW_BYTES)
+    key_bytes = PAGE_SIZE * INDEX_HEAD_DIM
+    keys = pages[:, :key_bytes].view(pages.shape[0], PAGE_SIZE, INDEX_HEAD_DIM)
+    scales = pages[:, key_bytes:].view(pages.shape[0], PAGE_SIZE, 4)
+    return keys, scales
+
+
+def store_index_k(index_buffer: torch.Tensor, loc: torch.Tensor, k_fp8: torch.Tensor, k_scale: torch.Tensor) -> None:
+    """Write index keys ``[T, 128]`` fp8 and scales ``[T]`` at slots ``loc``."""
+    keys, scales = _index_pages(index_buffer)
+    loc = loc.to(torch.int64)
+    page, offset = torch.div(loc, PAGE_SIZE, rounding_mode="floor"), loc % PAGE_SIZE
+    keys[page, offset] = k_fp8.view(torch.uint8)
+    scales[page, offset] = k_scale.to(torch.float32).reshape(-1, 1).view(torch.uint8)
+
+
+def gather_index_k(index_buffer: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k_fp8 [N, 128], k_scale [N] float32)`` of slots ``[N]`` (cached keys, read not recomputed)."""
+    keys, scales = _index_pages(index_buffer)
+    page, offset = torch.div(slots, PAGE_SIZE, rounding_mode="floor"), slots % PAGE_SIZE
+    k_fp8 = keys[page, offset].view(torch.float8_e4m3fn)
+    k_scale = scales[page, offset].contiguous().view(torch.float32).reshape(-1)
+    return k_fp8, k_scale
+
+
+def paged_index_logits(
+    q_fp8: torch.Tensor,
+    index_buffer: torch.Tensor,
+    weights: torch.Tensor,
+    kv_total: torch.Tensor,
+    block_table: torch.Tensor,
+    tokens_per_req: int,
+) -> torch.Tensor:
+    """``[B * n, W * 64]`` index logits of ``n`` query tokens per request over its pages.
+
+    Token ``j`` of request ``b`` scores positions ``< kv_total[b] - n + j + 1``.
+    """
+    num_reqs = block_table.shape[0]
+    q = q_fp8.view(num_reqs, tokens_per_req, *q_fp8.shape[1:])
+    kv_cache = index_buffer.view(index_buffer.shape[0], PAGE_SIZE, 1, INDEX_ROW_BYTES)
+    return kernels.fp8_paged_mqa_logits(q, kv_cache, weights, kv_total, block_table, block_table.shape[1] * PAGE_SIZE)
+
+
+def ragged_index_logits(
+    q_fp8: torch.Tensor,
+    k_fp8: torch.Tensor,
+    k_scale: torch.Tensor,
+    weights: torch.Tensor,
+    ks: torch.Tensor,
+    ke: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """``[T, N]`` logits of query rows over the keys ``ks <= n < ke`` of their request."""
+    return kernels.fp8_mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, out=out)
+
+
+def topk_slots(
+    logits: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    *,
+    row_starts: torch.Tensor | None = None,
+    token_to_req: torch.Tensor | None = None,
+    tokens_per_req: int = 1,
+) -> torch.Tensor:
+    """``[T, k]`` int32 KV slots of the top-k logits of each row's window, ``-1`` padded.
+
+    Positions are relative to ``row_starts`` (the request's first key) and are
+    mapped to slots through ``req_to_token`` in the same kernel.
+    """
+    return kernels.topk_indices(
+        logits,
+        lengths,
+        k,
+        row_starts=row_starts,
+        req_to_token=req_to_token,
+        req_pool_indices=req_pool_indices,
+        token_to_req=token_to_req,
+        tokens_per_req=tokens_per_req,
+    )
+
+
+def prefix_slots(
+    lengths: torch.Tensor,
+    k: int,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    *,
+    token_to_req: torch.Tensor | None = None,
+    tokens_per_req: int = 1,
+) -> torch.Tensor:
+    """``[T, k]`` int32 slots of positions ``0 .. lengths - 1``: the whole top-k when ``lengths <= k``."""
+    positions = torch.arange(k, dtype=torch.int32, device=lengths.device).expand(lengths.shape[0], k)
+    positions = torch.where(positions < lengths.unsqueeze(1), positions, -1)
+    return kernels.topk_to_kv_slots(
+        positions, req_to_token, req_pool_indices, token_to_req=token_to_req, tokens_per_req=tokens_per_req
+    )

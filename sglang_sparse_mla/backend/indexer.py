@@ -1,0 +1,179 @@
+"""The DSA indexer's forward on this package's kernels.
+
+It runs SGLang's own ``Indexer`` module (its weights, norm and rotary
+embedding, so checkpoints load unchanged) and replaces every kernel of the
+stock path — DeepGEMM's MQA logits, the sgl-kernel/TileLang top-k, the CUDA
+fused quantize-and-store — with torch and the Triton kernels of
+:mod:`sglang_sparse_mla.kernels`:
+
+1. project ``q = wq_b(q_lora)``, ``k = k_norm(wk(x))`` and the per-head gate,
+   rotate their rope part, apply a Hadamard rotation (always, to queries and
+   keys alike, which leaves ``q . k`` unchanged and spreads outliers before
+   FP8), quantize per 128 values (UE8M0 scales for DeepSeek-V3.2);
+2. store the new tokens' index keys in SGLang's index-K pages (a prefix's
+   keys are already there: reused, never recomputed);
+3. score every visible position: paged logits straight from the index-K
+   pages for uniform batches (decode, MTP), ragged logits over the gathered
+   keys for extends, in chunks of rows against only their own requests' keys
+   (bounded memory, no ``tokens x all keys`` blow-up for many requests);
+4. keep the top-k logical positions of each token's window and map them to
+   physical KV slots through ``req_to_token`` (one fused kernel). When no
+   token sees more than ``index_topk`` positions the logits are skipped.
+
+The result, ``[T, index_topk]`` int32 slots with ``-1`` padding, is what the
+model hands to the attention backend (and, for IndexShare layers, to the next
+layers unchanged).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .metadata import SparseMLAMetadata
+
+
+def _hidden(x) -> torch.Tensor:
+    """The bf16 hidden states, also from SGLang's quantized ``(x, scale[, bf16])`` tuples."""
+    if not isinstance(x, tuple):
+        return x
+    if len(x) >= 3:
+        return x[2]
+    x_q, x_s = x[0], x[1]
+    groups = x_s.shape[-1]
+    xf = x_q.float().view(x_q.shape[0], groups, -1) * x_s.float().unsqueeze(-1)
+    return xf.view(x_q.shape).to(torch.bfloat16)
+
+
+def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor):
+    """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` of the indexer, rope and Hadamard applied."""
+    x = _hidden(x)
+    n_heads, head_dim, rope_dim = indexer.n_heads, indexer.head_dim, indexer.rope_head_dim
+    query = indexer.wq_b(q_lora)[0].view(-1, n_heads, head_dim)
+    if getattr(indexer, "use_dsa_indexer_fusion", False):
+        key, gate = indexer.wk_weights_proj(x)[0].split([head_dim, n_heads], dim=-1)
+    else:
+        key, gate = indexer.wk(x)[0], indexer.weights_proj(x)[0]
+    key = indexer.k_norm(key).to(query.dtype)
+    q_rope, k_rope = indexer.rotary_emb(positions, query[..., :rope_dim], key[..., :rope_dim])
+    query = torch.cat([q_rope.view(query.shape[0], n_heads, rope_dim), query[..., rope_dim:]], dim=-1)
+    key = torch.cat([k_rope.view(key.shape[0], rope_dim), key[..., rope_dim:]], dim=-1)
+    return dispatch.hadamard_rotate(query), dispatch.hadamard_rotate(key), gate
+
+
+def _force_init_and_local(
+    logits: torch.Tensor,
+    lengths: torch.Tensor,
+    starts: torch.Tensor | None,
+    num_init: int,
+    num_local: int,
+) -> None:
+    """Always keep a window's first ``num_init`` and last ``num_local`` positions.
+
+    ``index_init_tokens`` / ``index_local_tokens`` of some DSA configs; the
+    window of row ``t`` is ``starts[t] .. starts[t] + lengths[t] - 1``.
+    """
+    if not (num_init or num_local):
+        return
+    last = logits.shape[1] - 1
+    base = torch.zeros_like(lengths, dtype=torch.int64) if starts is None else starts.to(torch.int64)
+    base = base.unsqueeze(1)
+    if num_init:
+        init = base + torch.arange(num_init, dtype=torch.int64, device=logits.device)
+        logits.scatter_(1, init.clamp_max(last), float("inf"))
+    if num_local:
+        back = torch.arange(num_local, dtype=torch.int64, device=logits.device)
+        local = torch.maximum(base + lengths.to(torch.int64).unsqueeze(1) - 1 - back, base).clamp_max(last)
+        logits.scatter_(1, local, float("inf"))
+
+
+class SparseIndexer:
+    """Top-k KV slots of every query token of a forward, one model layer at a time."""
+
+    def __init__(self, index_topk: int, req_to_token: torch.Tensor):
+        self.index_topk = index_topk
+        self.req_to_token = req_to_token
+
+    def __call__(
+        self,
+        indexer,
+        x,
+        q_lora: torch.Tensor,
+        positions: torch.Tensor,
+        out_cache_loc: torch.Tensor,
+        index_buffer: torch.Tensor,
+        metadata: SparseMLAMetadata | None,
+        return_indices: bool = True,
+    ) -> torch.Tensor | None:
+        num_tokens = q_lora.shape[0]
+        if metadata is None or num_tokens == 0:
+            if not return_indices:
+                return None
+            return torch.full((num_tokens, self.index_topk), -1, dtype=torch.int32, device=q_lora.device)
+
+        query, key, gate = project(indexer, x, q_lora, positions)
+        power_of_two = getattr(indexer, "scale_fmt", None) == "ue8m0"
+        k_fp8, k_scale = dispatch.quantize_fp8_rows(key, power_of_two)
+        dispatch.store_index_k(index_buffer, out_cache_loc[:num_tokens], k_fp8, k_scale)
+        if not return_indices:
+            return None
+
+        rows = metadata.num_tokens
+        q_fp8, q_scale = dispatch.quantize_fp8_rows(query[:rows], power_of_two)
+        weights = gate[:rows].float() * (indexer.n_heads**-0.5 * indexer.softmax_scale) * q_scale
+        slots = self._topk_slots(indexer, q_fp8, weights, index_buffer, metadata)
+        if rows < num_tokens:  # padded rows of a data-parallel batch
+            slots = torch.cat([slots, slots.new_full((num_tokens - rows, slots.shape[1]), -1)])
+        return slots
+
+    @staticmethod
+    def _mapping(metadata: SparseMLAMetadata) -> dict:
+        """How rows map to requests: ``n`` rows per request (paged) or one index per row."""
+        if metadata.is_paged:
+            return dict(tokens_per_req=metadata.tokens_per_req)
+        return dict(token_to_req=metadata.token_to_req)
+
+    def _topk_slots(self, indexer, q_fp8, weights, index_buffer, metadata: SparseMLAMetadata) -> torch.Tensor:
+        k, lengths = self.index_topk, metadata.token_kv_len
+        mapping = self._mapping(metadata)
+        if metadata.host_max_kv_len is not None and metadata.host_max_kv_len <= k:
+            return dispatch.prefix_slots(lengths, k, self.req_to_token, metadata.req_pool_indices, **mapping)
+        num_init = getattr(indexer, "num_init_tokens", 0)
+        num_local = getattr(indexer, "num_local_tokens", 0)
+
+        if metadata.is_paged:
+            logits = dispatch.paged_index_logits(
+                q_fp8, index_buffer, weights, metadata.kv_total, metadata.block_table, metadata.tokens_per_req
+            )
+            _force_init_and_local(logits, lengths, None, num_init, num_local)
+            return dispatch.topk_slots(logits, lengths, k, self.req_to_token, metadata.req_pool_indices, **mapping)
+
+        k_fp8, k_scale = dispatch.gather_index_k(index_buffer, metadata.kv_slots)
+        starts, ends = metadata.token_kv_start, metadata.token_kv_start + lengths
+        buffer = torch.empty(max(c.elements for c in metadata.chunks), dtype=torch.float32, device=q_fp8.device)
+        parts = []
+        for c in metadata.chunks:
+            rows, keys = slice(c.row_start, c.row_end), slice(c.key_start, c.key_end)
+            row_starts = starts[rows] - c.key_start
+            logits = dispatch.ragged_index_logits(
+                q_fp8[rows],
+                k_fp8[keys],
+                k_scale[keys],
+                weights[rows],
+                row_starts,
+                ends[rows] - c.key_start,
+                buffer[: c.elements].view(c.row_end - c.row_start, c.key_end - c.key_start),
+            )
+            _force_init_and_local(logits, lengths[rows], row_starts, num_init, num_local)
+            parts.append(
+                dispatch.topk_slots(
+                    logits,
+                    lengths[rows],
+                    k,
+                    self.req_to_token,
+                    metadata.req_pool_indices,
+                    row_starts=row_starts,
+                    token_to_req=metadata.token_to_req[rows],
+                )
+            )
+        return torch.cat(parts)

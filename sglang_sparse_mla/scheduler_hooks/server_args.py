@@ -1,0 +1,114 @@
+"""Server-argument resolution for ``--attention-backend triton_sparse_mla``.
+
+Installed at plugin load (before ``prepare_server_args`` parses the command
+line, in every process that calls ``load_plugins``). What SGLang 0.5.23
+already resolves for a DSA model with our backend, and what these hooks add:
+
+* backend: ``_deepseek_family_overrides`` fills ``attention_backend = "dsa"``
+  only when no backend is set, so an explicit ``triton_sparse_mla`` is kept;
+* page size: the same override sets 64 (``64 * index_kpool``) for every DSA
+  model, whatever the backend; validated here;
+* KV cache: ``_dsa_kv_cache_dtype_default`` turns ``auto`` into ``bfloat16``
+  (``fp8_e4m3`` on SM100+) and accepts ``bfloat16``/``fp8_e4m3`` only;
+* DSA kernel selection: ``_dsa_split_backend_resolution`` would pick SGLang's
+  own DSA kernels (``trtllm`` on SM100 switches the FP8 pool to a raw 576-byte
+  row without scales). Wrapped here to select none for our backend, which
+  keeps the pool in the 576-value bf16 / 656-byte FP8 layouts our kernels read;
+* prefill CUDA graphs (breakable by default on CUDA) are turned off: the
+  indexer's ragged extend path runs eagerly;
+* start-up validation of everything else the backend cannot serve.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..backend import spec
+
+logger = logging.getLogger(__name__)
+
+_DSA_SPLIT_BACKEND_PASS = "sglang.srt.arg_groups.overrides._dsa_split_backend_resolution"
+_installed = False
+
+
+def _backends(view) -> tuple[str | None, str | None]:
+    from sglang.srt.arg_groups.overrides import attention_backends_of
+
+    return attention_backends_of(view)
+
+
+def _selected(view) -> bool:
+    return spec.BACKEND_NAME in _backends(view)
+
+
+def skip_dsa_kernel_selection(original, view) -> dict:
+    """Around ``_dsa_split_backend_resolution``: no SGLang DSA kernel for our backend."""
+    if not _selected(view):
+        return original(view)
+    for field in ("dsa_prefill_backend", "dsa_decode_backend"):
+        if getattr(view, field) is not None:
+            raise spec.UnsupportedConfiguration(
+                f"--{field.replace('_', '-')} selects SGLang's own DSA kernels and does not "
+                f"apply to --attention-backend {spec.BACKEND_NAME}; drop it"
+            )
+    return {}
+
+
+def disable_prefill_cuda_graph(server_args, previous) -> None:
+    """After SGLang's prefill-graph defaults: run prefill eagerly with our backend."""
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+
+    previous(server_args)
+    cfg = resolving_view(server_args)
+    if not _selected(cfg) or cfg.cuda_graph_config.prefill.backend == Backend.DISABLED:
+        return
+    if (Phase.PREFILL, "backend") in getattr(server_args, "_cuda_graph_config_locked", set()):
+        raise spec.UnsupportedConfiguration(
+            f"{spec.BACKEND_NAME} runs prefill eagerly; set --cuda-graph-backend-prefill "
+            f"disabled (got {cfg.cuda_graph_config.prefill.backend})"
+        )
+    logger.info("%s: prefill CUDA graph disabled (eager prefill, decode graphs kept)", spec.BACKEND_NAME)
+    declare_resolution(
+        server_args,
+        "triton_sparse_mla.disable_prefill_cuda_graph",
+        cuda_graph_config=with_phase(cfg.cuda_graph_config, Phase.PREFILL, backend=Backend.DISABLED),
+    )
+
+
+def validate(server_args, previous) -> None:
+    """After SGLang's own validations: fail at start-up on what we cannot serve."""
+    from sglang.srt.arg_groups.overrides import model_config_of, resolved_view
+    from sglang.srt.configs.model_config import get_dsa_index_kpool, is_deepseek_dsa
+
+    previous(server_args)
+    view = resolved_view(server_args)
+    if not _selected(view):
+        return
+    spec.check_attention_backends(*_backends(view))
+    hf_config = model_config_of(view).hf_config
+    spec.check_hf_config(hf_config, is_dsa=is_deepseek_dsa(hf_config), index_kpool=get_dsa_index_kpool(hf_config))
+    spec.check_page_size(view.page_size)
+    spec.check_kv_cache_dtype(view.kv_cache_dtype)
+    spec.check_parallelism(
+        dcp_size=view.dcp_size,
+        attn_cp_size=view.attn_cp_size,
+        two_batch_overlap=view.enable_two_batch_overlap,
+    )
+    spec.check_speculative(view.speculative_eagle_topk)
+    if view.enable_hisparse:
+        raise spec.UnsupportedConfiguration(f"{spec.BACKEND_NAME} does not support HiSparse; drop --enable-hisparse")
+
+
+def install() -> None:
+    """Register the hooks once per process (cheap: the targets are already imported by SGLang's CLI)."""
+    global _installed
+    if _installed:
+        return
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(_DSA_SPLIT_BACKEND_PASS, skip_dsa_kernel_selection, HookType.AROUND)
+    register_resolution_hook("disable_prefill_cuda_graph_for_deepseek_trtllm_mla")(disable_prefill_cuda_graph)
+    register_resolution_hook("handle_other_validations")(validate)
+    _installed = True

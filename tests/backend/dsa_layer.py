@@ -1,0 +1,91 @@
+"""Pure-torch pieces of a tiny DSA layer shared by the backend tests (no SGLang).
+
+:class:`StubIndexer` carries the attributes of SGLang's ``Indexer`` module
+that :mod:`sglang_sparse_mla.backend.indexer` reads, so the indexer pipeline
+can run where SGLang is not installed (e.g. on a GPU machine); the SGLang
+tests use the real module. :func:`check_topk_rows` is the fp64 top-k check
+both use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_sparse_mla.backend import dispatch
+from sglang_sparse_mla.backend.indexer import project
+
+
+class NeoxRope(torch.nn.Module):
+    """Rotary embedding stand-in (SGLang's CPU build needs vLLM): neox rotation in torch."""
+
+    def __init__(self, dim: int = 64, base: float = 10000.0):
+        super().__init__()
+        self.inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+    def forward(self, positions, q, k):
+        angle = positions.double()[:, None] * self.inv_freq.to(positions.device)
+        cos, sin = angle.cos(), angle.sin()
+
+        def rotate(x, c, s):
+            x1, x2 = x.double().chunk(2, dim=-1)
+            return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).to(x.dtype)
+
+        return rotate(q, cos[:, None], sin[:, None]), rotate(k, cos, sin)
+
+
+class _Linear(torch.nn.Linear):
+    """SGLang's linear layers return ``(output, bias)``."""
+
+    def forward(self, x):
+        return super().forward(x), None
+
+
+class StubIndexer(torch.nn.Module):
+    """What the backend's indexer forward reads of SGLang's ``Indexer`` module."""
+
+    def __init__(self, hidden: int, q_lora_rank: int, n_heads: int, device, seed: int = 0):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_head_dim = n_heads, 128, 64
+        self.softmax_scale = self.head_dim**-0.5
+        self.scale_fmt = "ue8m0"
+        self.wq_b = _Linear(q_lora_rank, n_heads * 128, bias=False)
+        self.wk = _Linear(hidden, 128, bias=False)
+        self.weights_proj = _Linear(hidden, n_heads, bias=False)
+        self.k_norm = torch.nn.LayerNorm(128)
+        self.rotary_emb = NeoxRope()
+        gen = torch.Generator().manual_seed(seed)
+        for linear in (self.wq_b, self.wk, self.weights_proj):
+            linear.weight.data = torch.randn(linear.weight.shape, generator=gen) * linear.weight.shape[1] ** -0.5
+        self.to(device, torch.bfloat16)
+        self.k_norm.float()
+
+
+def index_scores(indexer, x: torch.Tensor, q_lora: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """fp64 index scores ``[len(rows), L]`` of query positions ``rows`` over a request's ``L`` keys.
+
+    Computed from the same FP8 codes and scales the kernels read (the check is
+    of the kernels and plumbing, not of FP8 rounding).
+    """
+    q, k, gate = project(indexer, x, q_lora, torch.arange(x.shape[0], device=x.device))
+    q_fp8, q_scale = dispatch.quantize_fp8_rows(q[rows], True)
+    k_fp8, k_scale = dispatch.quantize_fp8_rows(k, True)
+    dots = torch.einsum("thd,nd->thn", q_fp8.double(), k_fp8.double()).relu()
+    weights = gate[rows].double() * (indexer.n_heads**-0.5 * indexer.softmax_scale) * q_scale.double()
+    return ((dots * weights[..., None]).sum(1) * k_scale.double()).cpu()
+
+
+def check_topk_row(row: list[int], position_of: dict[int, int], scores: torch.Tensor, pos: int, k: int) -> list[int]:
+    """Assert a row of slots is the top-k of ``scores[: pos + 1]``; return its positions.
+
+    ``-1`` pads the tail, slots are the request's own, distinct and causal.
+    """
+    chosen = [position_of[s] for s in row if s >= 0]
+    assert row[len(chosen) :] == [-1] * (len(row) - len(chosen)), "-1 padding after the slots"
+    assert len(set(chosen)) == len(chosen) == min(k, pos + 1)
+    assert max(chosen) <= pos, "a token may only see its own prefix"
+    visible = scores[: pos + 1]
+    rest = torch.ones(pos + 1, dtype=torch.bool)
+    rest[chosen] = False
+    if rest.any():
+        assert visible[chosen].min() >= visible[rest].max() - 1e-2 * visible.abs().max()
+    return sorted(chosen)

@@ -1,0 +1,97 @@
+"""Kernel dispatch helpers: cache writes in SGLang's layouts, index-K pages, FP8 rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_sparse_mla.backend import dispatch
+from sglang_sparse_mla.kernels import quantize_kv_fp8
+
+PAGE, ROW = 64, 132
+
+
+def test_store_kv_bf16_and_fp8_rows():
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(5, 576, generator=gen).bfloat16()
+    loc = torch.tensor([3, 64, 65, 9, 130])
+
+    bf16 = torch.zeros(200, 1, 576, dtype=torch.bfloat16)
+    dispatch.store_kv(bf16, loc, rows.view(5, 1, 576))
+    assert torch.equal(bf16[loc, 0], rows)
+    assert bf16[torch.tensor([0, 4, 66])].abs().sum() == 0
+
+    # SGLang's FP8 DSA pool stores uint8 rows and hands out float8 views of them.
+    fp8 = torch.zeros(200, 1, 656, dtype=torch.uint8)
+    dispatch.store_kv(fp8.view(torch.float8_e4m3fn), loc, rows)
+    assert torch.equal(fp8[loc, 0], quantize_kv_fp8(rows))
+    assert fp8[torch.tensor([0, 4, 66])].sum() == 0
+
+
+def test_index_k_page_layout_and_roundtrip():
+    gen = torch.Generator().manual_seed(2)
+    buf = torch.zeros(4, PAGE * ROW, dtype=torch.uint8)
+    key = torch.randn(3, 128, generator=gen)
+    codes, scale = dispatch.quantize_fp8_rows(key, power_of_two_scale=True)
+    loc = torch.tensor([1, 64 + 63, 3 * 64])
+    dispatch.store_index_k(buf, loc, codes, scale)
+
+    for i, slot in enumerate(loc.tolist()):
+        page, off = divmod(slot, PAGE)
+        assert torch.equal(buf[page, off * 128 : off * 128 + 128], codes[i].view(torch.uint8))
+        got_scale = buf[page, PAGE * 128 + off * 4 : PAGE * 128 + off * 4 + 4].view(torch.float32)
+        assert got_scale.item() == scale[i].item()
+    k_fp8, k_scale = dispatch.gather_index_k(buf, loc)
+    assert torch.equal(k_fp8.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(k_scale, scale)
+
+
+def test_index_k_layout_matches_sglang_writer():
+    """Our writer and SGLang's own index-K store kernel produce identical pages."""
+    pytest.importorskip("sglang.srt")
+    from sglang.kernels.ops.kvcache.dsa_index_k_cache import _set_k_and_s_triton
+
+    gen = torch.Generator().manual_seed(3)
+    codes, scale = dispatch.quantize_fp8_rows(torch.randn(6, 128, generator=gen), True)
+    loc = torch.tensor([0, 5, 63, 64, 150, 255])
+    ours = torch.zeros(4, PAGE * ROW, dtype=torch.uint8)
+    theirs = torch.zeros_like(ours)
+    dispatch.store_index_k(ours, loc, codes, scale)
+    _set_k_and_s_triton(buf=theirs, loc=loc, index_k=codes, index_k_scale=scale.view(-1, 1), page_size=PAGE)
+    assert torch.equal(ours, theirs)
+
+
+def test_quantize_fp8_rows_scales():
+    x = torch.tensor([[0.5, -3.0] + [0.0] * 126, [1e-9] * 128])
+    codes, scale = dispatch.quantize_fp8_rows(x, power_of_two_scale=False)
+    assert scale[0].item() == pytest.approx(3.0 / 448)
+    assert (codes.float() * scale[:, None] - x).abs().max() < 0.1
+    _, p2 = dispatch.quantize_fp8_rows(x, power_of_two_scale=True)
+    assert torch.equal(p2, torch.exp2(torch.round(torch.log2(p2))))
+    assert (p2 >= scale).all() and (p2 < 2 * scale).all()
+
+
+def test_hadamard_rotation_is_orthonormal():
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 3, 128, generator=gen, dtype=torch.float64)
+    h = dispatch.hadamard_rotate(torch.eye(128, dtype=torch.float64))
+    assert torch.allclose(h @ h.T, torch.eye(128, dtype=torch.float64), atol=1e-12)
+    rq, rk = dispatch.hadamard_rotate(q), dispatch.hadamard_rotate(k)
+    assert torch.allclose((rq * rk).sum(-1), (q * k).sum(-1), atol=1e-10)
+
+
+def test_fp8_row_layout_matches_sglang_quantizer():
+    """SGLang's FP8 DSA KV quantizer lays rows out as ours: same scales, same rope bytes.
+
+    (Its e4m3 codes are not compared: Triton's CPU interpreter rounds its
+    in-kernel float8 conversion differently from a GPU.)
+    """
+    pytest.importorskip("sglang.srt")
+    from sglang.kernels.ops.quantization.dsa_quant_k_cache import quantize_k_cache_separate
+
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randn(4, 576, generator=gen).bfloat16()
+    nope, rope = quantize_k_cache_separate(rows[:, :512], rows[:, 512:])
+    theirs = torch.cat([nope.view(4, -1), rope.view(4, -1)], 1)
+    ours = quantize_kv_fp8(rows)
+    assert theirs.shape == ours.shape == (4, 656)
+    assert torch.equal(theirs[:, 512:], ours[:, 512:])

@@ -1,0 +1,102 @@
+"""The backend's pure-torch path end to end, on the test target (no SGLang needed).
+
+Metadata (:mod:`~sglang_sparse_mla.backend.metadata`) -> indexer
+(:mod:`~sglang_sparse_mla.backend.indexer`, :class:`StubIndexer` weights) ->
+KV write and sparse MLA (:mod:`~sglang_sparse_mla.backend.dispatch`), on plain
+tensors laid out like SGLang's pools: latent KV ``[slots, 1, D]``, index-K
+pages ``[pages, 64 * 132]`` and ``req_to_token``. On a GPU it runs at DSA
+sizes (index_topk 2048, 64 index heads, 128 query heads, thousands of
+positions); under the interpreter at tiny ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import relative_error
+from dsa_layer import StubIndexer, check_topk_row, index_scores
+
+from sglang_sparse_mla.backend import dispatch
+from sglang_sparse_mla.backend.indexer import SparseIndexer
+from sglang_sparse_mla.backend.metadata import build_paged, build_ragged
+from sglang_sparse_mla.kernels import quantize_kv_fp8
+from sglang_sparse_mla.kernels.reference import sparse_mla_reference
+
+PAGE = 64
+CPU = dict(topk=16, index_heads=32, heads=8, prompts=(90, 7), check_every=1)
+GPU = dict(topk=2048, index_heads=64, heads=128, prompts=(3000, 300), check_every=97)
+
+
+class Requests:
+    """Requests on shuffled pages of plain cache tensors, with their logical rows kept."""
+
+    def __init__(self, target, rng, prompts, fp8: bool):
+        self.device, self.rng, self.fp8 = target.device, rng, fp8
+        pages = sum(-(-(n + 1) // PAGE) for n in prompts) + 1
+        self.kv = torch.zeros(pages * PAGE, 1, 656 if fp8 else 576, device=self.device)
+        self.kv = self.kv.to(torch.uint8 if fp8 else torch.bfloat16)
+        self.index = torch.zeros(pages, PAGE * 132, dtype=torch.uint8, device=self.device)
+        self.req_to_token = torch.zeros(len(prompts), pages * PAGE, dtype=torch.int32, device=self.device)
+        free = (torch.randperm(pages - 1, generator=torch.Generator().manual_seed(0)) + 1).tolist()
+        self.slots = [[] for _ in prompts]
+        for r, n in enumerate(prompts):
+            for pos in range(n + 1):
+                page = free.pop() if pos % PAGE == 0 else self.slots[r][-1] // PAGE
+                self.slots[r].append(page * PAGE + pos % PAGE)
+            self.req_to_token[r, : n + 1] = torch.tensor(self.slots[r], dtype=torch.int32)
+        self.rows = [self.randn(n + 1, 576) for n in prompts]
+        self.x = [self.randn(n + 1, 64) for n in prompts]
+        self.q_lora = [self.randn(n + 1, 32) for n in prompts]
+
+    def randn(self, *shape):
+        return torch.randn(*shape, generator=self.rng, device=self.device).bfloat16()
+
+    def tensor(self, data, dtype=torch.int64):
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+
+def run_layer(reqs: Requests, sizes, md, spans, heads):
+    """Indexer then attention for the query positions ``spans[r] = (first, last + 1)`` of each request."""
+    topk = sizes["topk"]
+    indexer = StubIndexer(64, 32, sizes["index_heads"], reqs.device)
+    cat = lambda parts: torch.cat([p[a:b] for p, (a, b) in zip(parts, spans, strict=True)])  # noqa: E731
+    loc = reqs.tensor([s for slots, (a, b) in zip(reqs.slots, spans, strict=True) for s in slots[a:b]])
+    positions = reqs.tensor([p for a, b in spans for p in range(a, b)])
+    slots = SparseIndexer(topk, reqs.req_to_token)(
+        indexer, cat(reqs.x), cat(reqs.q_lora), positions, loc, reqs.index, md
+    )
+    q = reqs.randn(slots.shape[0], heads, 576)
+    dispatch.store_kv(reqs.kv, loc, cat(reqs.rows))
+    out = dispatch.sparse_attention(q, reqs.kv, slots, 192**-0.5, decode=md.is_paged)
+
+    logical = torch.cat(reqs.rows)
+    offsets = [sum(len(s) for s in reqs.slots[:r]) for r in range(len(spans))]
+    ref_idx = torch.full_like(slots, -1)
+    t = 0
+    for r, (a, b) in enumerate(spans):
+        position_of = {s: p for p, s in enumerate(reqs.slots[r])}
+        checked = torch.arange(a, b, device=reqs.device)[:: sizes["check_every"]]
+        scores = index_scores(indexer, reqs.x[r][:b], reqs.q_lora[r][:b], checked)
+        for i, pos in enumerate(checked.tolist()):
+            check_topk_row(slots[t + pos - a].tolist(), position_of, scores[i], pos, topk)
+        for _ in range(a, b):
+            chosen = [position_of[s] for s in slots[t].tolist() if s >= 0]
+            ref_idx[t, : len(chosen)] = reqs.tensor(chosen, torch.int32) + offsets[r]
+            t += 1
+    ref, _ = sparse_mla_reference(q, quantize_kv_fp8(logical) if reqs.fp8 else logical, ref_idx, 192**-0.5)
+    assert relative_error(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_prefill_then_decode(target, rng, fp8):
+    sizes = target.pick(cpu=CPU, gpu=GPU)
+    prompts = sizes["prompts"]
+    reqs = Requests(target, rng, prompts, fp8)
+    rpi = reqs.tensor(list(range(len(prompts))))
+
+    kv_total = reqs.tensor(list(prompts), torch.int32)
+    extend = build_ragged(reqs.req_to_token, rpi, kv_total, kv_total, list(prompts), list(prompts), 2**27)
+    run_layer(reqs, sizes, extend, [(0, n) for n in prompts], sizes["heads"])
+
+    decode = build_paged(reqs.req_to_token, rpi, kv_total + 1, 1, max(prompts) + 1)
+    run_layer(reqs, sizes, decode, [(n, n + 1) for n in prompts], sizes["heads"])

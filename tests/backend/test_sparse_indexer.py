@@ -1,0 +1,136 @@
+"""A tiny DSA layer end to end: SGLang's ``Indexer`` routed to our kernels, then attention.
+
+The layer makes the model's two calls: ``Indexer.forward_cuda`` (hooked by
+:mod:`sglang_sparse_mla.scheduler_hooks`) returns top-k KV slots, which go to
+``RadixAttention`` as ``topk_indices``. Checks: every row selects the top-k of
+the fp64 index scores among the positions it may see, as KV slots the request
+owns; a radix-cache hit reuses the cached index keys and matches a full
+recompute; decode and MTP verify take the paged path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("sglang.srt")
+
+from conftest import relative_error  # noqa: E402
+from dsa_world import HEADS, TOPK, DSAWorld, TinyDSALayer, make_indexer, sglang_config  # noqa: E402,F401
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+
+from sglang_sparse_mla.backend import dispatch  # noqa: E402
+
+
+@pytest.fixture
+def layer(sglang_config, monkeypatch):
+    world = DSAWorld(num_heads=HEADS, index_topk=TOPK)
+    return TinyDSALayer(world, make_indexer(monkeypatch))
+
+
+def extend(layer: TinyDSALayer, reqs, counts):
+    w = layer.world
+    inputs = [layer.tokens(r, n) for r, n in zip(reqs, counts, strict=True)]
+    rows = [w.random(n, 576) for n in counts]
+    fb = w.extend_batch(reqs, rows)
+    w.backend.init_forward_metadata(fb)
+    q = w.random(sum(counts), HEADS, 576)
+    x = torch.cat([i[0] for i in inputs])
+    q_lora = torch.cat([i[1] for i in inputs])
+    slots, out = layer.forward(fb, x, q_lora, q, torch.cat(rows))
+    return fb, q, slots, out
+
+
+@pytest.mark.parametrize("budget_bytes", [None, 4 * 30 * 80], ids=["one_chunk", "chunked"])
+def test_extend_selects_topk_and_attends(layer, monkeypatch, budget_bytes):
+    if budget_bytes is not None:  # split the 80-token request by rows, the 6-token one apart
+        monkeypatch.setattr(dispatch, "RAGGED_LOGITS_BUDGET_BYTES", budget_bytes)
+    reqs = [layer.world.new_request() for _ in range(2)]
+    fb, q, slots, out = extend(layer, reqs, [80, 6])
+    assert len(layer.world.backend.forward_metadata.chunks) == (1 if budget_bytes is None else 4)
+    positions = layer.check_topk(reqs, [80, 6], slots)
+    assert relative_error(out, layer.world.reference(reqs, [80, 6], q, positions)) < 1e-2
+
+
+def test_prefix_hit_reuses_index_keys(layer):
+    w = layer.world
+    donor = w.new_request()
+    extend(layer, [donor], [70])
+    index_k = w.pool.get_index_k_with_scale_buffer(0)
+    donor_page = index_k[donor.slots[0] // 64].clone()
+
+    hit = w.new_request(shared_prefix=donor, prefix_len=64)
+    layer.share_prefix(hit, donor, 64)
+    tail_x, tail_q_lora = layer.tokens(hit, 10)
+    tail_rows, q_tail = w.random(10, 576), w.random(10, HEADS, 576)
+    fb = w.extend_batch([hit], [tail_rows])
+    w.backend.init_forward_metadata(fb)
+    hit_slots, hit_out = layer.forward(fb, tail_x, tail_q_lora, q_tail, tail_rows)
+    hit_positions = layer.check_topk([hit], [10], hit_slots)
+    assert torch.equal(index_k[donor.slots[0] // 64], donor_page), "the prefix's index keys are reused, not rewritten"
+
+    fresh = w.new_request()
+    layer.x[fresh.pool_index] = layer.x[hit.pool_index].clone()
+    layer.q_lora[fresh.pool_index] = layer.q_lora[hit.pool_index].clone()
+    rows = torch.cat([donor.rows[:64], tail_rows])
+    fb = w.extend_batch([fresh], [rows])
+    w.backend.init_forward_metadata(fb)
+    q = torch.cat([w.random(64, HEADS, 576), q_tail])
+    fresh_slots, fresh_out = layer.forward(fb, layer.x[fresh.pool_index], layer.q_lora[fresh.pool_index], q, rows)
+    fresh_positions = layer.check_topk([fresh], [74], fresh_slots)[64:]
+
+    assert all(torch.equal(a, b) for a, b in zip(hit_positions, fresh_positions, strict=True))
+    assert relative_error(hit_out, fresh_out[64:]) < 1e-2
+
+
+@pytest.mark.parametrize("sglang_config", [{"speculative_num_draft_tokens": 2}], indirect=True)
+@pytest.mark.parametrize("mode", ["decode", "target_verify"])
+def test_paged_modes_select_topk(layer, mode):
+    w = layer.world
+    reqs = [w.new_request() for _ in range(2)]
+    extend(layer, reqs, [90, 20])
+    n = 1 if mode == "decode" else 2
+    inputs = [layer.tokens(r, n) for r in reqs]
+    rows = [w.random(n, 576) for _ in reqs]
+    fb = w.decode_batch(reqs, rows)
+    if mode == "target_verify":  # SGLang counts verify batches without their draft tokens
+        fb.forward_mode = ForwardMode.TARGET_VERIFY
+        fb.seq_lens = fb.seq_lens - n
+        fb.seq_lens_cpu = fb.seq_lens_cpu - n
+    w.backend.init_forward_metadata(fb)
+    assert w.backend.forward_metadata.is_paged
+    q = w.random(2 * n, HEADS, 576)
+    slots, out = layer.forward(
+        fb, torch.cat([i[0] for i in inputs]), torch.cat([i[1] for i in inputs]), q, torch.cat(rows)
+    )
+    positions = layer.check_topk(reqs, [n, n], slots)
+    assert relative_error(out, w.reference(reqs, [n, n], q, positions)) < 1e-2
+
+
+def test_index_share_layer_reuses_previous_topk(sglang_config, monkeypatch):
+    """GLM-5.2 IndexShare: a ``shared`` layer has no indexer (nor index-K pages) and attends
+    with the previous full layer's slots, carried by SGLang's ``IndexTopKShareState``."""
+    from sglang.srt.configs.model_config import dsa_layer_skips_topk
+    from sglang.srt.layers.attention.index_topk_share import IndexTopKShareState
+
+    world = DSAWorld(num_heads=HEADS, index_topk=TOPK, num_layers=2, skip_topk_layers=[False, True])
+    world.runner.model_config.hf_config.indexer_types = ["full", "shared"]
+    assert [dsa_layer_skips_topk(world.runner.model_config.hf_config, i) for i in (0, 1)] == [False, True]
+    assert world.pool.get_index_k_with_scale_buffer(1).shape[0] == 0
+    layer = TinyDSALayer(world, make_indexer(monkeypatch))
+
+    req = world.new_request()
+    x, q_lora = layer.tokens(req, 75)
+    rows = [world.random(75, 576) for _ in range(2)]  # each layer caches its own latent rows
+    fb = world.extend_batch([req], rows[:1])
+    world.backend.init_forward_metadata(fb)
+    share = IndexTopKShareState(fb, None)
+    q = [world.random(75, HEADS, 576) for _ in range(2)]
+    slots, out0 = layer.forward(fb, x, q_lora, q[0], rows[0])
+    share.update(slots)
+    out1 = world.attend(fb, q[1], rows[1], share.topk_indices, layer=1)
+
+    positions = layer.check_topk([req], [75], slots)
+    assert relative_error(out0, world.reference([req], [75], q[0], positions)) < 1e-2
+    req.rows = rows[1]  # what layer 1 holds at the same slots
+    assert relative_error(out1, world.reference([req], [75], q[1], positions)) < 1e-2

@@ -1,0 +1,129 @@
+"""Server-argument resolution with the plugin loaded: SGLang's real parser and pipeline.
+
+The machine has no GPU, so resolution runs with ``--device cpu`` and a faked
+compute capability (the DSA passes ask CUDA for it); the prefill CUDA-graph
+default is set to what SGLang picks on CUDA (breakable).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("sglang.srt")
+
+from sglang_sparse_mla.backend.spec import BACKEND_NAME, UnsupportedConfiguration  # noqa: E402
+
+DSA_CONFIG = {
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 1,
+    "q_lora_rank": 64,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "max_position_embeddings": 4096,
+    "index_topk": 2048,
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "torch_dtype": "bfloat16",
+}
+
+
+def model_dir(tmp_path, **changes) -> str:
+    config = {**DSA_CONFIG, **changes}
+    config = {k: v for k, v in config.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+@pytest.fixture
+def resolve(monkeypatch):
+    """``resolve(model_path, *flags, sm=90)`` -> the resolved view of SGLang's arguments."""
+    import sglang.srt.model_executor.cuda_graph_config as cuda_graph_config
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    load_plugins()
+    monkeypatch.setattr(cuda_graph_config, "default_prefill_backend", lambda: cuda_graph_config.Backend.BREAKABLE)
+
+    def run(path: str, *flags: str, sm: int = 90):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (sm // 10, sm % 10))
+        args = prepare_server_args(["--model-path", path, "--device", "cpu", "--skip-tokenizer-init", *flags])
+        args.resolve_once()
+        return resolved_view(args)
+
+    return run
+
+
+@pytest.mark.parametrize("sm,kv_dtype", [(80, "bfloat16"), (90, "bfloat16"), (100, "fp8_e4m3")])
+def test_dsa_model_keeps_our_backend_and_layouts(tmp_path, resolve, sm, kv_dtype):
+    view = resolve(model_dir(tmp_path), "--attention-backend", BACKEND_NAME, sm=sm)
+    assert view.attention_backend == BACKEND_NAME  # SGLang fills "dsa" only when unset
+    assert view.page_size == 64
+    assert view.kv_cache_dtype == kv_dtype  # SGLang's DSA default for the architecture
+    # No SGLang DSA kernel is selected, so an FP8 pool keeps the scaled 656-byte rows.
+    assert view.dsa_prefill_backend is None and view.dsa_decode_backend is None
+    assert view.cuda_graph_config.prefill.backend == "disabled"
+    assert view.cuda_graph_config.decode.backend == "full"
+
+
+def test_sglang_default_without_our_backend_is_untouched(tmp_path, resolve):
+    view = resolve(model_dir(tmp_path), "--attention-backend", "dsa", sm=100)
+    assert view.dsa_prefill_backend == view.dsa_decode_backend == "trtllm"
+    assert view.cuda_graph_config.prefill.backend == "breakable"
+
+
+def test_explicit_fp8_kv_cache_and_page_size(tmp_path, resolve):
+    flags = ["--attention-backend", BACKEND_NAME, "--kv-cache-dtype", "fp8_e4m3", "--page-size", "32"]
+    view = resolve(model_dir(tmp_path), *flags)
+    assert view.kv_cache_dtype == "fp8_e4m3" and view.page_size == 64
+
+
+@pytest.mark.parametrize(
+    "flags,flag_named",
+    [
+        (["--dsa-decode-backend", "flashmla_kv"], "--dsa-decode-backend"),
+        (["--cuda-graph-backend-prefill", "breakable"], "--cuda-graph-backend-prefill"),
+        (["--decode-attention-backend", "dsa"], "--attention-backend"),
+    ],
+)
+def test_conflicting_flags_fail_at_startup(tmp_path, resolve, flags, flag_named):
+    with pytest.raises(UnsupportedConfiguration, match=flag_named):
+        resolve(model_dir(tmp_path), "--attention-backend", BACKEND_NAME, *flags)
+
+
+def test_non_dsa_model_is_refused(tmp_path, resolve):
+    path = model_dir(tmp_path, architectures=["DeepseekV3ForCausalLM"], index_topk=None)
+    with pytest.raises(UnsupportedConfiguration, match="DeepSeek Sparse Attention"):
+        resolve(path, "--attention-backend", BACKEND_NAME)
+
+
+def test_fp8_pool_row_is_656_bytes_without_sglang_dsa_kernels():
+    """Why SGLang's DSA kernel choice is suppressed: ``trtllm`` would drop the FP8 scales."""
+    from sglang.srt.mem_cache.kv_cache_configurator import calculate_mla_kv_cache_dim
+    from sglang.srt.runtime_context import get_context
+    from transformers import DeepseekV3Config
+
+    model_config = type("ModelConfig", (), {})()
+    model_config.hf_config = DeepseekV3Config(architectures=["DeepseekV32ForCausalLM"], index_topk=2048)
+    model_config.kv_lora_rank, model_config.qk_rope_head_dim = 512, 64
+    for decode_backend, row in ((None, 656), ("trtllm", 576)):
+        with get_context().override_server_args(
+            attention_backend=BACKEND_NAME, kv_cache_dtype="fp8_e4m3", dsa_decode_backend=decode_backend
+        ):
+            assert calculate_mla_kv_cache_dim(model_config=model_config, kv_cache_dtype=torch.float8_e4m3fn) == row

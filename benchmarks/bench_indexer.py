@@ -9,9 +9,10 @@ Sections: paged decode logits (``fp8_paged_mqa_logits`` vs SGLang's
 ``torch.topk``). ``--sweep`` times every candidate configuration of our
 kernels instead of the default one (no baselines).
 
-Timing: ``triton.testing.do_bench`` (CUDA events, median after warm-up; it
-also flushes the L2 before every timed call), each call on the next of several
-input sets when one set is smaller than the L2. Counting conventions:
+Timing: ``timing.time_launches`` (one launch per input set, enough sets to
+exceed the L2 twice, captured in a CUDA graph and replayed; median replay over
+the number of launches), so that Python launch overhead does not count on
+short kernels. Counting conventions:
 
 * TFLOP/s counts ``2 * heads * 128`` flops per *valid* score only (positions
   inside each row's window / context; masked columns are free), for every
@@ -27,6 +28,7 @@ input sets when one set is smaller than the L2. Counting conventions:
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sglang_baselines  # noqa: E402
+from timing import time_launches  # noqa: E402
 
 from sglang_sparse_mla.kernels import fp8_mqa_logits, fp8_paged_mqa_logits, topk_indices  # noqa: E402
 from sglang_sparse_mla.kernels.device_info import device_info  # noqa: E402
@@ -77,14 +80,9 @@ def input_sets(make: Callable[[], dict], bytes_per_set: int) -> list[dict]:
 
 
 def bench(fn: Callable[[dict], object], sets: list[dict]) -> float:
-    """Median milliseconds of ``fn`` over the input sets, in rotation."""
-    state = {"i": 0}
-
-    def call():
-        fn(sets[state["i"] % len(sets)])
-        state["i"] += 1
-
-    return do_bench(call, warmup=10, rep=60, return_mode="median")
+    """Median milliseconds of ``fn`` per input set, the sets run in rotation
+    inside one CUDA graph (eagerly between events if capture fails)."""
+    return time_launches([functools.partial(fn, s) for s in sets], repeats=30, warmup=5).ms
 
 
 def try_bench(fn, sets) -> tuple[float | None, str | None]:
@@ -384,7 +382,7 @@ def main() -> None:
     print(f"# ceilings: copy {ceilings['copy_gbs']:.0f} GB/s ({ceilings['copy_source']}), "
           f"MMA {ceilings['mma_tflops']:.0f} TFLOP/s ({ceilings['mma_source']})")
     print("# TFLOP/s: 2*64*128 flops per valid score; GB/s: ideal bytes moved (see module doc); "
-          "times: do_bench median, L2 flushed, inputs rotated", flush=True)
+          "times: CUDA-graph replays over rotated input sets, median", flush=True)
 
     sections = {"paged": paged_section, "prefill": prefill_section, "topk": topk_section}
     records = []

@@ -26,7 +26,7 @@ for p in orjson==3.13.0 pybase64==1.5.1 starlette==1.10.0 anyio==4.16.0 sniffio 
     ipython_pygments_lexers==1.1.1 Pygments==2.21.0 aiohttp==3.14.5 multidict==7.2.1 yarl==1.25.1 \
     propcache==0.5.4 frozenlist==1.8.0 aiosignal==1.4.0 aiohappyeyeballs==2.7.1 attrs==26.1.0 \
     apache-tvm-ffi==0.1.15.post2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
-    typing-inspection==0.4.5; do
+    typing-inspection==0.4.5 dill==0.4.1; do
     get .stage/sgbase "$p"
 done
 

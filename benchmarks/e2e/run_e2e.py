@@ -1,0 +1,341 @@
+"""End-to-end GPU runs: the tiny DSA model served by SGLang, our backend against SGLang's own.
+
+    python benchmarks/e2e/run_e2e.py --out DIR [--configs ours,ours-no-radix,...] [--arch glm-5]
+    python benchmarks/e2e/run_e2e.py --out DIR --configs none --merge A.json B.json   (summary only, any machine)
+
+Each configuration is one ``python -m sglang.launch_server`` (CUDA graphs on)
+of the tiny model (:mod:`sglang_sparse_mla.tiny_model`, written to DIR) that
+runs the work its comparisons need, then stops. Results accumulate in
+DIR/results.json (so runs can be split over several calls of a warm machine,
+or merged from several files with --merge); DIR/summary.json and the printed
+summary compare whatever configurations are there. Server logs go to
+DIR/logs/; a failed start is recorded with its log tail and the next
+configuration runs.
+
+Configurations (CONFIGS):
+  ours           --attention-backend triton_sparse_mla, BF16 KV
+  ours-fp8       the same with --kv-cache-dtype fp8_e4m3
+  ours-no-radix  the same with --disable-radix-cache
+  ours-tp2       the same with --tp 2 (skipped with fewer than 2 GPUs)
+  dsa            --attention-backend dsa: SGLang's Hopper path (FlashMLA sparse
+                 prefill, FA3 decode, DeepGEMM indexer logits)
+  dsa-fp8        the same with --kv-cache-dtype fp8_e4m3 (FlashMLA FP8 KV)
+  fallback       SGLang's path for GPUs without FlashMLA/DeepGEMM: --attention-backend
+                 dsa --dsa-{prefill,decode}-backend tilelang, indexer logits in torch
+                 (SGLANG_FP8_PAGED_MQA_LOGITS_TORCH=1)
+
+Work (WORK):
+  radix       the shared prefix cached, then a batch of 8 requests sharing it plus 4
+              unrelated ones (greedy, top-2 logprobs)
+  one_by_one  the same 12 requests one at a time
+  teacher     teacher-forced per-token logprobs of 4 fixed token sequences (300..4000)
+  greedy      128 greedy tokens (top-2 logprobs) of 4 fixed prompts (100..3000 tokens)
+  soak        32 requests x 3000 decode steps (ignore EOS): every logprob finite
+  throughput  concurrency 1, 8, 32: 4 x concurrency (>= 8) requests of 1024 + 256 tokens
+
+Comparisons (summary): radix batch vs ours-no-radix one by one (greedy agreement,
+near-tie rule of sglang_sparse_mla.serving.workload); teacher-forced and greedy
+logprobs of ours vs dsa, ours vs fallback, ours-fp8 vs dsa-fp8 (limits
+--max-mean-diff / --max-diff) and ours-fp8 vs ours (reported); ours-tp2 vs ours
+greedy agreement; soak non-finite count; throughput table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sglang_sparse_mla.serving.client import Completion, flush_cache, generate
+from sglang_sparse_mla.serving.server import Server, ServerError
+from sglang_sparse_mla.serving.workload import (
+    DEFAULT_TIE_MARGIN,
+    compare_greedy,
+    logprob_difference,
+    shared_prefix_prompts,
+    token_prompts,
+    unrelated_prompts,
+)
+from sglang_sparse_mla.tiny_model import ARCHITECTURES, write_tiny_model
+
+OURS = ("--attention-backend", "triton_sparse_mla")
+DSA = ("--attention-backend", "dsa")
+FP8 = ("--kv-cache-dtype", "fp8_e4m3")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One server launch: its arguments, environment, work, GPUs and required modules."""
+
+    args: tuple[str, ...]
+    work: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    gpus: int = 1
+    modules: tuple[str, ...] = ()
+
+
+CONFIGS = {
+    "ours": Config(OURS, ("radix", "teacher", "greedy", "soak", "throughput")),
+    "ours-no-radix": Config((*OURS, "--disable-radix-cache"), ("one_by_one",)),
+    "ours-fp8": Config((*OURS, *FP8), ("teacher", "greedy", "throughput")),
+    "ours-tp2": Config((*OURS, "--tp", "2"), ("greedy",), gpus=2),
+    "dsa": Config(DSA, ("teacher", "greedy", "throughput"), modules=("flash_mla",)),
+    "dsa-fp8": Config((*DSA, *FP8), ("teacher", "greedy"), modules=("flash_mla",)),
+    "fallback": Config(
+        (*DSA, "--dsa-prefill-backend", "tilelang", "--dsa-decode-backend", "tilelang"),
+        ("teacher", "greedy", "throughput"),
+        env={"SGLANG_FP8_PAGED_MQA_LOGITS_TORCH": "1"},
+        modules=("tilelang",),
+    ),
+}
+# (a, b, limits apply): teacher-forced and greedy logprobs compared between configurations.
+LOGPROB_PAIRS = (
+    ("ours", "dsa", True),
+    ("ours", "fallback", True),
+    ("ours-fp8", "dsa-fp8", True),
+    ("ours-fp8", "ours", False),
+)
+
+RADIX_TOKENS = 48
+TEACHER_LENGTHS = [300, 1000, 2000, 4000]
+GREEDY_LENGTHS, GREEDY_TOKENS = [100, 600, 1500, 3000], 128
+SOAK_REQUESTS, SOAK_STEPS = 32, 3000
+CONCURRENCY, INPUT_TOKENS, OUTPUT_TOKENS = (1, 8, 32), 1024, 256
+
+
+def radix_prompts() -> list[str]:
+    return shared_prefix_prompts(8) + unrelated_prompts()
+
+
+def run_radix(url: str) -> dict:
+    prompts = radix_prompts()
+    generate(url, prompts[:1], 1)  # the shared prefix enters the radix cache
+    batch = generate(url, prompts, RADIX_TOKENS)
+    return {"completions": [c.to_json() for c in batch]}
+
+
+def run_one_by_one(url: str) -> dict:
+    completions = []
+    for prompt in radix_prompts():
+        flush_cache(url)
+        completions += generate(url, [prompt], RADIX_TOKENS)
+    return {"completions": [c.to_json() for c in completions]}
+
+
+def run_teacher(url: str) -> dict:
+    sequences = token_prompts(TEACHER_LENGTHS, seed=1)
+    return {"completions": [generate(url, [s], 1, input_logprobs=True)[0].to_json() for s in sequences]}
+
+
+def run_greedy(url: str) -> dict:
+    return {"completions": [c.to_json() for c in generate(url, token_prompts(GREEDY_LENGTHS, seed=2), GREEDY_TOKENS)]}
+
+
+def run_soak(url: str) -> dict:
+    prompts = token_prompts([64 + 14 * i for i in range(SOAK_REQUESTS)], seed=3)
+    start = time.perf_counter()
+    completions = generate(url, prompts, SOAK_STEPS, top_logprobs=0, ignore_eos=True, timeout=1800)
+    values = [v for c in completions for v in c.logprobs]
+    return {
+        "requests": len(completions),
+        "tokens": sum(len(c.output_ids) for c in completions),
+        "min_steps": min(len(c.output_ids) for c in completions),
+        "non_finite": sum(not math.isfinite(v) for v in values),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _timed_requests(url: str, prompts: list[list[int]], concurrency: int, tokens: int) -> dict:
+    def one(prompt):
+        start = time.perf_counter()
+        completion = generate(url, [prompt], tokens, logprobs=False, ignore_eos=True)[0]
+        return time.perf_counter() - start, len(completion.output_ids)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, prompts))
+    wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    output = sum(r[1] for r in results)
+    return {
+        "concurrency": concurrency,
+        "requests": len(prompts),
+        "seconds": wall,
+        "output_tokens": output,
+        "output_tok_per_s": output / wall,
+        "total_tok_per_s": (output + sum(len(p) for p in prompts)) / wall,
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p90_s": latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
+    }
+
+
+def run_throughput(url: str) -> dict:
+    levels = []
+    for concurrency in CONCURRENCY:
+        prompts = token_prompts([INPUT_TOKENS] * max(8, 4 * concurrency), seed=10 + concurrency)
+        _timed_requests(url, prompts[:concurrency], concurrency, 8)  # warm-up: compiles this batch size's kernels
+        levels.append(_timed_requests(url, prompts, concurrency, OUTPUT_TOKENS))
+    return {"levels": levels}
+
+
+WORK = {
+    "radix": run_radix,
+    "one_by_one": run_one_by_one,
+    "teacher": run_teacher,
+    "greedy": run_greedy,
+    "soak": run_soak,
+    "throughput": run_throughput,
+}
+
+
+def skip_reason(config: Config) -> str | None:
+    if torch.cuda.device_count() < config.gpus:
+        return f"needs {config.gpus} GPUs, {torch.cuda.device_count()} present"
+    missing = [m for m in config.modules if importlib.util.find_spec(m) is None]
+    return f"module(s) {', '.join(missing)} not installed (baselines tier)" if missing else None
+
+
+def run_config(name: str, model: Path, out: Path) -> dict:
+    """Launch one configuration, run its work (each step's failure recorded), stop it."""
+    config = CONFIGS[name]
+    reason = skip_reason(config)
+    if reason:
+        return {"skipped": reason}
+    result: dict = {"args": list(config.args), "env": config.env}
+    start = time.perf_counter()
+    server = Server(model, config.args, env=config.env, log_path=out / "logs" / f"{name}.log")
+    try:
+        with server:
+            result["startup_s"] = time.perf_counter() - start
+            for step in config.work:
+                try:
+                    result[step] = WORK[step](server.url)
+                except Exception as err:  # one step's failure must not hide the others' results
+                    result[step] = {"error": f"{type(err).__name__}: {err}"}
+    except ServerError as err:
+        result["error"] = str(err)
+    result["log_tail"] = server.log_tail(40)
+    return result
+
+
+def _completions(results: dict, config: str, step: str) -> list[Completion] | None:
+    data = results.get(config, {}).get(step)
+    if not isinstance(data, dict) or "completions" not in data:
+        return None
+    return [Completion(**c) for c in data["completions"]]
+
+
+def summarize(results: dict, tie_margin: float, max_mean: float, max_diff: float) -> dict:
+    """The comparisons of the module docstring over whatever results are present."""
+    summary: dict = {}
+    batch, single = _completions(results, "ours", "radix"), _completions(results, "ours-no-radix", "one_by_one")
+    if batch and single:
+        matches = [compare_greedy(b, s) for b, s in zip(batch, single, strict=True)]
+        summary["radix_vs_no_radix"] = {
+            "ok": all(m.agrees(tie_margin) for m in matches) and all(c.finite for c in batch + single),
+            "cached_tokens": [c.cached_tokens for c in batch],
+            "matches": [m.describe(tie_margin) for m in matches],
+        }
+    for a, b, limited in LOGPROB_PAIRS:
+        entry = {}
+        ta, tb = _completions(results, a, "teacher"), _completions(results, b, "teacher")
+        if ta and tb:
+            entry["teacher"] = [
+                logprob_difference(x.input_logprobs, y.input_logprobs) for x, y in zip(ta, tb, strict=True)
+            ]
+        ga, gb = _completions(results, a, "greedy"), _completions(results, b, "greedy")
+        if ga and gb:
+            matches = [compare_greedy(x, y) for x, y in zip(ga, gb, strict=True)]
+            entry["greedy"] = [m.describe(tie_margin) for m in matches]
+            entry["greedy_logprobs"] = [
+                logprob_difference(x.logprobs[: m.first_difference], y.logprobs[: m.first_difference])
+                for x, y, m in zip(ga, gb, matches, strict=True)
+            ]
+        if entry and limited:
+            stats = entry.get("teacher", []) + entry.get("greedy_logprobs", [])
+            entry["ok"] = all(s["mean_abs"] <= max_mean and s["max_abs"] <= max_diff for s in stats if s["n"])
+        if entry:
+            summary[f"{a}_vs_{b}"] = entry
+    tp2, tp1 = _completions(results, "ours-tp2", "greedy"), _completions(results, "ours", "greedy")
+    if tp2 and tp1:
+        matches = [compare_greedy(x, y) for x, y in zip(tp2, tp1, strict=True)]
+        summary["tp2_vs_tp1"] = {
+            "ok": all(m.agrees(tie_margin) for m in matches),
+            "matches": [m.describe(tie_margin) for m in matches],
+        }
+    for name, result in results.items():
+        soak = result.get("soak")
+        if isinstance(soak, dict) and "non_finite" in soak:
+            summary[f"soak_{name}"] = {"ok": soak["non_finite"] == 0 and soak["min_steps"] == SOAK_STEPS, **soak}
+        levels = (result.get("throughput") or {}).get("levels")
+        if levels:
+            summary.setdefault("throughput_output_tok_per_s", {})[name] = {
+                str(level["concurrency"]): round(level["output_tok_per_s"], 1) for level in levels
+            }
+        if "error" in result or "skipped" in result:
+            summary.setdefault("not_run", {})[name] = result.get("error", result.get("skipped"))[-400:]
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    for key, value in summary.items():
+        if key == "throughput_output_tok_per_s":
+            print("throughput (output tokens/s) by concurrency:")
+            for name, levels in value.items():
+                print(f"  {name:14s} " + "  ".join(f"c={c}: {v:9.1f}" for c, v in levels.items()))
+        elif key == "not_run":
+            for name, why in value.items():
+                print(f"not run: {name}: {why.splitlines()[0] if why else ''}")
+        else:
+            flag = {True: "ok  ", False: "FAIL"}.get(value.get("ok"), "info")
+            print(f"{flag} {key}: {json.dumps({k: v for k, v in value.items() if k != 'ok'})[:300]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--configs", default="ours,ours-no-radix,ours-fp8,dsa,dsa-fp8,fallback,ours-tp2",
+                        help="comma-separated names of CONFIGS, or 'none'")  # fmt: skip
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], help="more results.json files to include")
+    parser.add_argument("--tie-margin", type=float, default=DEFAULT_TIE_MARGIN)
+    parser.add_argument("--max-mean-diff", type=float, default=0.05, help="mean |logprob difference| limit")
+    parser.add_argument("--max-diff", type=float, default=0.5, help="max |logprob difference| limit")
+    args = parser.parse_args()
+    names = [] if args.configs == "none" else args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIGS)}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / "results.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    for extra in args.merge:
+        results.update(json.loads(extra.read_text()))
+    if names:
+        model = write_tiny_model(args.out / f"model-{args.arch}", args.arch, args.seed)
+        meta = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "arch": args.arch}
+        results["_meta"] = {**results.get("_meta", {}), **meta, "torch": torch.__version__}
+        for name in names:
+            print(f"=== {name}", flush=True)
+            results[name] = run_config(name, model, args.out)
+            store.write_text(json.dumps(results, indent=1))
+    configs = {k: v for k, v in results.items() if not k.startswith("_")}
+    summary = summarize(configs, args.tie_margin, args.max_mean_diff, args.max_diff)
+    (args.out / "summary.json").write_text(json.dumps({"meta": results.get("_meta", {}), **summary}, indent=1))
+    print_summary(summary)
+    sys.exit(0 if all(v.get("ok", True) for v in summary.values() if isinstance(v, dict) and "ok" in v) else 1)
+
+
+if __name__ == "__main__":
+    main()

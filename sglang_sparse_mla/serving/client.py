@@ -1,0 +1,112 @@
+"""SGLang's native HTTP API, with the standard library only.
+
+``/generate`` takes ``text`` or ``input_ids`` (one or a batch) and sampling
+parameters; with ``return_logprob`` its ``meta_info`` carries
+``output_token_logprobs`` (``[logprob, token_id, text]`` per generated
+token), ``output_top_logprobs`` (the ``top_logprobs_num`` best per step) and,
+from ``logprob_start_len`` on, ``input_token_logprobs``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def post_json(url: str, payload: dict, timeout: float = 600.0) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@dataclass
+class Completion:
+    """One request's answer: tokens, their log-probabilities and cache use."""
+
+    text: str
+    output_ids: list[int]
+    logprobs: list[float]
+    top2_margin: list[float] = field(default_factory=list)  # best minus second-best logprob per step
+    input_logprobs: list[float] = field(default_factory=list)  # teacher-forced, first position dropped
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    @classmethod
+    def from_response(cls, item: dict) -> Completion:
+        meta = item.get("meta_info", {})
+        tokens = meta.get("output_token_logprobs") or []
+        margins = []
+        for step in meta.get("output_top_logprobs") or []:
+            best = sorted((entry[0] for entry in step if entry and entry[0] is not None), reverse=True)
+            margins.append(best[0] - best[1] if len(best) > 1 else math.inf)
+        inputs = [entry[0] for entry in meta.get("input_token_logprobs") or [] if entry and entry[0] is not None]
+        output_ids = item.get("output_ids") or [entry[1] for entry in tokens]
+        return cls(
+            text=item.get("text", ""),
+            output_ids=list(output_ids),
+            logprobs=[float("nan") if entry[0] is None else entry[0] for entry in tokens],
+            top2_margin=margins,
+            input_logprobs=inputs,
+            prompt_tokens=meta.get("prompt_tokens", 0),
+            cached_tokens=meta.get("cached_tokens", 0),
+        )
+
+    @property
+    def finite(self) -> bool:
+        """Non-empty, and every returned log-probability is a finite number."""
+        values = self.logprobs + self.input_logprobs
+        return bool(self.output_ids) and all(math.isfinite(v) for v in values)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "text"} | {"text": self.text}
+
+
+def generate(
+    base_url: str,
+    prompts: list[str] | list[list[int]],
+    max_new_tokens: int,
+    *,
+    logprobs: bool = True,
+    top_logprobs: int = 2,
+    input_logprobs: bool = False,
+    ignore_eos: bool = False,
+    timeout: float = 900.0,
+) -> list[Completion]:
+    """Greedy completions of a batch of texts or token-id lists, sent as one ``/generate`` call.
+
+    ``logprobs`` asks for the generated tokens' log-probabilities (and the
+    ``top_logprobs`` best per step), ``input_logprobs`` also for every prompt
+    position (teacher forcing).
+    """
+    key = "text" if isinstance(prompts[0], str) else "input_ids"
+    payload = {
+        key: prompts,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos},
+        "return_logprob": logprobs or input_logprobs,
+    }
+    if logprobs and top_logprobs:
+        payload["top_logprobs_num"] = top_logprobs
+    if input_logprobs:
+        payload["logprob_start_len"] = 0
+    items = post_json(f"{base_url}/generate", payload, timeout)
+    return [Completion.from_response(item) for item in (items if isinstance(items, list) else [items])]
+
+
+def flush_cache(base_url: str, attempts: int = 20) -> None:
+    """Empty the radix cache; retried while the server still winds down the last requests."""
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{base_url}/flush_cache", method="POST"), timeout=60):
+                return
+        except urllib.error.HTTPError as err:
+            if err.code != 400:
+                raise
+        time.sleep(0.5)
+    raise RuntimeError(f"{base_url}/flush_cache kept refusing: requests still running")

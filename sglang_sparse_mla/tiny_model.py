@@ -1,0 +1,255 @@
+"""Seeded tiny DSA checkpoints for end-to-end serving tests.
+
+``python -m sglang_sparse_mla.tiny_model OUT_DIR [--arch deepseek-v3.2|glm-5] [--seed N]``
+
+writes a randomly initialised model of the real architecture, small enough to
+load in seconds, in the layout SGLang 0.5.23's DeepSeek loader consumes
+(``DeepseekV2WeightLoaderMixin.do_load_weights``: the Hugging Face names of
+the released checkpoints, bf16, one ``model.safetensors``):
+
+* ``deepseek-v3.2``: ``DeepseekV32ForCausalLM`` — MLA (kv_lora_rank 512,
+  qk_rope_head_dim 64), an indexer with 64 heads x 128 on every layer, YaRN
+  rope, grouped sigmoid routing (``noaux_tc``) with a shared expert;
+* ``glm-5``: ``GlmMoeDsaForCausalLM`` (``glm_moe_dsa``) — 32 index heads,
+  interleaved rope, and IndexShare (``indexer_types``): "shared" layers have
+  no indexer of their own and reuse the previous layer's top-k.
+
+Both have 4 layers (layer 0 dense, 1-3 MoE with 8 routed experts), 16 query
+heads and ``index_topk`` 256, so prompts of a few hundred tokens already make
+the attention sparse. Weights are drawn per tensor from ``(seed, name)``
+(independent of write order) with standard deviation ``fan_in ** -0.5`` and
+norms at 1, which keeps activations O(1) through the layers. A byte-level BPE
+tokenizer with a chat template is written beside them
+(:mod:`.tiny_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ARCHITECTURES = ("deepseek-v3.2", "glm-5")
+VOCAB_SIZE = 1024  # >= the tokenizer's vocabulary (see tiny_tokenizer.TARGET_VOCAB)
+MAX_POSITIONS = 8192
+
+_COMMON = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "q_lora_rank": 128,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 64,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 64,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "norm_topk_prob": True,
+    "index_topk": 256,
+    "index_head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": MAX_POSITIONS,
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "tie_word_embeddings": False,
+    "num_nextn_predict_layers": 0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "torch_dtype": "bfloat16",
+}
+
+_ARCH_CONFIGS = {
+    "deepseek-v3.2": {
+        "architectures": ["DeepseekV32ForCausalLM"],
+        "model_type": "deepseek_v32",
+        "index_n_heads": 64,
+        "n_group": 2,
+        "topk_group": 1,
+        "rope_theta": 10000.0,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 2.0,
+            "original_max_position_embeddings": MAX_POSITIONS // 2,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    },
+    "glm-5": {
+        "architectures": ["GlmMoeDsaForCausalLM"],
+        "model_type": "glm_moe_dsa",
+        "index_n_heads": 32,
+        "n_group": 1,
+        "topk_group": 1,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "rope_interleave": True,
+        "indexer_rope_interleave": True,
+        "indexer_types": ["full", "shared", "full", "shared"],
+        "pad_token_id": 1,
+    },
+}
+
+
+def tiny_config(arch: str = "deepseek-v3.2") -> dict:
+    """The ``config.json`` contents of the tiny model of ``arch`` (one of :data:`ARCHITECTURES`)."""
+    if arch not in _ARCH_CONFIGS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    return {**_COMMON, **_ARCH_CONFIGS[arch]}
+
+
+def is_moe_layer(config: dict, layer: int) -> bool:
+    """Whether ``layer`` has routed experts (DeepSeek's ``first_k_dense_replace`` rule)."""
+    return layer >= config["first_k_dense_replace"] and layer % config["moe_layer_freq"] == 0
+
+
+def has_indexer(config: dict, layer: int) -> bool:
+    """Whether ``layer`` runs its own indexer (IndexShare "shared" layers do not)."""
+    types = config.get("indexer_types")
+    return types is None or types[layer] != "shared"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One checkpoint tensor: shape, dtype and how it is initialised.
+
+    ``std`` > 0 draws ``N(0, std**2)``; ``std == 0`` fills ``fill``.
+    """
+
+    shape: tuple[int, ...]
+    std: float = 0.0
+    fill: float = 0.0
+    dtype: torch.dtype = torch.bfloat16
+
+
+def _linear(out_features: int, in_features: int, gain: float = 1.0) -> TensorSpec:
+    return TensorSpec((out_features, in_features), std=gain * in_features**-0.5)
+
+
+def _norm(width: int) -> TensorSpec:
+    return TensorSpec((width,), fill=1.0)
+
+
+def _mlp(prefix: str, hidden: int, inner: int) -> dict[str, TensorSpec]:
+    return {
+        f"{prefix}.gate_proj.weight": _linear(inner, hidden),
+        f"{prefix}.up_proj.weight": _linear(inner, hidden),
+        f"{prefix}.down_proj.weight": _linear(hidden, inner),
+    }
+
+
+def _attention(prefix: str, c: dict, layer: int) -> dict[str, TensorSpec]:
+    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    q_lora, kv_lora, rope = c["q_lora_rank"], c["kv_lora_rank"], c["qk_rope_head_dim"]
+    nope, v = c["qk_nope_head_dim"], c["v_head_dim"]
+    specs = {
+        f"{prefix}.q_a_proj.weight": _linear(q_lora, hidden),
+        f"{prefix}.q_a_layernorm.weight": _norm(q_lora),
+        f"{prefix}.q_b_proj.weight": _linear(heads * (nope + rope), q_lora),
+        f"{prefix}.kv_a_proj_with_mqa.weight": _linear(kv_lora + rope, hidden),
+        f"{prefix}.kv_a_layernorm.weight": _norm(kv_lora),
+        f"{prefix}.kv_b_proj.weight": _linear(heads * (nope + v), kv_lora),
+        f"{prefix}.o_proj.weight": _linear(hidden, heads * v),
+    }
+    if has_indexer(c, layer):
+        index_heads, index_dim = c["index_n_heads"], c["index_head_dim"]
+        specs |= {
+            f"{prefix}.indexer.wq_b.weight": _linear(index_heads * index_dim, q_lora),
+            f"{prefix}.indexer.wk.weight": _linear(index_dim, hidden),
+            f"{prefix}.indexer.k_norm.weight": _norm(index_dim),
+            f"{prefix}.indexer.k_norm.bias": TensorSpec((index_dim,)),
+            f"{prefix}.indexer.weights_proj.weight": _linear(index_heads, hidden),
+        }
+    return specs
+
+
+def _moe(prefix: str, c: dict) -> dict[str, TensorSpec]:
+    hidden, inner, experts = c["hidden_size"], c["moe_intermediate_size"], c["n_routed_experts"]
+    specs = {
+        f"{prefix}.gate.weight": _linear(experts, hidden),
+        f"{prefix}.gate.e_score_correction_bias": TensorSpec((experts,), std=0.02, dtype=torch.float32),
+    }
+    for e in range(experts):
+        specs |= _mlp(f"{prefix}.experts.{e}", hidden, inner)
+    return specs | _mlp(f"{prefix}.shared_experts", hidden, inner * c["n_shared_experts"])
+
+
+def checkpoint_spec(config: dict) -> dict[str, TensorSpec]:
+    """Every tensor of the checkpoint, by its Hugging Face name."""
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    specs = {"model.embed_tokens.weight": TensorSpec((vocab, hidden), std=1.0)}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        specs[f"{prefix}.input_layernorm.weight"] = _norm(hidden)
+        specs[f"{prefix}.post_attention_layernorm.weight"] = _norm(hidden)
+        specs |= _attention(f"{prefix}.self_attn", config, layer)
+        if is_moe_layer(config, layer):
+            specs |= _moe(f"{prefix}.mlp", config)
+        else:
+            specs |= _mlp(f"{prefix}.mlp", hidden, config["intermediate_size"])
+    specs["model.norm.weight"] = _norm(hidden)
+    # Logits with a standard deviation of about 2: a peaked, not flat, next-token distribution.
+    specs["lm_head.weight"] = _linear(vocab, hidden, gain=2.0)
+    return specs
+
+
+def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, each drawn from a generator seeded by ``(seed, name)``."""
+    tensors = {}
+    for name, spec in checkpoint_spec(config).items():
+        if spec.std > 0:
+            gen = torch.Generator().manual_seed(seed * 0x9E3779B1 + zlib.crc32(name.encode()))
+            value = torch.randn(spec.shape, generator=gen) * spec.std
+        else:
+            value = torch.full(spec.shape, spec.fill)
+        tensors[name] = value.to(spec.dtype)
+    return tensors
+
+
+def write_tiny_model(out_dir: str | Path, arch: str = "deepseek-v3.2", seed: int = 0) -> Path:
+    """Write config, generation config, weights and tokenizer of the tiny ``arch`` model; return the directory."""
+    from safetensors.torch import save_file
+
+    from .tiny_tokenizer import write_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(arch)
+    vocab = write_tokenizer(out, model_max_length=config["max_position_embeddings"])
+    if vocab > config["vocab_size"]:
+        raise RuntimeError(f"tokenizer has {vocab} tokens, more than the model's {config['vocab_size']}")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_file(random_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing)")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_tiny_model(args.out_dir, args.arch, args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The serving helpers that need no server: response parsing, greedy comparison, staging parts."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sglang_sparse_mla.serving.client import Completion
+from sglang_sparse_mla.serving.workload import (
+    compare_greedy,
+    logprob_difference,
+    shared_prefix_prompts,
+    token_prompts,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def response(ids, logprobs, top2, input_logprobs=None, cached=0):
+    """A ``/generate`` item as SGLang 0.5.23 returns it (``[logprob, token_id, text]`` entries)."""
+    meta = {
+        "prompt_tokens": 10,
+        "cached_tokens": cached,
+        "output_token_logprobs": [[lp, i, None] for lp, i in zip(logprobs, ids, strict=True)],
+        "output_top_logprobs": [[[a, 7, None], [b, 8, None]] for a, b in top2],
+    }
+    if input_logprobs is not None:
+        meta["input_token_logprobs"] = [[None, 0, None]] + [[lp, 1, None] for lp in input_logprobs]
+    return {"text": "x", "output_ids": ids, "meta_info": meta}
+
+
+def test_completion_from_response():
+    c = Completion.from_response(response([5, 6], [-0.5, -1.0], [(-0.5, -2.0), (-1.0, -1.05)], [-3.0, -4.0], 64))
+    assert c.output_ids == [5, 6] and c.logprobs == [-0.5, -1.0] and c.cached_tokens == 64
+    assert c.top2_margin == pytest.approx([1.5, 0.05]) and c.input_logprobs == [-3.0, -4.0] and c.finite
+    assert not Completion.from_response(response([5], [float("nan")], [(-1.0, -2.0)])).finite
+    assert not Completion.from_response(response([], [], [])).finite
+    assert Completion(**c.to_json()) == c
+
+
+def test_greedy_comparison_tolerates_near_ties_only():
+    a = Completion.from_response(response([1, 2, 3], [-1, -1, -1], [(-1, -2), (-1, -1.02), (-1, -3)]))
+    same = compare_greedy(a, a)
+    assert same.identical and same.agrees() and same.describe() == "identical (3 tokens)"
+    tie = compare_greedy(
+        a, Completion.from_response(response([1, 9, 3], [-1, -1, -1], [(-1, -2), (-1, -1.5), (-1, -3)]))
+    )
+    assert tie.first_difference == 1 and tie.margin == pytest.approx(0.02) and tie.agrees()
+    assert not tie.agrees(tie_margin=0.01) and tie.describe().startswith("near-tie at token 1")
+    real = compare_greedy(a, Completion.from_response(response([9, 2, 3], [-1, -1, -1], [(-1, -2)] * 3)))
+    assert not real.agrees() and real.describe().startswith("DIVERGED at token 0")
+
+
+def test_logprob_difference_and_prompts():
+    assert logprob_difference([-1.0, -2.0], [-1.5, -2.0, -9.0]) == {"n": 2, "max_abs": 0.5, "mean_abs": 0.25}
+    assert math.isnan(logprob_difference([float("nan")], [0.0])["max_abs"])
+    prompts = shared_prefix_prompts(3)
+    prefix = prompts[0][: prompts[0].index("Question")]
+    assert all(p.startswith(prefix) for p in prompts) and len(set(prompts)) == 3
+    assert token_prompts([4, 2], seed=1) == token_prompts([4, 2], seed=1) != token_prompts([4, 2], seed=2)
+
+
+def _load(name: str):
+    """A module of benchmarks/e2e (not a package) by file name."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "e2e" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage_parts_round_trip(tmp_path):
+    """pack (recompress, split, manifest) -> receive over two calls -> assemble: the same wheels."""
+    stage_parts = _load("stage_parts")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    contents = {}
+    for i in range(3):
+        name = f"pkg{i}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheels / name, "w") as z:
+            z.writestr(f"pkg{i}/__init__.py", "x = 1\n" * 5000)
+            z.writestr(f"pkg{i}/data.bin", random.Random(i).randbytes(700_000))  # incompressible
+        with zipfile.ZipFile(wheels / name) as z:
+            contents[name] = {n: z.read(n) for n in z.namelist()}
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    stage_parts.pack("core", wheels, stage, part_mib=1, jobs=1)
+    parts = sorted((stage / "parts").iterdir())
+    assert len(parts) >= 2 and all(p.stat().st_size <= 1 << 20 for p in parts)
+
+    store = tmp_path / "store"
+    for index, (call, still_missing) in enumerate(((parts[:1], len(parts) - 1), (parts[1:], 0))):
+        carried = tmp_path / f"call{index}"  # what one GPU call carries: the manifest and some parts
+        (carried / "parts").mkdir(parents=True)
+        (carried / "MANIFEST.tsv").write_bytes((stage / "MANIFEST.tsv").read_bytes())
+        for part in call:
+            (carried / "parts" / part.name).write_bytes(part.read_bytes())
+        stage_parts.receive(carried, store)
+        assert len(stage_parts.missing_parts(carried, store)["core"]) == still_missing
+    unpacked = stage_parts.assemble(stage, store, "core")
+    for name, members in contents.items():
+        with zipfile.ZipFile(unpacked / name) as z:
+            assert {n: z.read(n) for n in z.namelist()} == members
+            assert all(info.compress_type == zipfile.ZIP_LZMA for info in z.infolist())
+
+    (store / parts[0].name).write_bytes(b"corrupt")
+    (stage / "parts" / parts[0].name).write_bytes(b"corrupt")
+    with pytest.raises(SystemExit, match="SHA-256"):
+        stage_parts.receive(stage, store)
+
+
+def test_e2e_summary_of_recorded_results():
+    """run_e2e's comparisons over results as the GPU runs record them (no server needed)."""
+    run_e2e = _load("run_e2e")
+
+    def completions(ids_list, shift=0.0, input_logprobs=()):
+        items = [response(ids, [-1.0 - shift] * len(ids), [(-1.0, -1.5)] * len(ids)) for ids in ids_list]
+        out = [Completion.from_response(item).to_json() for item in items]
+        for c in out:
+            c["input_logprobs"] = [x + shift for x in input_logprobs]
+        return {"completions": out}
+
+    same = [[1, 2, 3], [4, 5]]
+    results = {
+        "ours": {
+            "radix": completions(same),
+            "teacher": completions(same, input_logprobs=(-2.0, -3.0)),
+            "greedy": completions(same),
+            "soak": {"requests": 32, "tokens": 96000, "min_steps": run_e2e.SOAK_STEPS, "non_finite": 0, "seconds": 9.0},
+            "throughput": {"levels": [{"concurrency": 1, "output_tok_per_s": 812.25}]},
+        },
+        "ours-no-radix": {"one_by_one": completions(same)},
+        "dsa": {"teacher": completions(same, 0.01, (-2.0, -3.0)), "greedy": completions([[1, 2, 3], [9, 5]])},
+        "fallback": {"error": "server exited with 1:\nModuleNotFoundError: tilelang"},
+    }
+    summary = run_e2e.summarize(results, tie_margin=0.1, max_mean=0.05, max_diff=0.5)
+    assert summary["radix_vs_no_radix"]["ok"]
+    assert summary["ours_vs_dsa"]["teacher"][0]["mean_abs"] == pytest.approx(0.01)
+    assert summary["ours_vs_dsa"]["greedy"][1].startswith("DIVERGED at token 0") and summary["ours_vs_dsa"]["ok"]
+    assert summary["soak_ours"]["ok"] and summary["throughput_output_tok_per_s"] == {"ours": {"1": 812.2}}
+    assert "tilelang" in summary["not_run"]["fallback"]
+    results["ours"]["soak"]["non_finite"] = 3
+    assert not run_e2e.summarize(results, 0.1, 0.05, 0.5)["soak_ours"]["ok"]

@@ -1,0 +1,202 @@
+"""The tiny DSA checkpoints: files, names and shapes SGLang loads, determinism, IndexShare, scale."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sglang_sparse_mla.tiny_model import ARCHITECTURES, checkpoint_spec, random_weights, tiny_config, write_tiny_model
+
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+needs_sglang = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed")
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def written(request, tmp_path_factory):
+    """``(arch, directory)`` of a model written once per architecture."""
+    return request.param, write_tiny_model(tmp_path_factory.mktemp(request.param), request.param, seed=0)
+
+
+def test_files_names_and_shapes(written):
+    from safetensors.torch import load_file
+
+    arch, path = written
+    config = json.loads((path / "config.json").read_text())
+    assert config == tiny_config(arch)
+    assert config["kv_lora_rank"] == 512 and config["qk_rope_head_dim"] == 64 and config["index_head_dim"] == 128
+    tensors = load_file(path / "model.safetensors")
+    spec = checkpoint_spec(config)
+    assert tensors.keys() == spec.keys()
+    for name, tensor in tensors.items():
+        assert tuple(tensor.shape) == spec[name].shape and tensor.dtype == spec[name].dtype, name
+        assert torch.isfinite(tensor.float()).all(), name
+    layers = range(config["num_hidden_layers"])
+    assert any(f"model.layers.{i}.mlp.gate_proj.weight" in tensors for i in layers)  # a dense layer
+    assert any(f"model.layers.{i}.mlp.experts.0.down_proj.weight" in tensors for i in layers)  # a MoE layer
+
+
+def test_tokenizer_loads_offline(written, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    arch, path = written
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    assert len(tokenizer) <= tiny_config(arch)["vocab_size"]
+    assert tokenizer.bos_token_id == 0 and tokenizer.eos_token_id == 1
+    text = "Sparse attention keeps the top tokens; unseen words still encode: Zürich 42!"
+    ids = tokenizer(text).input_ids
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids[1:]) == text
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert chat == "<|begin_of_text|><|user|>hi<|assistant|>"
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    config = tiny_config("glm-5")
+    first, again, other = random_weights(config, 3), random_weights(config, 3), random_weights(config, 4)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["lm_head.weight"], other["lm_head.weight"])
+    a, b = write_tiny_model(tmp_path / "a", "deepseek-v3.2", 5), write_tiny_model(tmp_path / "b", "deepseek-v3.2", 5)
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_glm5_has_shared_indexer_layers():
+    config = tiny_config("glm-5")
+    spec = checkpoint_spec(config)
+    shared = [i for i, kind in enumerate(config["indexer_types"]) if kind == "shared"]
+    assert shared and config["indexer_types"][0] == "full"
+    for i in range(config["num_hidden_layers"]):
+        has_indexer = f"model.layers.{i}.self_attn.indexer.wq_b.weight" in spec
+        assert has_indexer == (i not in shared)
+    assert all(kind == "full" for kind in tiny_config("deepseek-v3.2").get("indexer_types", ["full"]))
+
+
+def _rms_norm(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _mlp(w, prefix, x):
+    gate, up = x @ w[f"{prefix}.gate_proj.weight"].T, x @ w[f"{prefix}.up_proj.weight"].T
+    return (torch.nn.functional.silu(gate) * up) @ w[f"{prefix}.down_proj.weight"].T
+
+
+def _forward_scales(config, w, tokens):
+    """Hidden-state RMS after every layer and the logits of a float32 dense forward (no rope, no indexer:
+    with at most index_topk tokens the sparse attention sees every position)."""
+    c, h = config, config["num_attention_heads"]
+    nope, rope, v_dim = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    x = w["model.embed_tokens.weight"][tokens]
+    causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+    scales = []
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        a = _rms_norm(x, w[f"{p}.input_layernorm.weight"])
+        q_lora = _rms_norm(a @ w[f"{p}.self_attn.q_a_proj.weight"].T, w[f"{p}.self_attn.q_a_layernorm.weight"])
+        q = (q_lora @ w[f"{p}.self_attn.q_b_proj.weight"].T).view(-1, h, nope + rope)
+        latent, k_rope = (a @ w[f"{p}.self_attn.kv_a_proj_with_mqa.weight"].T).split([c["kv_lora_rank"], rope], -1)
+        kv = _rms_norm(latent, w[f"{p}.self_attn.kv_a_layernorm.weight"]) @ w[f"{p}.self_attn.kv_b_proj.weight"].T
+        k_nope, v = kv.view(-1, h, nope + v_dim).split([nope, v_dim], -1)
+        k = torch.cat([k_nope, k_rope[:, None].expand(-1, h, -1)], -1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * (nope + rope) ** -0.5
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + torch.einsum("hqk,khd->qhd", probs, v).reshape(len(tokens), -1) @ w[f"{p}.self_attn.o_proj.weight"].T
+        m = _rms_norm(x, w[f"{p}.post_attention_layernorm.weight"])
+        if f"{p}.mlp.gate.weight" not in w:
+            x = x + _mlp(w, f"{p}.mlp", m)
+        else:
+            affinity = torch.sigmoid(m @ w[f"{p}.mlp.gate.weight"].T)
+            chosen = (affinity + w[f"{p}.mlp.gate.e_score_correction_bias"]).topk(c["num_experts_per_tok"]).indices
+            gates = affinity.gather(1, chosen)
+            gates = gates / gates.sum(-1, keepdim=True) * c["routed_scaling_factor"]
+            routed = torch.stack([_mlp(w, f"{p}.mlp.experts.{e}", m) for e in range(c["n_routed_experts"])], 1)
+            x = x + (routed.gather(1, chosen[..., None].expand(-1, -1, x.shape[-1])) * gates[..., None]).sum(1)
+            x = x + _mlp(w, f"{p}.mlp.shared_experts", m)
+        scales.append(x.pow(2).mean().sqrt().item())
+    logits = _rms_norm(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
+    return scales, logits
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_activations_stay_order_one(arch):
+    config = tiny_config(arch)
+    weights = {k: v.float() for k, v in random_weights(config, 0).items()}
+    tokens = torch.randint(5, 800, (config["index_topk"],), generator=torch.Generator().manual_seed(0))
+    scales, logits = _forward_scales(config, weights, tokens)
+    assert all(0.3 < s < 10 for s in scales), scales
+    assert torch.isfinite(logits).all() and 0.5 < logits.std().item() < 8
+
+
+@needs_sglang
+def test_sglang_sees_a_dsa_model_for_our_backend(written):
+    from sglang.srt.configs.model_config import AttentionArch, ModelConfig, dsa_layer_skips_topk, is_deepseek_dsa
+
+    arch, path = written
+    model_config = ModelConfig(str(path))
+    hf_config = model_config.hf_config
+    assert is_deepseek_dsa(hf_config) and model_config.attention_arch == AttentionArch.MLA
+    assert (model_config.kv_lora_rank, model_config.qk_rope_head_dim, model_config.index_head_dim) == (512, 64, 128)
+    types = tiny_config(arch).get("indexer_types") or ["full"] * hf_config.num_hidden_layers
+    assert [dsa_layer_skips_topk(hf_config, i) for i in range(len(types))] == [t == "shared" for t in types]
+    from sglang.srt.utils.hf_transformers_utils import get_tokenizer
+
+    tokenizer = get_tokenizer(str(path))  # what the server's tokenizer manager loads
+    assert tokenizer.eos_token_id == 1 and tokenizer.chat_template and len(tokenizer) <= hf_config.vocab_size
+
+
+@needs_sglang
+def test_server_arguments_resolve_to_our_backend(written, monkeypatch):
+    import sglang.srt.model_executor.cuda_graph_config as cuda_graph_config
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    load_plugins()
+    monkeypatch.setattr(cuda_graph_config, "default_prefill_backend", lambda: cuda_graph_config.Backend.BREAKABLE)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    _, path = written
+    args = prepare_server_args(
+        ["--model-path", str(path), "--device", "cpu", "--attention-backend", "triton_sparse_mla"]
+    )
+    args.resolve_once()  # runs the plugin's start-up validation: DSA model, dims our kernels take
+    view = resolved_view(args)
+    assert view.attention_backend == "triton_sparse_mla" and view.page_size == 64
+
+
+@pytest.fixture(scope="module")
+def sglang_load_reports(tmp_path_factory) -> dict:
+    """``(arch, fused) -> report`` of tests/sglang_load_check.py, one subprocess for every model."""
+    paths = {arch: write_tiny_model(tmp_path_factory.mktemp(f"load-{arch}"), arch) for arch in ARCHITECTURES}
+    script = os.path.join(os.path.dirname(__file__), "sglang_load_check.py")
+    argv = [sys.executable, script, *map(str, paths.values())]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    reports = [json.loads(line[len("REPORT ") :]) for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert len(reports) == 2 * len(paths), proc.stdout[-2000:] + proc.stderr[-4000:]
+    arch_of = {str(path): arch for arch, path in paths.items()}
+    return {(arch_of[r["path"]], r["fused"]): r for r in reports}
+
+
+@needs_sglang
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("fused_indexer", [False, True], ids=["cpu_build", "cuda_build"])
+def test_sglang_model_class_loads_every_parameter(sglang_load_reports, arch, fused_indexer):
+    report = sglang_load_reports[arch, fused_indexer]
+    assert report["class"] == tiny_config(arch)["architectures"][0]
+    assert report["unfilled"] == [] and report["warnings"] == []
+    assert all(report["fused_checks"].values()), report["fused_checks"]
+    fused = any(name.endswith("indexer.wk_weights_proj.weight") for name in report["shapes"])
+    assert fused == (fused_indexer and arch == "glm-5")  # only an interleaved-rope indexer fuses on CUDA

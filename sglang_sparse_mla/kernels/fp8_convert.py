@@ -1,4 +1,4 @@
-"""FP8 (e4m3fn) to 16-bit conversion inside Triton kernels, on every arch.
+"""FP8 (e4m3fn) code conversion inside Triton kernels, on every arch.
 
 SM89 and newer convert float8_e4m3fn in hardware. SM80/86 have no FP8 at all
 (Triton refuses the type there), so the emulated path rebuilds the value from
@@ -15,20 +15,6 @@ import triton.language as tl
 
 # What the emulated conversion leaves out: multiply its result by this.
 EMULATED_FP8_FACTOR = 256.0
-
-
-@triton.jit
-def fp8_e4m3_to_bf16(raw, NATIVE: tl.constexpr):
-    """uint8 e4m3fn codes -> bfloat16.
-
-    With ``NATIVE`` the value itself; otherwise ``value / 256`` (see module doc).
-    """
-    if NATIVE:
-        return raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-    else:
-        bits = raw.to(tl.int16)
-        half_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
-        return half_bits.to(tl.float16, bitcast=True).to(tl.float32).to(tl.bfloat16)
 
 
 @triton.jit

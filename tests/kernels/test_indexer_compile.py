@@ -6,31 +6,17 @@ an SM90, and checks shared memory against the arch's opt-in limit and that
 ptxas spilled nothing. SM80/86 (and the forced path) compile the emulated FP8
 path (uint8 codes -> fp16 dots), the others native FP8 dots.
 
-The test session may run kernels through Triton's interpreter, whose kernels
-cannot be compiled, so the compilation runs in one child process with the
-interpreter off (``python tests/kernels/test_indexer_compile.py`` prints the
-reports as JSON), spread over the machine's cores.
+Compilation runs outside the interpreter through ``target_compile.compile_many``
+(one child process, spread over the machine's cores).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import subprocess
-import sys
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import pytest
-
-TESTS_DIR = Path(__file__).resolve().parent.parent
-REPO_ROOT = TESTS_DIR.parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
-
-from target_compile import SHARED_MEMORY_LIMIT, compile_for_target  # noqa: E402
+from target_compile import SHARED_MEMORY_LIMIT, CompileJob, compile_many
 
 RAGGED = "sglang_sparse_mla.kernels.fp8_mqa_logits"
 PAGED = "sglang_sparse_mla.kernels.fp8_paged_mqa_logits"
@@ -136,29 +122,22 @@ def compile_jobs() -> list[Job]:
     return jobs
 
 
-def _compile(job: Job) -> dict:
-    fn = getattr(importlib.import_module(job.module), job.function)
-    report = compile_for_target(
-        fn, job.signature, job.constexprs, job.capability, job.num_warps, job.num_stages, job.aligned
-    )
-    return {"target": job.target, "kernel": job.kernel, "label": job.label, "capability": job.capability, **asdict(report)}
-
-
-def _compile_all() -> list[dict]:
-    jobs = compile_jobs()
-    with ProcessPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8))) as pool:
-        return list(pool.map(_compile, jobs))
-
-
 @pytest.fixture(scope="module")
 def reports() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(TESTS_DIR), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, __file__], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900
+    jobs = compile_jobs()
+    compiled = compile_many(
+        [
+            CompileJob(f"{j.module}:{j.function}", j.signature, j.constexprs, j.capability, j.num_warps, j.num_stages, j.aligned)
+            for j in jobs
+        ]
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    for job, report in zip(jobs, compiled, strict=True):
+        assert report.error is None, f"{job.target} {job.kernel} {job.label}: {report.error}"
+    return [
+        {"target": j.target, "kernel": j.kernel, "label": j.label, "capability": j.capability,
+         "shared_bytes": r.shared_bytes, "registers": r.registers, "spill_bytes": r.spill_bytes}
+        for j, r in zip(jobs, compiled, strict=True)
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("target,kernel", CASES, ids=[f"{t}-{k}" for t, k in CASES])
@@ -171,6 +150,3 @@ def test_configs_fit(reports, target, kernel):
         assert r["shared_bytes"] <= limit, f"{what}: {r['shared_bytes']} B of shared memory > {limit}"
         assert r["spill_bytes"] == 0, f"{what}: {r['spill_bytes']} B spilled ({r['registers']} registers)"
 
-
-if __name__ == "__main__":
-    json.dump(_compile_all(), sys.stdout)

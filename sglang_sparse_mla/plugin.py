@@ -13,12 +13,21 @@ from .backend.spec import BACKEND_NAME
 
 
 def register() -> None:
-    """Add ``--attention-backend triton_sparse_mla`` and its backend factory."""
+    """Add ``--attention-backend triton_sparse_mla`` and its backend factory.
+
+    The backend is also listed among SGLang's deterministic-inference backends,
+    with the radix cache kept on: under ``--enable-deterministic-inference`` its
+    sparse MLA runs batch-invariant (see :mod:`.backend.attention_backend`).
+    """
     from sglang.srt.arg_groups.choices import (
         ATTENTION_BACKEND_CHOICES,
+        DETERMINISTIC_ATTENTION_BACKEND_CHOICES,
         DRAFT_ATTENTION_BACKEND_CHOICES,
+        RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND,
         add_attention_backend_choices,
+        add_deterministic_attention_backend_choices,
         add_draft_attention_backend_choices,
+        add_radix_supported_deterministic_attention_backend_choices,
     )
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
 
@@ -28,6 +37,10 @@ def register() -> None:
         add_attention_backend_choices([BACKEND_NAME])
     if BACKEND_NAME not in DRAFT_ATTENTION_BACKEND_CHOICES:
         add_draft_attention_backend_choices([BACKEND_NAME])
+    if BACKEND_NAME not in DETERMINISTIC_ATTENTION_BACKEND_CHOICES:
+        add_deterministic_attention_backend_choices([BACKEND_NAME])
+    if BACKEND_NAME not in RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND:
+        add_radix_supported_deterministic_attention_backend_choices([BACKEND_NAME])
     if BACKEND_NAME not in ATTENTION_BACKENDS:
         register_attention_backend(BACKEND_NAME)(create_backend)
     install_server_arg_hooks()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from sglang.srt.configs.model_config import get_dsa_index_kpool, get_dsa_index_topk, is_deepseek_dsa
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from sglang.srt.runtime_context import get_parallel, get_spec
+from sglang.srt.runtime_context import get_exec, get_parallel, get_spec
 
 from . import dispatch, spec
 from .indexer import SparseIndexer
@@ -54,6 +54,9 @@ class TritonSparseMLABackend(AttentionBackend):
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.kv_cache_dtype = model_runner.kv_cache_dtype
         self.index_topk = get_dsa_index_topk(hf_config)
+        # --enable-deterministic-inference: sparse MLA results independent of the batch
+        # (the indexer's logits and top-k already are).
+        self.batch_invariant = bool(get_exec().deterministic.enable_deterministic_inference)
         # Step i of MTP multi-step draft decoding decodes position seq_len + i.
         self.speculative_step_id = speculative_step_id
         self.indexer = SparseIndexer(self.index_topk, self.req_to_token)
@@ -206,6 +209,11 @@ class TritonSparseMLABackend(AttentionBackend):
         if save_kv_cache and k is not None:
             dispatch.store_kv(kv_buffer, forward_batch.out_cache_loc, k)
         out = dispatch.sparse_attention(
-            q.to(torch.bfloat16), kv_buffer, topk_indices[: q.shape[0]], layer.scaling, decode=decode
+            q.to(torch.bfloat16),
+            kv_buffer,
+            topk_indices[: q.shape[0]],
+            layer.scaling,
+            decode=decode,
+            batch_invariant=self.batch_invariant,
         )
         return out.to(q.dtype).view(-1, num_heads * layer.v_head_dim)

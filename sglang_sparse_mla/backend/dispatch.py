@@ -50,13 +50,18 @@ def sparse_attention(
     sm_scale: float,
     *,
     decode: bool,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
-    """``[T, H, 512]`` bf16 attention of ``q [T, H, 576]`` over its top-k slots."""
+    """``[T, H, 512]`` bf16 attention of ``q [T, H, 576]`` over its top-k slots.
+
+    ``batch_invariant``: each token's result independent of the batch (SGLang's
+    ``--enable-deterministic-inference``).
+    """
     rows = kv_buffer.view(kv_buffer.shape[0], -1)
     if rows.dtype not in (torch.bfloat16, torch.uint8):
         rows = rows.view(torch.uint8)
     fn = kernels.sparse_mla_decode if decode else kernels.sparse_mla_prefill
-    out, _ = fn(q, rows, topk_slots, sm_scale)
+    out, _ = fn(q, rows, topk_slots, sm_scale, batch_invariant=batch_invariant)
     return out
 
 

@@ -29,7 +29,7 @@ from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndi
 from .device_info import device_info, is_interpreter
 from .fp8_convert import EMULATED_FP8_FACTOR, fp8_e4m3_to_f32
 from .kv_cache_layout import D_LATENT, D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, as_slot_rows
-from .sparse_mla_configs import SparseMLAConfig, choose_num_kv_splits, select_config
+from .sparse_mla_configs import SparseMLAConfig, batch_invariant_num_kv_splits, choose_num_kv_splits, select_config
 
 _LOG2E = 1.4426950408889634
 # Column of the first scale word / bf16 rope value in an FP8 row's typed views.
@@ -351,6 +351,7 @@ def sparse_mla_forward(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     config: SparseMLAConfig | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA attention; see :func:`sparse_mla_decode` for the contract.
 
@@ -367,7 +368,9 @@ def sparse_mla_forward(
     info = device_info(q.device)
     cfg = config or select_config(num_heads, rows.is_fp8, info)
     head_blocks = triton.cdiv(num_heads, cfg.block_h)
-    if num_kv_splits is None:
+    if num_kv_splits is None and batch_invariant:
+        num_kv_splits = batch_invariant_num_kv_splits(topk)
+    elif num_kv_splits is None:
         num_kv_splits = choose_num_kv_splits(num_tokens * head_blocks, topk, cfg, info)
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
@@ -440,6 +443,7 @@ def sparse_mla_decode(
     *,
     d_v: int = D_LATENT,
     num_kv_splits: int | None = None,
+    batch_invariant: bool = False,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,8 +462,12 @@ def sparse_mla_decode(
         d_v: value width; must be 512 (V is the latent part of the row).
         num_kv_splits: ``None`` picks by occupancy (split the top-k list across
             programs and merge when ``T * ceil(H / block_h)`` leaves the GPU
-            idle); ``1`` forces the single pass, whose result for a token does
-            not depend on the rest of the batch (batch invariant).
+            idle), so a token's rounding can change with the batch size; an
+            explicit count (``1``: the single pass) fixes it.
+        batch_invariant: with ``num_kv_splits=None``, split by the top-k width
+            alone (one split per 512 entries): a token's result is then
+            bit-identical whatever batch it runs in, the property SGLang's
+            ``--enable-deterministic-inference`` needs.
         out, lse: optional preallocated results (``[T, H, 512]`` bf16, ``[T, H]``
             float32, last dim contiguous), e.g. the layer's attention output.
 
@@ -469,7 +477,9 @@ def sparse_mla_decode(
         scaled scores. A row with no valid index gives ``out = 0`` and
         ``lse = -inf`` (never NaN).
     """
-    return sparse_mla_forward(q, kv_cache, indices, sm_scale, d_v, num_kv_splits, out, lse)
+    return sparse_mla_forward(
+        q, kv_cache, indices, sm_scale, d_v, num_kv_splits, out, lse, batch_invariant=batch_invariant
+    )
 
 
 def sparse_mla_prefill(
@@ -479,6 +489,7 @@ def sparse_mla_prefill(
     sm_scale: float,
     *,
     d_v: int = D_LATENT,
+    batch_invariant: bool = False,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,6 +498,7 @@ def sparse_mla_prefill(
     Same arguments and results as :func:`sparse_mla_decode` with ``T`` the
     number of extend tokens; causality is encoded in ``indices`` (a token's
     top-k only lists slots it may see). Large ``T`` runs the single pass; a
-    short extend is split across the top-k list like a decode batch.
+    short extend is split across the top-k list like a decode batch, unless
+    ``batch_invariant`` fixes the split by the top-k width.
     """
-    return sparse_mla_forward(q, kv_cache, indices, sm_scale, d_v, None, out, lse)
+    return sparse_mla_forward(q, kv_cache, indices, sm_scale, d_v, None, out, lse, batch_invariant=batch_invariant)

@@ -83,6 +83,17 @@ def all_configs(info: DeviceInfo) -> list[tuple[bool, SparseMLAConfig]]:
     return list(found)
 
 
+# Batch-invariant mode: a fixed number of top-k entries per split, so the split of
+# a token's top-k list (and with it the rounding of its result) depends on the
+# top-k width alone, never on the batch around the token.
+BATCH_INVARIANT_KEYS_PER_SPLIT = 512
+
+
+def batch_invariant_num_kv_splits(topk: int) -> int:
+    """Splits of a ``topk``-wide list in batch-invariant mode: one per 512 entries."""
+    return max(1, -(-topk // BATCH_INVARIANT_KEYS_PER_SPLIT))
+
+
 def choose_num_kv_splits(programs: int, topk: int, config: SparseMLAConfig, info: DeviceInfo) -> int:
     """Split the top-k list so that the grid fills the GPU.
 

@@ -109,3 +109,31 @@ def test_lengths_shorter_than_topk(sglang_config):
     ref = world.reference(reqs, counts, q, positions)
     assert torch.isfinite(out).all()
     assert relative_error(out, ref) < TOL[False]
+
+
+def _decode_outputs(batch_size: int) -> torch.Tensor:
+    """Decode outputs of the first ``batch_size`` of six requests (same rows, same slots, any batch)."""
+    world = DSAWorld(num_heads=16, index_topk=512, max_context=1024, num_pages=64)
+    assert world.backend.batch_invariant
+    reqs = [world.new_request() for _ in range(6)]
+    for req, n in zip(reqs, (600, 530, 700, 520, 610, 560), strict=True):
+        world.cache(req, world.random(n, 576))
+    rows = [world.random(1, 576) for _ in reqs]
+    q = world.random(6, 16, 576)
+    fb = world.decode_batch(reqs[:batch_size], rows[:batch_size])
+    out, ref = run(world, fb, reqs[:batch_size], q[:batch_size], torch.cat(rows[:batch_size]))
+    assert relative_error(out, ref) < TOL[False]
+    return out
+
+
+@pytest.mark.parametrize("sglang_config", [{"enable_deterministic_inference": True}], indirect=True)
+def test_deterministic_inference_is_batch_invariant(sglang_config, target):
+    """``--enable-deterministic-inference``: a request decodes to the same bits alone or in a batch
+    (here the occupancy heuristic would split a lone token's top-k list differently)."""
+    from sglang_sparse_mla.kernels.device_info import device_info
+    from sglang_sparse_mla.kernels.sparse_mla_configs import choose_num_kv_splits, select_config
+
+    info = device_info(target.device)
+    cfg = select_config(16, False, info)
+    assert choose_num_kv_splits(1, 512, cfg, info) != choose_num_kv_splits(6, 512, cfg, info)
+    assert torch.equal(_decode_outputs(1)[0], _decode_outputs(6)[0])

@@ -22,24 +22,32 @@ def test_entry_point_is_declared():
 
 
 def test_load_plugins_registers_choice_factory_and_hooks():
-    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, DRAFT_ATTENTION_BACKEND_CHOICES
+    from sglang.srt.arg_groups.choices import (
+        ATTENTION_BACKEND_CHOICES,
+        DETERMINISTIC_ATTENTION_BACKEND_CHOICES,
+        DRAFT_ATTENTION_BACKEND_CHOICES,
+        RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND,
+    )
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.plugins import load_plugins
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     load_plugins()
     assert BACKEND_NAME in ATTENTION_BACKEND_CHOICES and BACKEND_NAME in DRAFT_ATTENTION_BACKEND_CHOICES
+    assert BACKEND_NAME in DETERMINISTIC_ATTENTION_BACKEND_CHOICES
+    assert BACKEND_NAME in RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND
     assert ATTENTION_BACKENDS[BACKEND_NAME] is plugin.create_backend
     assert "sglang.srt.arg_groups.overrides._dsa_split_backend_resolution" in HookRegistry._patched
 
 
 def test_register_is_idempotent():
-    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND
     from sglang.srt.arg_groups.resolution_hooks import _HOOKS
 
     for _ in range(3):
         plugin.register()
     assert ATTENTION_BACKEND_CHOICES.count(BACKEND_NAME) == 1
+    assert RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND.count(BACKEND_NAME) == 1
     for step in ("handle_other_validations", "disable_prefill_cuda_graph_for_deepseek_trtllm_mla"):
         ours = [fn for fn in _HOOKS[step] if fn.__module__.startswith("sglang_sparse_mla")]
         assert len(ours) == 1

@@ -160,3 +160,14 @@ def test_validation(target):
             call(**kw)
     with pytest.raises(ValueError, match="power of two"):
         call(config=MQALogitsConfig(block_n=48, tokens=2, num_warps=4, num_stages=2))
+
+
+def test_rows_are_batch_invariant(target, rng, arch_path):
+    """A token's logits alone equal, bit for bit, its row inside a larger batch."""
+    tokens, keys = target.pick(cpu=9, gpu=300), target.pick(cpu=300, gpu=8192)
+    q, k, k_scale, w = make_inputs(target, rng, tokens, keys)
+    ks, ke = causal_windows(target, rng, tokens, keys)
+    batch = fp8_mqa_logits(q, k, k_scale, w, ks, ke)
+    for t in (0, tokens // 2, tokens - 1):
+        one = fp8_mqa_logits(q[t : t + 1], k, k_scale, w[t : t + 1], ks[t : t + 1], ke[t : t + 1])
+        assert torch.equal(one[0], batch[t])

@@ -144,3 +144,15 @@ def test_validation(target):
     for message, kw in bad.items():
         with pytest.raises(ValueError, match=message):
             call(**kw)
+
+
+def test_rows_are_batch_invariant(target, rng, arch_path):
+    """A request's logits alone equal, bit for bit, its rows inside a larger batch."""
+    batch, max_blocks = target.pick(cpu=5, gpu=64), target.pick(cpu=4, gpu=64)
+    q, cache, w, context, block_table = make_case(target, rng, batch, 2, max_blocks)
+    max_len = max_blocks * 64
+    together = fp8_paged_mqa_logits(q, cache, w, context, block_table, max_len)
+    for b in (0, batch - 1):
+        rows = slice(2 * b, 2 * b + 2)
+        alone = fp8_paged_mqa_logits(q[b : b + 1], cache, w[rows], context[b : b + 1], block_table[b : b + 1], max_len)
+        assert torch.equal(alone, together[rows])

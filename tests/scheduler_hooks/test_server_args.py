@@ -127,3 +127,12 @@ def test_fp8_pool_row_is_656_bytes_without_sglang_dsa_kernels():
             attention_backend=BACKEND_NAME, kv_cache_dtype="fp8_e4m3", dsa_decode_backend=decode_backend
         ):
             assert calculate_mla_kv_cache_dim(model_config=model_config, kv_cache_dtype=torch.float8_e4m3fn) == row
+
+
+def test_deterministic_inference_keeps_our_backend_and_radix_cache(tmp_path, resolve):
+    """SGLang accepts only listed backends for deterministic DSA serving; the plugin lists ours."""
+    view = resolve(model_dir(tmp_path), "--attention-backend", BACKEND_NAME, "--enable-deterministic-inference")
+    assert view.attention_backend == BACKEND_NAME
+    assert view.enable_deterministic_inference and not view.disable_radix_cache
+    with pytest.raises(ValueError, match="deterministic inference"):
+        resolve(model_dir(tmp_path), "--attention-backend", "dsa", "--enable-deterministic-inference")

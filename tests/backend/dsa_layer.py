@@ -40,6 +40,13 @@ class _Linear(torch.nn.Linear):
         return super().forward(x), None
 
 
+class Fp32LayerNorm(torch.nn.LayerNorm):
+    """SGLang's indexer ``LayerNorm``: fp32 parameters, normalizes in fp32, returns the input's dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
 class StubIndexer(torch.nn.Module):
     """What the backend's indexer forward reads of SGLang's ``Indexer`` module."""
 
@@ -51,7 +58,7 @@ class StubIndexer(torch.nn.Module):
         self.wq_b = _Linear(q_lora_rank, n_heads * 128, bias=False)
         self.wk = _Linear(hidden, 128, bias=False)
         self.weights_proj = _Linear(hidden, n_heads, bias=False)
-        self.k_norm = torch.nn.LayerNorm(128)
+        self.k_norm = Fp32LayerNorm(128, eps=1e-6)
         self.rotary_emb = NeoxRope()
         gen = torch.Generator().manual_seed(seed)
         for linear in (self.wq_b, self.wk, self.weights_proj):

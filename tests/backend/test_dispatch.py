@@ -45,15 +45,16 @@ def test_index_k_page_layout_and_roundtrip():
     assert torch.equal(k_fp8.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(k_scale, scale)
 
 
-def test_index_k_layout_matches_sglang_writer():
-    """Our writer and SGLang's own index-K store kernel produce identical pages."""
+def test_index_k_layout_matches_sglang_writer(target):
+    """Our writer and SGLang's own index-K store kernel (a Triton kernel) produce identical pages."""
     pytest.importorskip("sglang.srt")
     from sglang.kernels.ops.kvcache.dsa_index_k_cache import _set_k_and_s_triton
 
     gen = torch.Generator().manual_seed(3)
-    codes, scale = dispatch.quantize_fp8_rows(torch.randn(6, 128, generator=gen), True)
-    loc = torch.tensor([0, 5, 63, 64, 150, 255])
-    ours = torch.zeros(4, PAGE * ROW, dtype=torch.uint8)
+    x = torch.randn(6, 128, generator=gen).to(target.device)
+    codes, scale = dispatch.quantize_fp8_rows(x, True)
+    loc = torch.tensor([0, 5, 63, 64, 150, 255], device=target.device)
+    ours = torch.zeros(4, PAGE * ROW, dtype=torch.uint8, device=target.device)
     theirs = torch.zeros_like(ours)
     dispatch.store_index_k(ours, loc, codes, scale)
     _set_k_and_s_triton(buf=theirs, loc=loc, index_k=codes, index_k_scale=scale.view(-1, 1), page_size=PAGE)
@@ -79,7 +80,7 @@ def test_hadamard_rotation_is_orthonormal():
     assert torch.allclose((rq * rk).sum(-1), (q * k).sum(-1), atol=1e-10)
 
 
-def test_fp8_row_layout_matches_sglang_quantizer():
+def test_fp8_row_layout_matches_sglang_quantizer(target):
     """SGLang's FP8 DSA KV quantizer lays rows out as ours: same scales, same rope bytes.
 
     (Its e4m3 codes are not compared: Triton's CPU interpreter rounds its
@@ -89,7 +90,7 @@ def test_fp8_row_layout_matches_sglang_quantizer():
     from sglang.kernels.ops.quantization.dsa_quant_k_cache import quantize_k_cache_separate
 
     gen = torch.Generator().manual_seed(5)
-    rows = torch.randn(4, 576, generator=gen).bfloat16()
+    rows = torch.randn(4, 576, generator=gen).bfloat16().to(target.device)
     nope, rope = quantize_k_cache_separate(rows[:, :512], rows[:, 512:])
     theirs = torch.cat([nope.view(4, -1), rope.view(4, -1)], 1)
     ours = quantize_kv_fp8(rows)

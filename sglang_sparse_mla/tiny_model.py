@@ -7,20 +7,24 @@ load in seconds, in the layout SGLang 0.5.23's DeepSeek loader consumes
 (``DeepseekV2WeightLoaderMixin.do_load_weights``: the Hugging Face names of
 the released checkpoints, bf16, one ``model.safetensors``):
 
-* ``deepseek-v3.2``: ``DeepseekV32ForCausalLM`` — MLA (kv_lora_rank 512,
-  qk_rope_head_dim 64), an indexer with 64 heads x 128 on every layer, YaRN
-  rope, grouped sigmoid routing (``noaux_tc``) with a shared expert;
-* ``glm-5``: ``GlmMoeDsaForCausalLM`` (``glm_moe_dsa``) — 32 index heads,
-  interleaved rope, and IndexShare (``indexer_types``): "shared" layers have
-  no indexer of their own and reuse the previous layer's top-k.
+* ``deepseek-v3.2``: ``DeepseekV32ForCausalLM`` — MLA with the released head
+  dimensions (kv_lora_rank 512, qk_nope / rope / v 128 / 64 / 128), an
+  indexer with 64 heads x 128 on every layer, YaRN rope, grouped sigmoid
+  routing (``noaux_tc``) with a shared expert;
+* ``glm-5``: ``GlmMoeDsaForCausalLM`` (``glm_moe_dsa``) — qk_nope / v
+  192 / 256 as released, 32 index heads, interleaved rope, and IndexShare
+  (``indexer_types``): "shared" layers have no indexer of their own and
+  reuse the previous layer's top-k.
 
 Both have 4 layers (layer 0 dense, 1-3 MoE with 8 routed experts), 16 query
 heads and ``index_topk`` 256, so prompts of a few hundred tokens already make
-the attention sparse. Weights are drawn per tensor from ``(seed, name)``
-(independent of write order) with standard deviation ``fan_in ** -0.5`` and
-norms at 1, which keeps activations O(1) through the layers. A byte-level BPE
-tokenizer with a chat template is written beside them
-(:mod:`.tiny_tokenizer`).
+the attention sparse. The head dimensions are the released ones because
+SGLang's own DSA paths (compared against in ``benchmarks/e2e``) refuse others
+(its FA3 dense prefill rejected q/k 128 with v 64 on the H100). Weights are
+drawn per tensor from ``(seed, name)`` (independent of write order) with
+standard deviation ``fan_in ** -0.5`` and norms at 1, which keeps activations
+O(1) through the layers. A byte-level BPE tokenizer with a chat template is
+written beside them (:mod:`.tiny_tokenizer`).
 """
 
 from __future__ import annotations
@@ -47,9 +51,7 @@ _COMMON = {
     "num_key_value_heads": 16,
     "q_lora_rank": 128,
     "kv_lora_rank": 512,
-    "qk_nope_head_dim": 64,
     "qk_rope_head_dim": 64,
-    "v_head_dim": 64,
     "n_routed_experts": 8,
     "n_shared_experts": 1,
     "num_experts_per_tok": 2,
@@ -79,6 +81,8 @@ _ARCH_CONFIGS = {
     "deepseek-v3.2": {
         "architectures": ["DeepseekV32ForCausalLM"],
         "model_type": "deepseek_v32",
+        "qk_nope_head_dim": 128,
+        "v_head_dim": 128,
         "index_n_heads": 64,
         "n_group": 2,
         "topk_group": 1,
@@ -96,6 +100,8 @@ _ARCH_CONFIGS = {
     "glm-5": {
         "architectures": ["GlmMoeDsaForCausalLM"],
         "model_type": "glm_moe_dsa",
+        "qk_nope_head_dim": 192,
+        "v_head_dim": 256,
         "index_n_heads": 32,
         "n_group": 1,
         "topk_group": 1,

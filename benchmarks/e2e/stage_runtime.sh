@@ -16,7 +16,7 @@
 #              minus the image's packages (device KINDS.md) and minus what SGLang imports
 #              only optionally (import succeeds with the package absent): flash-attn-4,
 #              nvidia-cutlass-dsl*, cuda-tile, nvidia-cudnn-frontend, sgl-deep-ep,
-#              torch_memory_saver, torchcodec, soundfile/cffi, mistral_common,
+#              torch_memory_saver, torchcodec, openai-harmony, mistral_common,
 #              pydantic-extra-types/pycountry, watchfiles, zstandard.
 #   triton     triton 3.8.0, torch 2.14.1's pin (without it the image's triton 3.6 runs
 #              the kernels, as in the kernel benchmarks)
@@ -65,6 +65,8 @@ CORE=(
     ipython==9.18.1 ipython_pygments_lexers==1.1.1 jedi==0.20.1 parso==0.8.7
     prompt_toolkit==3.0.53 wcwidth==0.9.4 traitlets==5.16.1 stack-data==0.6.3 executing==2.3.0
     asttokens==3.0.2 pure_eval==0.2.4 pexpect==4.9.0 ptyprocess==0.7.0 matplotlib-inline==0.2.2
+    # the OpenAI transcription entrypoint, which http_server imports unconditionally
+    soundfile==0.14.0 cffi==2.1.1 pycparser==3.12
     # sglang.bench_serving's dataset loaders
     datasets==5.2.0 multiprocess==0.70.19 dill==0.4.1
 )

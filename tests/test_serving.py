@@ -155,3 +155,37 @@ def test_e2e_summary_of_recorded_results():
     results["ours-det-no-radix"] = {"one_by_one": completions([[1, 2, 3], [4, 6]])}
     summary = run_e2e.summarize(results, 0.1, 0.05, 0.5)
     assert not summary["soak_ours"]["ok"] and not summary["radix_vs_no_radix_ours-det"]["ok"]
+
+
+def test_stream_generate_times_first_token(tmp_path):
+    """TTFT and token count from a server-sent ``/generate`` stream (a local stub server)."""
+    import http.server
+    import threading
+    import time
+
+    from sglang_sparse_mla.serving.client import stream_generate
+
+    class Streamer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for n in (1, 2, 3):
+                time.sleep(0.05)
+                self.wfile.write(f'data: {{"text": "x", "meta_info": {{"completion_tokens": {n}}}}}\n\n'.encode())
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Streamer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        timing = stream_generate(f"http://127.0.0.1:{server.server_port}", [1, 2, 3], 3)
+    finally:
+        server.shutdown()
+    assert timing.output_tokens == 3
+    assert 0.05 <= timing.ttft_s < timing.total_s and timing.total_s >= 0.15
+    assert timing.decode_tok_per_s == pytest.approx(2 / (timing.total_s - timing.ttft_s))

@@ -35,7 +35,8 @@ Work (WORK):
   teacher     teacher-forced per-token logprobs of 4 fixed token sequences (300..4000)
   greedy      128 greedy tokens (top-2 logprobs) of 4 fixed prompts (100..3000 tokens)
   soak        32 requests x 3000 decode steps (ignore EOS): every logprob finite
-  throughput  concurrency 1, 8, 32: 4 x concurrency (>= 8) requests of 1024 + 256 tokens
+  throughput  concurrency 1, 8, 32: 4 x concurrency (>= 8) streamed requests of 1024 + 256
+              tokens: output tokens/s, TTFT p50/p90, per-request decode tokens/s
 
 Comparisons (summary): radix batch vs the same backend's no-radix one by one
 (greedy agreement, near-tie rule of sglang_sparse_mla.serving.workload, and the
@@ -61,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from sglang_sparse_mla.serving.client import Completion, flush_cache, generate
+from sglang_sparse_mla.serving.client import Completion, flush_cache, generate, stream_generate
 from sglang_sparse_mla.serving.server import Server, ServerError
 from sglang_sparse_mla.serving.workload import (
     DEFAULT_TIE_MARGIN,
@@ -176,17 +177,19 @@ def run_soak(url: str) -> dict:
 
 
 def _timed_requests(url: str, prompts: list[list[int]], concurrency: int, tokens: int) -> dict:
-    def one(prompt):
-        start = time.perf_counter()
-        completion = generate(url, [prompt], tokens, logprobs=False, ignore_eos=True)[0]
-        return time.perf_counter() - start, len(completion.output_ids)
-
+    """``prompts`` streamed by ``concurrency`` clients: throughput, TTFT and per-request decode rate."""
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, prompts))
+        timings = list(pool.map(lambda p: stream_generate(url, p, tokens), prompts))
     wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
-    output = sum(r[1] for r in results)
+    output = sum(t.output_tokens for t in timings)
+
+    def p50_p90(values: list[float]) -> tuple[float, float]:
+        ordered = sorted(values)
+        return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+    ttft = p50_p90([t.ttft_s for t in timings])
+    latency = p50_p90([t.total_s for t in timings])
     return {
         "concurrency": concurrency,
         "requests": len(prompts),
@@ -194,8 +197,11 @@ def _timed_requests(url: str, prompts: list[list[int]], concurrency: int, tokens
         "output_tokens": output,
         "output_tok_per_s": output / wall,
         "total_tok_per_s": (output + sum(len(p) for p in prompts)) / wall,
-        "latency_p50_s": statistics.median(latencies),
-        "latency_p90_s": latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
+        "ttft_p50_s": ttft[0],
+        "ttft_p90_s": ttft[1],
+        "decode_tok_per_s_per_request_p50": statistics.median(t.decode_tok_per_s for t in timings),
+        "latency_p50_s": latency[0],
+        "latency_p90_s": latency[1],
     }
 
 
@@ -312,6 +318,10 @@ def summarize(results: dict, tie_margin: float, max_mean: float, max_diff: float
             summary.setdefault("throughput_output_tok_per_s", {})[name] = {
                 str(level["concurrency"]): round(level["output_tok_per_s"], 1) for level in levels
             }
+            if all("ttft_p50_s" in level for level in levels):  # streamed runs
+                summary.setdefault("ttft_p50_ms", {})[name] = {
+                    str(level["concurrency"]): round(1e3 * level["ttft_p50_s"], 1) for level in levels
+                }
         if "error" in result or "skipped" in result:
             summary.setdefault("not_run", {})[name] = result.get("error", result.get("skipped"))[-400:]
     return summary
@@ -319,8 +329,9 @@ def summarize(results: dict, tie_margin: float, max_mean: float, max_diff: float
 
 def print_summary(summary: dict) -> None:
     for key, value in summary.items():
-        if key == "throughput_output_tok_per_s":
-            print("throughput (output tokens/s) by concurrency:")
+        if key in ("throughput_output_tok_per_s", "ttft_p50_ms"):
+            title = "throughput (output tokens/s)" if key.startswith("throughput") else "TTFT p50 (ms)"
+            print(title, "by concurrency:")
             for name, levels in value.items():
                 print(f"  {name:14s} " + "  ".join(f"c={c}: {v:9.1f}" for c, v in levels.items()))
         elif key == "not_run":

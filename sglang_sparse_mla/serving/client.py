@@ -99,6 +99,56 @@ def generate(
     return [Completion.from_response(item) for item in (items if isinstance(items, list) else [items])]
 
 
+@dataclass(frozen=True)
+class StreamTiming:
+    """Client-side timing of one streamed request."""
+
+    ttft_s: float  # request sent -> first generated token received
+    total_s: float  # request sent -> stream closed
+    output_tokens: int
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        """Tokens after the first over the time after the first (inf when there is none)."""
+        rest = self.total_s - self.ttft_s
+        return (self.output_tokens - 1) / rest if self.output_tokens > 1 and rest > 0 else math.inf
+
+
+def stream_generate(
+    base_url: str, input_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = True, timeout: float = 900.0
+) -> StreamTiming:
+    """One greedy request streamed from ``/generate`` (server-sent ``data:`` events), timed.
+
+    Each event carries the cumulative ``meta_info.completion_tokens``; the
+    first event with one or more is the first token.
+    """
+    payload = {
+        "input_ids": input_ids,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos},
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        f"{base_url}/generate",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    start = time.perf_counter()
+    first, tokens = None, 0
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            tokens = json.loads(line[len("data:") :]).get("meta_info", {}).get("completion_tokens", tokens)
+            if first is None and tokens >= 1:
+                first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError(f"{base_url}/generate streamed no token")
+    return StreamTiming(first, total, tokens)
+
+
 def flush_cache(base_url: str, attempts: int = 20) -> None:
     """Empty the radix cache; retried while the server still winds down the last requests."""
     for _ in range(attempts):

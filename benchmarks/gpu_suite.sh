@@ -47,7 +47,7 @@ for step in $STEPS; do
     test)
         log "GPU tests (native, then the forced SM80 path)"
         ensure_pytest
-        $PY -m pytest -q -x ${TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$RESULTS/pytest_gpu.log" | tail -15 || status=1
+        $PY -m pytest -q ${PYTEST_ARGS:--x} ${TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$RESULTS/pytest_gpu.log" | tail -15 || status=1
         ;;
     baselines)
         log "SGLang baseline imports"

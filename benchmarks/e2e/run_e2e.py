@@ -3,14 +3,16 @@
     python benchmarks/e2e/run_e2e.py --out DIR [--configs ours,ours-no-radix,...] [--arch glm-5]
     python benchmarks/e2e/run_e2e.py --out DIR --configs none --merge A.json B.json   (summary only, any machine)
 
-Each configuration is one ``python -m sglang.launch_server`` (CUDA graphs on)
-of the tiny model (:mod:`sglang_sparse_mla.tiny_model`, written to DIR) that
-runs the work its comparisons need, then stops. Results accumulate in
-DIR/results.json (so runs can be split over several calls of a warm machine,
-or merged from several files with --merge); DIR/summary.json and the printed
-summary compare whatever configurations are there. Server logs go to
-DIR/logs/; a failed start is recorded with its log tail and the next
-configuration runs.
+Each configuration is one ``python -m sglang.launch_server`` (CUDA graphs on,
+captured up to the work's largest batch, 32) of the tiny model
+(:mod:`sglang_sparse_mla.tiny_model`, written once to DIR) that runs the work
+its comparisons need, then stops. Results accumulate in DIR/results.json (so
+runs can be split over several calls of a warm machine, run by several
+processes at once, e.g. one per GPU with CUDA_VISIBLE_DEVICES, or merged from
+several files with --merge); DIR/summary.json and the printed summary compare
+whatever configurations are there. Server logs go to DIR/logs/; a failed start
+is recorded with its log tail and the next configuration runs. Each server
+takes --mem-fraction-static 0.35, so two fit on one GPU.
 
 Configurations (CONFIGS):
   ours           --attention-backend triton_sparse_mla, BF16 KV
@@ -50,6 +52,8 @@ greedy agreement; soak non-finite count; throughput table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib.util
 import json
 import math
@@ -74,6 +78,9 @@ from sglang_sparse_mla.serving.workload import (
 )
 from sglang_sparse_mla.tiny_model import ARCHITECTURES, write_tiny_model
 
+# Every launch: CUDA graphs for the batch sizes the work reaches (its largest batch is 32),
+# and a static memory share that lets two servers run on one GPU.
+COMMON = ("--cuda-graph-max-bs", "32", "--mem-fraction-static", "0.35")
 OURS = ("--attention-backend", "triton_sparse_mla")
 # SGLang's sgl-kernel top-k asserts index_topk == 2048 (the tiny model uses 256), so
 # its DSA paths take the torch top-k; prefill CUDA graphs are off as in ours.
@@ -82,6 +89,9 @@ DSA_ENV = {"SGLANG_DSA_FUSE_TOPK": "false"}
 FP8 = ("--kv-cache-dtype", "fp8_e4m3")
 NO_RADIX = ("--disable-radix-cache",)
 DETERMINISTIC = ("--enable-deterministic-inference",)
+# NVLink multicast stays off for multi-GPU runs (the shared test hosts require it; SGLang's
+# default leaves it off too): NCCL NVLS, PyTorch symmetric memory, NVSHMEM.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ CONFIGS = {
     "ours-det": Config((*OURS, *DETERMINISTIC), ("radix",)),
     "ours-det-no-radix": Config((*OURS, *DETERMINISTIC, *NO_RADIX), ("one_by_one",)),
     "ours-fp8": Config((*OURS, *FP8), ("teacher", "greedy", "throughput")),
-    "ours-tp2": Config((*OURS, "--tp", "2"), ("greedy",), gpus=2),
+    "ours-tp2": Config((*OURS, "--tp", "2"), ("greedy",), env=NO_MULTICAST, gpus=2),
     "dsa": Config(DSA, ("radix", "teacher", "greedy", "throughput"), env=DSA_ENV, modules=("flash_mla",)),
     "dsa-no-radix": Config((*DSA, *NO_RADIX), ("one_by_one",), env=DSA_ENV, modules=("flash_mla",)),
     "dsa-fp8": Config((*DSA, *FP8), ("teacher", "greedy"), env=DSA_ENV, modules=("flash_mla",)),
@@ -231,15 +241,16 @@ def skip_reason(config: Config) -> str | None:
     return f"module(s) {', '.join(missing)} not installed (baselines tier)" if missing else None
 
 
-def run_config(name: str, model: Path, out: Path) -> dict:
+def run_config(name: str, model: Path, out: Path, startup_timeout: float) -> dict:
     """Launch one configuration, run its work (each step's failure recorded), stop it."""
     config = CONFIGS[name]
     reason = skip_reason(config)
     if reason:
         return {"skipped": reason}
-    result: dict = {"args": list(config.args), "env": config.env}
+    args = (*COMMON, *config.args)
+    result: dict = {"args": list(args), "env": config.env}
     start = time.perf_counter()
-    server = Server(model, config.args, env=config.env, log_path=out / "logs" / f"{name}.log")
+    server = Server(model, args, env=config.env, log_path=out / "logs" / f"{name}.log", startup_timeout=startup_timeout)
     try:
         with server:
             result["startup_s"] = time.perf_counter() - start
@@ -252,6 +263,21 @@ def run_config(name: str, model: Path, out: Path) -> dict:
         result["error"] = str(err)
     result["log_tail"] = server.log_tail(40)
     return result
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Hold DIR/.lock: other run_e2e.py processes on DIR wait (model writing, results updates)."""
+    with (out / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_results(store: Path) -> dict:
+    return json.loads(store.read_text()) if store.exists() else {}
 
 
 def _completions(results: dict, config: str, step: str) -> list[Completion] | None:
@@ -353,6 +379,7 @@ def main() -> None:
     parser.add_argument("--tie-margin", type=float, default=DEFAULT_TIE_MARGIN)
     parser.add_argument("--max-mean-diff", type=float, default=0.05, help="mean |logprob difference| limit")
     parser.add_argument("--max-diff", type=float, default=0.5, help="max |logprob difference| limit")
+    parser.add_argument("--startup-timeout", type=float, default=420.0, help="seconds a server may take to start")
     args = parser.parse_args()
     names = [] if args.configs == "none" else args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
@@ -361,16 +388,24 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "results.json"
-    results = json.loads(store.read_text()) if store.exists() else {}
-    for extra in args.merge:
-        results.update(json.loads(extra.read_text()))
+    with locked(args.out):
+        results = load_results(store)
+        for extra in args.merge:
+            results.update(json.loads(extra.read_text()))
+        store.write_text(json.dumps(results, indent=1))
+        model = args.out / f"model-{args.arch}-seed{args.seed}"
+        if names and not (model / "model.safetensors").exists():
+            write_tiny_model(model, args.arch, args.seed)
     if names:
-        model = write_tiny_model(args.out / f"model-{args.arch}", args.arch, args.seed)
-        meta = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "arch": args.arch}
-        results["_meta"] = {**results.get("_meta", {}), **meta, "torch": torch.__version__}
-        for name in names:
-            print(f"=== {name}", flush=True)
-            results[name] = run_config(name, model, args.out)
+        meta = {"gpu": torch.cuda.get_device_name(), "arch": args.arch, "torch": torch.__version__}
+    for name in names:
+        print(f"=== {name}", flush=True)
+        result = run_config(name, model, args.out, args.startup_timeout)
+        result["gpus"] = torch.cuda.device_count()
+        with locked(args.out):  # another process may have added its configurations meanwhile
+            results = load_results(store)
+            results[name] = result
+            results["_meta"] = {**results.get("_meta", {}), **meta}
             store.write_text(json.dumps(results, indent=1))
     configs = {k: v for k, v in results.items() if not k.startswith("_")}
     summary = summarize(configs, args.tie_margin, args.max_mean_diff, args.max_diff)

@@ -4,12 +4,18 @@
 #
 #   bash benchmarks/e2e/run_on_gpu.sh JOB ...
 #
-# JOB: demo (the README main job: serve the tiny models, send requests),
-# tests (the GPU test suite under the staged runtime: TESTS, default tests/),
-# or a comma-separated list of run_e2e.py configurations (e.g. ours,ours-no-radix).
-# run_e2e.py results accumulate in $E2E_WORK (default /tmp/e2e) over calls of a
-# warm machine; each call copies results.json, summary.json and the server logs
-# (logs.tgz) to the results folder.
+# JOB: demo or demo-ARCH (the README main job: serve the tiny model, send requests;
+# at --mem-fraction-static 0.35, so it can share a GPU), tests (the GPU test suite
+# under the staged runtime: TESTS, default tests/; PYTEST_ARGS, default -x), or a
+# comma-separated list of run_e2e.py configurations (e.g. ours,ours-no-radix).
+# Jobs run one after another; gpuN:JOB+JOB... starts a lane at once in the
+# background on GPU N alone (CUDA_VISIBLE_DEVICES=N) that runs its jobs in order
+# (output in lane-gpuN.txt, its tail printed at the end); the call waits for every
+# lane. run_e2e.py results
+# accumulate in $E2E_WORK (default /tmp/e2e) over calls of a warm machine and over
+# concurrent jobs; each call copies results.json, summary.json and the server
+# logs (logs.tgz) to the results folder. Servers left running by an earlier call
+# that ran out of time are stopped first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RESULTS=${OUT:-$PWD/benchmarks/results/e2e-run}
@@ -18,17 +24,51 @@ mkdir -p "$RESULTS" "$WORK"
 bash benchmarks/e2e/install_runtime.sh >"$RESULTS/install.txt" 2>&1 || { cat "$RESULTS/install.txt"; exit 1; }
 PY=${E2E_VENV:-/tmp/e2e-venv}/bin/python
 export PYTHONUNBUFFERED=1
-status=0
-for job in "$@"; do
-    printf '\n=== %s (%s) ===\n' "$job" "$(date +%T)"
-    case $job in
-    demo) $PY -m sglang_sparse_mla.demo 2>&1 | tee "$RESULTS/demo.txt" || status=1 ;;
-    tests) OUT=$RESULTS PYTHON=$PY TESTS=${TESTS:-tests} bash benchmarks/gpu_suite.sh env test || status=1 ;;
-    *) $PY benchmarks/e2e/run_e2e.py --out "$WORK" --configs "$job" 2>&1 | tee -a "$RESULTS/e2e.txt" || status=1 ;;
+pkill -f sglang.launch_server && sleep 5
+
+run_job() {
+    case $1 in
+    demo | demo-*)
+        local arch=${1#demo}
+        $PY -m sglang_sparse_mla.demo ${arch:+--arch ${arch#-}} --server-arg=--mem-fraction-static=0.35 2>&1 |
+            tee "$RESULTS/$1.txt" ;;
+    tests) OUT=$RESULTS PYTHON=$PY TESTS=${TESTS:-tests} bash benchmarks/gpu_suite.sh env test ;;
+    *) $PY benchmarks/e2e/run_e2e.py --out "$WORK" --configs "$1" 2>&1 | tee -a "$RESULTS/e2e.txt" ;;
     esac
+}
+
+status=0
+lanes=()
+for job in "$@"; do
+    if [[ $job =~ ^gpu([0-9]+):(.+)$ ]]; then
+        gpu=${BASH_REMATCH[1]}
+        printf '\n=== %s on GPU %s, in the background (%s) ===\n' "${BASH_REMATCH[2]}" "$gpu" "$(date +%T)"
+        (
+            export CUDA_VISIBLE_DEVICES=$gpu
+            lane_status=0
+            IFS=+ read -ra lane_jobs <<<"${BASH_REMATCH[2]}"
+            for lane_job in "${lane_jobs[@]}"; do
+                printf '\n=== %s (%s) ===\n' "$lane_job" "$(date +%T)"
+                run_job "$lane_job" || lane_status=1
+            done
+            exit $lane_status
+        ) >"$RESULTS/lane-gpu$gpu.txt" 2>&1 &
+        lanes+=("$!:$gpu")
+    else
+        printf '\n=== %s (%s) ===\n' "$job" "$(date +%T)"
+        run_job "$job" || status=1
+    fi
+done
+for lane in "${lanes[@]}"; do
+    wait "${lane%%:*}" || status=1
+    printf '\n=== background job on GPU %s ended (%s) ===\n' "${lane#*:}" "$(date +%T)"
+    tail -40 "$RESULTS/lane-gpu${lane#*:}.txt"
 done
 if [ -f "$WORK/results.json" ]; then
     cp "$WORK/results.json" "$WORK/summary.json" "$RESULTS/"
     tar czf "$RESULTS/logs.tgz" -C "$WORK" logs
+fi
+if [ -n "${OUT:-}" ]; then # the device returns at most 8 files: the text outputs travel as one archive
+    (cd "$RESULTS" && tar czf text.tgz --remove-files -- *.txt *.log 2>/dev/null)
 fi
 exit $status

@@ -118,43 +118,60 @@ def test_stage_parts_round_trip(tmp_path):
 def test_e2e_summary_of_recorded_results():
     """run_e2e's comparisons over results as the GPU runs record them (no server needed)."""
     run_e2e = _load("run_e2e")
+    topk = 2  # teacher positions 0, 1 dense, 2, 3 sparse
 
-    def completions(ids_list, shift=0.0, input_logprobs=()):
+    def completions(ids_list, shift=0.0, input_logprobs=(), sparse_shift=None):
         items = [response(ids, [-1.0 - shift] * len(ids), [(-1.0, -1.5)] * len(ids)) for ids in ids_list]
         out = [Completion.from_response(item).to_json() for item in items]
         for c in out:
-            c["input_logprobs"] = [x + shift for x in input_logprobs]
+            c["input_logprobs"] = [
+                x + (shift if j < topk or sparse_shift is None else sparse_shift) for j, x in enumerate(input_logprobs)
+            ]
         return {"completions": out}
 
     same = [[1, 2, 3], [4, 5]]
+    teacher = (-2.0, -3.0, -2.5, -4.0)
     results = {
         "ours": {
             "radix": completions(same),
-            "teacher": completions(same, input_logprobs=(-2.0, -3.0)),
+            "teacher": completions(same, input_logprobs=teacher),
             "greedy": completions(same),
             "soak": {"requests": 32, "tokens": 96000, "min_steps": run_e2e.SOAK_STEPS, "non_finite": 0, "seconds": 9.0},
-            "throughput": {"levels": [{"concurrency": 1, "output_tok_per_s": 812.25}]},
+            "throughput": {"levels": [{"concurrency": 1, "output_tok_per_s": 812.25, "ttft_p50_s": 0.0251}]},
         },
         "ours-no-radix": {"one_by_one": completions([[1, 2, 3], [4, 6]])},
         "ours-det": {"radix": completions(same)},
         "ours-det-no-radix": {"one_by_one": completions(same)},
-        "dsa": {"teacher": completions(same, 0.01, (-2.0, -3.0)), "greedy": completions([[1, 2, 3], [9, 5]])},
-        "fallback": {"error": "server exited with 1:\nModuleNotFoundError: tilelang"},
+        # ours is 0.01 from dsa everywhere; fallback is 0.01 (dense) and 0.04 (sparse) from dsa.
+        "dsa": {"teacher": completions(same, 0.01, teacher), "greedy": completions([[1, 2, 3], [9, 5]])},
+        "fallback": {"teacher": completions(same, 0.0, teacher, sparse_shift=0.05)},
+        "ours-tp2": {"error": "server exited with 1:\nRuntimeError: NCCL"},
     }
-    summary = run_e2e.summarize(results, tie_margin=0.1, max_mean=0.05, max_diff=0.5)
+    summary = run_e2e.summarize(results, tie_margin=0.1, max_spread_ratio=2.0, index_topk=topk)
     # Default numerics are batch dependent: reported, not judged; deterministic mode must be exact.
     default_radix = summary["radix_vs_no_radix_ours"]
     assert default_radix["ok"] is None and not default_radix["agree_up_to_near_ties"]
     assert default_radix["matches"][1].startswith("DIVERGED at token 1")
     assert summary["radix_vs_no_radix_ours-det"]["ok"]
-    assert summary["ours_vs_dsa"]["teacher"][0]["mean_abs"] == pytest.approx(0.01)
-    assert summary["ours_vs_dsa"]["greedy"][1].startswith("DIVERGED at token 0") and summary["ours_vs_dsa"]["ok"]
+    ours_dsa = summary["ours_vs_dsa"]
+    assert ours_dsa["teacher"][0]["mean_abs"] == pytest.approx(0.01)
+    assert ours_dsa["teacher_by_region"]["dense"] == {"n": 4, "mean_abs": pytest.approx(0.01)}
+    assert ours_dsa["spread_ratio"] == {"dense": pytest.approx(1.0), "sparse": pytest.approx(0.25)}
+    assert ours_dsa["greedy"][1].startswith("DIVERGED at token 0") and ours_dsa["ok"]
+    assert summary["fallback_vs_dsa"]["teacher_by_region"]["sparse"]["mean_abs"] == pytest.approx(0.04)
+    assert "ok" not in summary["fallback_vs_dsa"]  # the spread itself is reported
     assert summary["soak_ours"]["ok"] and summary["throughput_output_tok_per_s"] == {"ours": {"1": 812.2}}
-    assert "tilelang" in summary["not_run"]["fallback"]
+    assert summary["ttft_p50_ms"] == {"ours": {"1": 25.1}}
+    assert "NCCL" in summary["not_run"]["ours-tp2"]
+
+    results["ours"]["teacher"] = completions(same, 0.0, teacher, sparse_shift=0.1)  # 0.09 sparse: 2.25x spread
     results["ours"]["soak"]["non_finite"] = 3
     results["ours-det-no-radix"] = {"one_by_one": completions([[1, 2, 3], [4, 6]])}
-    summary = run_e2e.summarize(results, 0.1, 0.05, 0.5)
+    summary = run_e2e.summarize(results, 0.1, 2.0, topk)
+    assert summary["ours_vs_dsa"]["spread_ratio"]["sparse"] == pytest.approx(2.25) and not summary["ours_vs_dsa"]["ok"]
     assert not summary["soak_ours"]["ok"] and not summary["radix_vs_no_radix_ours-det"]["ok"]
+    del results["fallback"]  # no spread measured: reported only
+    assert "ok" not in run_e2e.summarize(results, 0.1, 2.0, topk)["ours_vs_dsa"]
 
 
 def test_stream_generate_times_first_token(tmp_path):

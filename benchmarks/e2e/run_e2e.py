@@ -20,7 +20,7 @@ Configurations (CONFIGS):
   ours-no-radix  the same with --disable-radix-cache
   ours-det       ours with --enable-deterministic-inference (batch-invariant kernels)
   ours-det-no-radix  the same with --disable-radix-cache
-  ours-tp2       the same with --tp 2 (skipped with fewer than 2 GPUs)
+  ours-tp2       ours with --tp 2, FlashInfer all-reduce fusion off (skipped with fewer than 2 GPUs)
   dsa            --attention-backend dsa: SGLang's Hopper path (FlashMLA sparse
                  prefill, FA3 decode, DeepGEMM indexer logits; torch top-k, as
                  sgl-kernel's needs index_topk 2048)
@@ -43,10 +43,10 @@ Work (WORK):
 Comparisons (summary): radix batch vs the same backend's no-radix one by one
 (greedy agreement, near-tie rule of sglang_sparse_mla.serving.workload, and the
 logprob drift before any difference; pass/fail only for ours-det, which must be
-bit-identical); teacher-forced and greedy
-logprobs of ours vs dsa, ours vs fallback, ours-fp8 vs dsa-fp8 (limits
---max-mean-diff / --max-diff) and ours-fp8 vs ours (reported); ours-tp2 vs ours
-greedy agreement; soak non-finite count; throughput table.
+bit-identical); teacher-forced and greedy logprobs of ours vs dsa, ours vs
+fallback, ours-fp8 vs dsa-fp8 and ours-tp2 vs ours (teacher-forced judged against
+SGLang's own spread, fallback vs dsa: see LOGPROB_PAIRS), ours-fp8 vs ours and
+fallback vs dsa (reported); soak non-finite count; throughput and TTFT tables.
 """
 
 from __future__ import annotations
@@ -76,11 +76,11 @@ from sglang_sparse_mla.serving.workload import (
     token_prompts,
     unrelated_prompts,
 )
-from sglang_sparse_mla.tiny_model import ARCHITECTURES, write_tiny_model
+from sglang_sparse_mla.tiny_model import ARCHITECTURES, tiny_config, write_tiny_model
 
 # Every launch: CUDA graphs for the batch sizes the work reaches (its largest batch is 32),
 # and a static memory share that lets two servers run on one GPU.
-COMMON = ("--cuda-graph-max-bs", "32", "--mem-fraction-static", "0.35")
+COMMON = ("--cuda-graph-max-bs-decode", "32", "--mem-fraction-static", "0.35")
 OURS = ("--attention-backend", "triton_sparse_mla")
 # SGLang's sgl-kernel top-k asserts index_topk == 2048 (the tiny model uses 256), so
 # its DSA paths take the torch top-k; prefill CUDA graphs are off as in ours.
@@ -111,7 +111,14 @@ CONFIGS = {
     "ours-det": Config((*OURS, *DETERMINISTIC), ("radix",)),
     "ours-det-no-radix": Config((*OURS, *DETERMINISTIC, *NO_RADIX), ("one_by_one",)),
     "ours-fp8": Config((*OURS, *FP8), ("teacher", "greedy", "throughput")),
-    "ours-tp2": Config((*OURS, "--tp", "2"), ("greedy",), env=NO_MULTICAST, gpus=2),
+    # FlashInfer's all-reduce fusion (auto-enabled for DeepSeek at TP > 1, unrelated to attention)
+    # is off: the first TP-2 start stalled right after setting up its workspaces.
+    "ours-tp2": Config(
+        (*OURS, "--tp", "2", "--enforce-disable-flashinfer-allreduce-fusion"),
+        ("teacher", "greedy"),
+        env=NO_MULTICAST,
+        gpus=2,
+    ),
     "dsa": Config(DSA, ("radix", "teacher", "greedy", "throughput"), env=DSA_ENV, modules=("flash_mla",)),
     "dsa-no-radix": Config((*DSA, *NO_RADIX), ("one_by_one",), env=DSA_ENV, modules=("flash_mla",)),
     "dsa-fp8": Config((*DSA, *FP8), ("teacher", "greedy"), env=DSA_ENV, modules=("flash_mla",)),
@@ -122,14 +129,22 @@ CONFIGS = {
         modules=("tilelang",),
     ),
 }
-# (a, b, limits apply): teacher-forced and greedy logprobs compared between configurations.
+# (a, b, judged): teacher-forced and greedy logprobs compared between configurations.
+# A random-weight model amplifies rounding (near-tied top-k index scores and MoE routing,
+# near-uniform output logits), so two correct paths drift apart with sequence length and
+# their greedy outputs part within a few tokens: SGLang's own Hopper and fallback paths do.
+# A judged pair is held to that spread, SPREAD_PAIR measured in the same run, per region
+# (dense: positions that see at most index_topk tokens; sparse: the rest), within
+# --max-spread-ratio; without SPREAD_PAIR it is reported only.
+SPREAD_PAIR = ("fallback", "dsa")
 LOGPROB_PAIRS = (
     ("ours", "dsa", True),
     ("ours", "fallback", True),
     ("ours-fp8", "dsa-fp8", True),
+    ("ours-tp2", "ours", True),
     ("ours-fp8", "ours", False),
+    (*SPREAD_PAIR, False),
 )
-
 # (backend, exact): the radix batch against the same requests one by one with the radix
 # cache off. Only batch-invariant numerics (--enable-deterministic-inference) make that
 # bit-exact: by default a token's rounding depends on the batch it runs in (split-KV
@@ -287,9 +302,26 @@ def _completions(results: dict, config: str, step: str) -> list[Completion] | No
     return [Completion(**c) for c in data["completions"]]
 
 
-def summarize(results: dict, tie_margin: float, max_mean: float, max_diff: float) -> dict:
+def teacher_regions(a: list[Completion], b: list[Completion], index_topk: int) -> dict:
+    """Mean ``|a - b|`` of teacher-forced logprobs over all sequences, by region.
+
+    ``input_logprobs[j]`` scores token ``j + 1`` from a query at position ``j``,
+    which sees ``j + 1`` tokens: dense (every one attended) while ``j < index_topk``.
+    """
+    regions: dict = {}
+    for x, y in zip(a, b, strict=True):
+        for j, (u, v) in enumerate(zip(x.input_logprobs, y.input_logprobs, strict=False)):
+            regions.setdefault("dense" if j < index_topk else "sparse", []).append(abs(u - v))
+    return {name: {"n": len(d), "mean_abs": sum(d) / len(d)} for name, d in regions.items()}
+
+
+def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_topk: int) -> dict:
     """The comparisons of the module docstring over whatever results are present."""
     summary: dict = {}
+    teacher = {name: _completions(results, name, "teacher") for name in results}
+    spread = None
+    if teacher.get(SPREAD_PAIR[0]) and teacher.get(SPREAD_PAIR[1]):
+        spread = teacher_regions(teacher[SPREAD_PAIR[0]], teacher[SPREAD_PAIR[1]], index_topk)
     for backend, exact in RADIX_PAIRS:
         batch = _completions(results, backend, "radix")
         single = _completions(results, f"{backend}-no-radix", "one_by_one")
@@ -308,13 +340,22 @@ def summarize(results: dict, tie_margin: float, max_mean: float, max_diff: float
                     for b, s, m in zip(batch, single, matches, strict=True)
                 ],
             }
-    for a, b, limited in LOGPROB_PAIRS:
+    for a, b, judged in LOGPROB_PAIRS:
         entry = {}
-        ta, tb = _completions(results, a, "teacher"), _completions(results, b, "teacher")
+        ta, tb = teacher.get(a), teacher.get(b)
         if ta and tb:
             entry["teacher"] = [
                 logprob_difference(x.input_logprobs, y.input_logprobs) for x, y in zip(ta, tb, strict=True)
             ]
+            entry["teacher_by_region"] = teacher_regions(ta, tb, index_topk)
+            if spread and judged:
+                entry["spread_ratio"] = {
+                    region: stats["mean_abs"] / spread[region]["mean_abs"]
+                    for region, stats in entry["teacher_by_region"].items()
+                    if spread.get(region, {}).get("mean_abs")
+                }
+                ratios = list(entry["spread_ratio"].values())
+                entry["ok"] = bool(ratios) and all(r <= max_spread_ratio for r in ratios)  # NaN fails
         ga, gb = _completions(results, a, "greedy"), _completions(results, b, "greedy")
         if ga and gb:
             matches = [compare_greedy(x, y) for x, y in zip(ga, gb, strict=True)]
@@ -323,18 +364,8 @@ def summarize(results: dict, tie_margin: float, max_mean: float, max_diff: float
                 logprob_difference(x.logprobs[: m.first_difference], y.logprobs[: m.first_difference])
                 for x, y, m in zip(ga, gb, matches, strict=True)
             ]
-        if entry and limited:
-            stats = entry.get("teacher", []) + entry.get("greedy_logprobs", [])
-            entry["ok"] = all(s["mean_abs"] <= max_mean and s["max_abs"] <= max_diff for s in stats if s["n"])
         if entry:
             summary[f"{a}_vs_{b}"] = entry
-    tp2, tp1 = _completions(results, "ours-tp2", "greedy"), _completions(results, "ours", "greedy")
-    if tp2 and tp1:
-        matches = [compare_greedy(x, y) for x, y in zip(tp2, tp1, strict=True)]
-        summary["tp2_vs_tp1"] = {
-            "ok": all(m.agrees(tie_margin) for m in matches),
-            "matches": [m.describe(tie_margin) for m in matches],
-        }
     for name, result in results.items():
         soak = result.get("soak")
         if isinstance(soak, dict) and "non_finite" in soak:
@@ -365,7 +396,19 @@ def print_summary(summary: dict) -> None:
                 print(f"not run: {name}: {why.splitlines()[0] if why else ''}")
         else:
             flag = {True: "ok  ", False: "FAIL"}.get(value.get("ok"), "info")
-            print(f"{flag} {key}: {json.dumps({k: v for k, v in value.items() if k != 'ok'})[:300]}")
+            if "teacher_by_region" in value:  # a logprob pair: mean |difference| by region, greedy agreement
+                regions = "  ".join(
+                    f"{region} {stats['mean_abs']:.4f}"
+                    + (
+                        f" ({value['spread_ratio'][region]:.2f}x spread)"
+                        if region in value.get("spread_ratio", {})
+                        else ""
+                    )
+                    for region, stats in value["teacher_by_region"].items()
+                )
+                print(f"{flag} {key}: teacher mean |dlogprob| {regions}; greedy {value.get('greedy', [])}")
+            else:
+                print(f"{flag} {key}: {json.dumps({k: v for k, v in value.items() if k != 'ok'})[:300]}")
 
 
 def main() -> None:
@@ -377,8 +420,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="more results.json files to include")
     parser.add_argument("--tie-margin", type=float, default=DEFAULT_TIE_MARGIN)
-    parser.add_argument("--max-mean-diff", type=float, default=0.05, help="mean |logprob difference| limit")
-    parser.add_argument("--max-diff", type=float, default=0.5, help="max |logprob difference| limit")
+    parser.add_argument("--max-spread-ratio", type=float, default=2.0,
+                        help="judged pairs: mean |logprob difference| per region over SGLang's own spread")  # fmt: skip
     parser.add_argument("--startup-timeout", type=float, default=420.0, help="seconds a server may take to start")
     args = parser.parse_args()
     names = [] if args.configs == "none" else args.configs.split(",")
@@ -408,10 +451,11 @@ def main() -> None:
             results["_meta"] = {**results.get("_meta", {}), **meta}
             store.write_text(json.dumps(results, indent=1))
     configs = {k: v for k, v in results.items() if not k.startswith("_")}
-    summary = summarize(configs, args.tie_margin, args.max_mean_diff, args.max_diff)
+    arch = results.get("_meta", {}).get("arch", args.arch)
+    summary = summarize(configs, args.tie_margin, args.max_spread_ratio, tiny_config(arch)["index_topk"])
     (args.out / "summary.json").write_text(json.dumps({"meta": results.get("_meta", {}), **summary}, indent=1))
     print_summary(summary)
-    sys.exit(0 if all(v.get("ok", True) for v in summary.values() if isinstance(v, dict) and "ok" in v) else 1)
+    sys.exit(1 if any(isinstance(v, dict) and v.get("ok") is False for v in summary.values()) else 0)
 
 
 if __name__ == "__main__":

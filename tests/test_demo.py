@@ -1,7 +1,9 @@
-"""``python -m sglang_sparse_mla.demo``'s kernel-chain path (the CPU demo; native with --chain on a GPU)."""
+"""``python -m sglang_sparse_mla.demo``: the kernel-chain path (the CPU demo; native with --chain on a
+GPU), and the serving path's checks over a stub server."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import sglang_sparse_mla.chain_check as chain_check
@@ -43,3 +45,66 @@ def test_sample_rows_keeps_sparse_rows_and_spreads_the_rest():
     rows = chain_check.sample_rows(lengths, topk=256, budget=40)
     assert rows.numel() <= 40 and torch.equal(rows, rows.unique())
     assert (lengths[rows] > 256).sum() == 20 and rows[0] == 0 and rows[-1] == 299
+
+
+class _StubServer:
+    """Stands in for :class:`sglang_sparse_mla.serving.server.Server`; records the launch arguments."""
+
+    launched: list[list[str]] = []
+
+    def __init__(self, model, args, *, log_path):
+        self.url = "http://stub"
+        _StubServer.launched.append(list(args))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.mark.parametrize(
+    ("default_numerics", "one_by_one_drift", "passes"),
+    [
+        (False, None, True),
+        (False, "logprob", False),  # deterministic mode: the same tokens with other logprobs fail
+        (True, "logprob", True),
+        (True, "near_tie", True),  # default numerics: a flip where the top two are within the margin
+        (True, "flip", False),
+    ],
+)
+def test_serving_demo_judges_batch_against_one_by_one(monkeypatch, capsys, default_numerics, one_by_one_drift, passes):
+    from sglang_sparse_mla.serving import client, server, workload
+    from sglang_sparse_mla.serving.client import Completion
+
+    def completion(prompt_index: int, drift: str | None, cached: int) -> Completion:
+        ids, logprobs, margins = [prompt_index, 1, 2, 3], [-1.0, -1.5, -2.0, -0.5], [0.5, 0.5, 0.5, 0.5]
+        if drift == "logprob":
+            logprobs[2] += 1e-3
+        elif drift in ("near_tie", "flip"):
+            ids[2], margins[2] = 99, (0.01 if drift == "near_tie" else 1.0)
+        return Completion("x", ids, logprobs, margins, prompt_tokens=100, cached_tokens=cached)
+
+    prompts = workload.shared_prefix_prompts(4) + workload.unrelated_prompts()
+    calls = {"n": 0}
+
+    def generate(url, batch, max_new_tokens, **kwargs):
+        calls["n"] += 1
+        one_by_one = len(batch) == 1 and calls["n"] > 2
+        index = [prompts.index(p) for p in batch]
+        drift = one_by_one_drift if one_by_one and index == [5] else None
+        return [completion(i, drift, 64 if 0 < i < 4 and not one_by_one else 0) for i in index]
+
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(demo.torch.cuda, "get_device_name", lambda: "stub GPU")
+    monkeypatch.setattr(server, "Server", _StubServer)
+    monkeypatch.setattr(client, "generate", generate)
+    monkeypatch.setattr(client, "flush_cache", lambda url: None)
+    _StubServer.launched.clear()
+    argv = ["--max-new-tokens", "4", *(["--default-numerics"] if default_numerics else [])]
+    status = demo.run_serving_demo(demo.build_parser().parse_args(argv))
+    out = capsys.readouterr().out
+    assert status == (0 if passes else 1) and out.rstrip().endswith("PASS" if passes else "FAIL")
+    deterministic = "--enable-deterministic-inference" in _StubServer.launched[0]
+    assert deterministic != default_numerics
+    assert ("identical, batch vs one by one" in out) != default_numerics

@@ -7,9 +7,11 @@ fused quantize-and-store — with torch and the Triton kernels of
 :mod:`sglang_sparse_mla.kernels`:
 
 1. project ``q = wq_b(q_lora)``, ``k = k_norm(wk(x))`` and the per-head gate,
-   rotate their rope part, apply a Hadamard rotation (always, to queries and
-   keys alike, which leaves ``q . k`` unchanged and spreads outliers before
-   FP8), quantize per 128 values (UE8M0 scales for DeepSeek-V3.2);
+   rotate their rope part, apply the Hadamard rotation where SGLang's own
+   writer does (to queries and keys alike, which leaves ``q . k`` unchanged
+   and spreads outliers before FP8; SGLang's fused CUDA and HIP writers skip
+   it, and the index-K pages must hold what SGLang would write), quantize
+   per 128 values (UE8M0 scales for DeepSeek-V3.2);
 2. store the new tokens' index keys in SGLang's index-K pages (a prefix's
    keys are already there: reused, never recomputed);
 3. score every visible position: paged logits straight from the index-K
@@ -45,19 +47,43 @@ def _hidden(x) -> torch.Tensor:
     return xf.view(x_q.shape).to(torch.bfloat16)
 
 
+def sglang_rotates(indexer) -> bool:
+    """Whether SGLang's own path for this ``Indexer`` applies the Hadamard rotation before FP8.
+
+    Its fused index-K writers (CUDA ``use_dsa_indexer_fusion``, HIP aiter) skip
+    it, and so do its fallbacks then. Following the module keeps the index-K
+    pages interchangeable with SGLang's (hierarchical cache, disaggregated
+    prefill on another backend) and the FP8 rounding of the scores the same.
+    """
+    fused = getattr(indexer, "use_dsa_indexer_fusion", False) or getattr(indexer, "use_aiter_fused_fp8_writer", False)
+    return not fused
+
+
+def _gate(indexer, x: torch.Tensor) -> torch.Tensor:
+    """The per-head gate ``[T, Hi]`` of an unfused ``Indexer`` as SGLang computes it: on CUDA the
+    bf16 product kept in fp32 (no bf16 rounding, so near-tied index scores order as in SGLang's
+    paths), elsewhere the layer's own output."""
+    weight = indexer.weights_proj.weight
+    if x.is_cuda and x.dtype == weight.dtype == torch.bfloat16:
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return indexer.weights_proj(x)[0]
+
+
 def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor):
-    """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` of the indexer, rope and Hadamard applied."""
+    """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` of the indexer, rope applied, rotated as SGLang does."""
     x = _hidden(x)
     n_heads, head_dim, rope_dim = indexer.n_heads, indexer.head_dim, indexer.rope_head_dim
     query = indexer.wq_b(q_lora)[0].view(-1, n_heads, head_dim)
     if getattr(indexer, "use_dsa_indexer_fusion", False):
         key, gate = indexer.wk_weights_proj(x)[0].split([head_dim, n_heads], dim=-1)
     else:
-        key, gate = indexer.wk(x)[0], indexer.weights_proj(x)[0]
+        key, gate = indexer.wk(x)[0], _gate(indexer, x)
     key = indexer.k_norm(key).to(query.dtype)
     q_rope, k_rope = indexer.rotary_emb(positions, query[..., :rope_dim], key[..., :rope_dim])
     query = torch.cat([q_rope.view(query.shape[0], n_heads, rope_dim), query[..., rope_dim:]], dim=-1)
     key = torch.cat([k_rope.view(key.shape[0], rope_dim), key[..., rope_dim:]], dim=-1)
+    if not sglang_rotates(indexer):
+        return query, key, gate
     return dispatch.hadamard_rotate(query), dispatch.hadamard_rotate(key), gate
 
 

@@ -50,7 +50,9 @@ class Fp32LayerNorm(torch.nn.LayerNorm):
 class StubIndexer(torch.nn.Module):
     """What the backend's indexer forward reads of SGLang's ``Indexer`` module."""
 
-    def __init__(self, hidden: int, q_lora_rank: int, n_heads: int, device, seed: int = 0):
+    def __init__(self, hidden: int, q_lora_rank: int, n_heads: int, device, seed: int = 0, fused: bool = False):
+        """``fused``: like SGLang's CUDA ``Indexer`` (``use_dsa_indexer_fusion``): ``wk`` and
+        ``weights_proj`` also as one ``wk_weights_proj`` layer, and no Hadamard rotation."""
         super().__init__()
         self.n_heads, self.head_dim, self.rope_head_dim = n_heads, 128, 64
         self.softmax_scale = self.head_dim**-0.5
@@ -63,6 +65,10 @@ class StubIndexer(torch.nn.Module):
         gen = torch.Generator().manual_seed(seed)
         for linear in (self.wq_b, self.wk, self.weights_proj):
             linear.weight.data = torch.randn(linear.weight.shape, generator=gen) * linear.weight.shape[1] ** -0.5
+        self.use_dsa_indexer_fusion = fused
+        if fused:
+            self.wk_weights_proj = _Linear(hidden, 128 + n_heads, bias=False)
+            self.wk_weights_proj.weight.data = torch.cat([self.wk.weight.data, self.weights_proj.weight.data])
         self.to(device, torch.bfloat16)
         self.k_norm.float()
 

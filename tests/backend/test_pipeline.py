@@ -17,7 +17,7 @@ from conftest import relative_error
 from dsa_layer import StubIndexer, check_topk_row, index_scores
 
 from sglang_sparse_mla.backend import dispatch
-from sglang_sparse_mla.backend.indexer import SparseIndexer
+from sglang_sparse_mla.backend.indexer import SparseIndexer, project, sglang_rotates
 from sglang_sparse_mla.backend.metadata import build_paged, build_ragged
 from sglang_sparse_mla.kernels import quantize_kv_fp8
 from sglang_sparse_mla.kernels.reference import sparse_mla_reference
@@ -55,10 +55,10 @@ class Requests:
         return torch.tensor(data, dtype=dtype, device=self.device)
 
 
-def run_layer(reqs: Requests, sizes, md, spans, heads):
+def run_layer(reqs: Requests, sizes, md, spans, heads, fused: bool = False):
     """Indexer then attention for the query positions ``spans[r] = (first, last + 1)`` of each request."""
     topk = sizes["topk"]
-    indexer = StubIndexer(64, 32, sizes["index_heads"], reqs.device)
+    indexer = StubIndexer(64, 32, sizes["index_heads"], reqs.device, fused=fused)
     cat = lambda parts: torch.cat([p[a:b] for p, (a, b) in zip(parts, spans, strict=True)])  # noqa: E731
     loc = reqs.tensor([s for slots, (a, b) in zip(reqs.slots, spans, strict=True) for s in slots[a:b]])
     positions = reqs.tensor([p for a, b in spans for p in range(a, b)])
@@ -87,8 +87,10 @@ def run_layer(reqs: Requests, sizes, md, spans, heads):
     assert relative_error(out, ref) < 2e-2
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_prefill_then_decode(target, rng, fp8):
+@pytest.mark.parametrize(
+    ("fp8", "fused"), [(False, False), (True, False), (False, True)], ids=["bf16", "fp8", "bf16-fused-indexer"]
+)
+def test_prefill_then_decode(target, rng, fp8, fused):
     sizes = target.pick(cpu=CPU, gpu=GPU)
     prompts = sizes["prompts"]
     reqs = Requests(target, rng, prompts, fp8)
@@ -96,7 +98,23 @@ def test_prefill_then_decode(target, rng, fp8):
 
     kv_total = reqs.tensor(list(prompts), torch.int32)
     extend = build_ragged(reqs.req_to_token, rpi, kv_total, kv_total, list(prompts), list(prompts), 2**27)
-    run_layer(reqs, sizes, extend, [(0, n) for n in prompts], sizes["heads"])
+    run_layer(reqs, sizes, extend, [(0, n) for n in prompts], sizes["heads"], fused)
 
     decode = build_paged(reqs.req_to_token, rpi, kv_total + 1, 1, max(prompts) + 1)
-    run_layer(reqs, sizes, decode, [(n, n + 1) for n in prompts], sizes["heads"])
+    run_layer(reqs, sizes, decode, [(n, n + 1) for n in prompts], sizes["heads"], fused)
+
+
+def test_index_keys_rotated_as_sglang_writes_them(target):
+    """SGLang's fused ``Indexer`` writes unrotated index keys, its unfused one Hadamard-rotated keys:
+    the projection follows the module, and the scores (``q . k``) are the same either way."""
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3)).bfloat16().to(target.device)
+    q_lora = torch.randn(40, 32, generator=torch.Generator().manual_seed(4)).bfloat16().to(target.device)
+    positions = torch.arange(40, device=target.device)
+    plain, fused = (StubIndexer(64, 32, 8, target.device, fused=f) for f in (False, True))
+    assert sglang_rotates(plain) and not sglang_rotates(fused)
+    (q_r, k_r, gate_r), (q, k, gate) = (project(m, x, q_lora, positions) for m in (plain, fused))
+    assert torch.equal(dispatch.hadamard_rotate(q), q_r) and torch.equal(dispatch.hadamard_rotate(k), k_r)
+    torch.testing.assert_close(gate, gate_r, rtol=1e-2, atol=1e-2)
+    scores = torch.einsum("thd,nd->thn", q.double(), k.double())
+    rotated = torch.einsum("thd,nd->thn", q_r.double(), k_r.double())
+    assert relative_error(rotated, scores) < 1e-2

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("sglang.srt")
 
 from conftest import relative_error  # noqa: E402
-from dsa_world import HEADS, TOPK, DSAWorld, TinyDSALayer, make_indexer, sglang_config  # noqa: E402,F401
+from dsa_world import HEADS, HIDDEN, Q_LORA, TOPK, DSAWorld, TinyDSALayer, make_indexer, sglang_config  # noqa: E402,F401
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
 from sglang_sparse_mla.backend import dispatch  # noqa: E402
@@ -134,3 +134,22 @@ def test_index_share_layer_reuses_previous_topk(sglang_config, monkeypatch):
     assert relative_error(out0, world.reference([req], [75], q[0], positions)) < 1e-2
     req.rows = rows[1]  # what layer 1 holds at the same slots
     assert relative_error(out1, world.reference([req], [75], q[1], positions)) < 1e-2
+
+
+def test_projection_matches_sglang_gate_and_keys(sglang_config, monkeypatch):
+    """The gate is SGLang's own (fp32 on CUDA), and the Hadamard rotation is applied where SGLang's
+    module applies it, so index scores round as in SGLang's paths."""
+    from sglang_sparse_mla.backend.indexer import project, sglang_rotates
+
+    indexer = make_indexer(monkeypatch)
+    world = DSAWorld(num_heads=HEADS, index_topk=TOPK)
+    x, q_lora = world.random(24, HIDDEN), world.random(24, Q_LORA)
+    _, key, gate = project(indexer, x, q_lora, torch.arange(24, device=world.device))
+    if indexer.use_dsa_indexer_fusion:
+        sglang_key, sglang_gate = indexer._fused_k_weights(x)
+    else:
+        sglang_key, sglang_gate = indexer.wk(x)[0], indexer._weights_proj_bf16_in_fp32_out(x)
+    assert torch.equal(gate.float(), sglang_gate.float())
+    assert sglang_rotates(indexer) == (not indexer.use_dsa_indexer_fusion)
+    unrotated = key if not sglang_rotates(indexer) else dispatch.hadamard_rotate(key.double()).to(key.dtype)
+    assert relative_error(unrotated[:, 64:], indexer.k_norm(sglang_key).to(key.dtype)[:, 64:]) < 1e-2

@@ -1,6 +1,6 @@
 """Seeded tiny DSA checkpoints for end-to-end serving tests.
 
-``python -m sglang_sparse_mla.tiny_model OUT_DIR [--arch deepseek-v3.2|glm-5] [--seed N]``
+``python -m sglang_sparse_mla.tiny_model OUT_DIR [--arch deepseek-v3.2|glm-5] [--shape small|released] [--seed N]``
 
 writes a randomly initialised model of the real architecture, small enough to
 load in seconds, in the layout SGLang 0.5.23's DeepSeek loader consumes
@@ -25,6 +25,12 @@ drawn per tensor from ``(seed, name)`` (independent of write order) with
 standard deviation ``fan_in ** -0.5`` and norms at 1, which keeps activations
 O(1) through the layers. A byte-level BPE tokenizer with a chat template is
 written beside them (:mod:`.tiny_tokenizer`).
+
+``--shape released`` (DeepSeek-V3.2 only) keeps the narrow hidden size but
+gives the attention its released shape: 128 query heads, q_lora_rank 1536,
+index_topk 2048, 32k positions, 2 layers (about 290 MB). There attention and
+the indexer dominate a step at long contexts, as in the real model, and
+SGLang's sgl-kernel top-k (which asserts index_topk 2048) runs unmodified.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from pathlib import Path
 import torch
 
 ARCHITECTURES = ("deepseek-v3.2", "glm-5")
+SHAPES = ("small", "released")
 VOCAB_SIZE = 1024  # >= the tokenizer's vocabulary (see tiny_tokenizer.TARGET_VOCAB)
 MAX_POSITIONS = 8192
 
@@ -114,11 +121,36 @@ _ARCH_CONFIGS = {
 }
 
 
-def tiny_config(arch: str = "deepseek-v3.2") -> dict:
-    """The ``config.json`` contents of the tiny model of ``arch`` (one of :data:`ARCHITECTURES`)."""
+_RELEASED_POSITIONS = 32768
+# The released attention shapes (query heads, q_lora_rank, index_topk) on the tiny model's body.
+_RELEASED_ATTENTION = {
+    "deepseek-v3.2": {
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "q_lora_rank": 1536,
+        "index_topk": 2048,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": _RELEASED_POSITIONS,
+        "rope_scaling": {
+            **_ARCH_CONFIGS["deepseek-v3.2"]["rope_scaling"],
+            "original_max_position_embeddings": _RELEASED_POSITIONS // 2,
+        },
+    },
+}
+
+
+def tiny_config(arch: str = "deepseek-v3.2", shape: str = "small") -> dict:
+    """The ``config.json`` contents of the tiny model of ``arch`` (one of :data:`ARCHITECTURES`),
+    ``shape`` one of :data:`SHAPES`."""
     if arch not in _ARCH_CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
-    return {**_COMMON, **_ARCH_CONFIGS[arch]}
+    if shape == "small":
+        return {**_COMMON, **_ARCH_CONFIGS[arch]}
+    if shape == "released" and arch in _RELEASED_ATTENTION:
+        return {**_COMMON, **_ARCH_CONFIGS[arch], **_RELEASED_ATTENTION[arch]}
+    raise ValueError(
+        f"no {shape!r} shape for {arch!r}: choose 'small', or 'released' for {sorted(_RELEASED_ATTENTION)}"
+    )
 
 
 def is_moe_layer(config: dict, layer: int) -> bool:
@@ -229,7 +261,7 @@ def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_tiny_model(out_dir: str | Path, arch: str = "deepseek-v3.2", seed: int = 0) -> Path:
+def write_tiny_model(out_dir: str | Path, arch: str = "deepseek-v3.2", seed: int = 0, shape: str = "small") -> Path:
     """Write config, generation config, weights and tokenizer of the tiny ``arch`` model; return the directory."""
     from safetensors.torch import save_file
 
@@ -237,7 +269,7 @@ def write_tiny_model(out_dir: str | Path, arch: str = "deepseek-v3.2", seed: int
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(arch)
+    config = tiny_config(arch, shape)
     vocab = write_tokenizer(out, model_max_length=config["max_position_embeddings"])
     if vocab > config["vocab_size"]:
         raise RuntimeError(f"tokenizer has {vocab} tokens, more than the model's {config['vocab_size']}")
@@ -252,9 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing)")
     parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
+    parser.add_argument("--shape", choices=SHAPES, default="small", help="released: DeepSeek-V3.2's attention shapes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    write_tiny_model(args.out_dir, args.arch, args.seed)
+    write_tiny_model(args.out_dir, args.arch, args.seed, args.shape)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,30 @@ def test_e2e_summary_of_recorded_results():
     assert "ok" not in run_e2e.summarize(results, 0.1, 2.0, topk)["ours_vs_dsa"]
 
 
+def test_e2e_configs_and_workloads_follow_the_model_shape(tmp_path, monkeypatch, capsys):
+    """SGLang's DSA paths keep sgl-kernel's top-k where the model allows it (index_topk 2048); one
+    results folder holds one model."""
+    run_e2e = _load("run_e2e")
+    from sglang_sparse_mla.tiny_model import SHAPES, tiny_config
+
+    native, small = run_e2e.make_configs(2048), run_e2e.make_configs(256)
+    assert "--dsa-topk-backend" not in native["dsa"].args and native["dsa"].env == {}
+    assert small["fallback"].args[-6:-4] == ("--dsa-topk-backend", "torch") and small["dsa"].env
+    assert tuple(native) == run_e2e.CONFIG_NAMES and set(run_e2e.WORKLOADS) == set(SHAPES)
+    for shape, workload in run_e2e.WORKLOADS.items():
+        config = tiny_config("deepseek-v3.2", shape)
+        assert max(workload.teacher_lengths) > 2 * config["index_topk"]  # well into the sparse region
+        assert workload.input_tokens + workload.output_tokens <= config["max_position_embeddings"]
+    assert run_e2e.WORKLOADS["released"].requests(1) == 4 and run_e2e.WORKLOADS["small"].requests(32) == 128
+
+    (tmp_path / "results.json").write_text('{"_meta": {"arch": "deepseek-v3.2", "gpu": "H200"}}')
+    monkeypatch.setattr("sys.argv", ["run_e2e.py", "--out", str(tmp_path), "--configs", "ours", "--shape", "released"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_e2e.main()
+    assert exit_info.value.code == 2 and "another model" in capsys.readouterr().err
+    assert not (tmp_path / "model-deepseek-v3.2-released-seed0").exists()
+
+
 def test_stream_generate_times_first_token(tmp_path):
     """TTFT and token count from a server-sent ``/generate`` stream (a local stub server)."""
     import http.server

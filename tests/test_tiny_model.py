@@ -18,18 +18,33 @@ pytest.importorskip("tokenizers")
 needs_sglang = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed")
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+# Every (architecture, shape) there is: both architectures small, DeepSeek-V3.2 also released.
+MODELS = [(arch, "small") for arch in ARCHITECTURES] + [("deepseek-v3.2", "released")]
+MODEL_IDS = [f"{arch}-{shape}" for arch, shape in MODELS]
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=MODEL_IDS)
 def written(request, tmp_path_factory):
-    """``(arch, directory)`` of a model written once per architecture."""
-    return request.param, write_tiny_model(tmp_path_factory.mktemp(request.param), request.param, seed=0)
+    """``(arch, shape, directory)`` of a model written once per architecture and shape."""
+    arch, shape = request.param
+    return arch, shape, write_tiny_model(tmp_path_factory.mktemp(f"{arch}-{shape}"), arch, seed=0, shape=shape)
+
+
+def test_released_shape_is_deepseek_v32_attention():
+    config = tiny_config("deepseek-v3.2", "released")
+    assert (config["num_attention_heads"], config["q_lora_rank"], config["index_topk"]) == (128, 1536, 2048)
+    assert config["index_n_heads"] == 64 and config["max_position_embeddings"] == 32768
+    assert config["hidden_size"] == tiny_config("deepseek-v3.2")["hidden_size"]  # the body stays tiny
+    with pytest.raises(ValueError, match="released"):
+        tiny_config("glm-5", "released")
 
 
 def test_files_names_and_shapes(written):
     from safetensors.torch import load_file
 
-    arch, path = written
+    arch, shape, path = written
     config = json.loads((path / "config.json").read_text())
-    assert config == tiny_config(arch)
+    assert config == tiny_config(arch, shape)
     assert config["kv_lora_rank"] == 512 and config["qk_rope_head_dim"] == 64 and config["index_head_dim"] == 128
     tensors = load_file(path / "model.safetensors")
     spec = checkpoint_spec(config)
@@ -46,9 +61,9 @@ def test_tokenizer_loads_offline(written, monkeypatch):
     transformers = pytest.importorskip("transformers")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    arch, path = written
+    arch, shape, path = written
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    assert len(tokenizer) <= tiny_config(arch)["vocab_size"]
+    assert len(tokenizer) <= tiny_config(arch, shape)["vocab_size"]
     assert tokenizer.bos_token_id == 0 and tokenizer.eos_token_id == 1
     text = "Sparse attention keeps the top tokens; unseen words still encode: Zürich 42!"
     ids = tokenizer(text).input_ids
@@ -145,12 +160,12 @@ def test_activations_stay_order_one(arch):
 def test_sglang_sees_a_dsa_model_for_our_backend(written):
     from sglang.srt.configs.model_config import AttentionArch, ModelConfig, dsa_layer_skips_topk, is_deepseek_dsa
 
-    arch, path = written
+    arch, shape, path = written
     model_config = ModelConfig(str(path))
     hf_config = model_config.hf_config
     assert is_deepseek_dsa(hf_config) and model_config.attention_arch == AttentionArch.MLA
     assert (model_config.kv_lora_rank, model_config.qk_rope_head_dim, model_config.index_head_dim) == (512, 64, 128)
-    types = tiny_config(arch).get("indexer_types") or ["full"] * hf_config.num_hidden_layers
+    types = tiny_config(arch, shape).get("indexer_types") or ["full"] * hf_config.num_hidden_layers
     assert [dsa_layer_skips_topk(hf_config, i) for i in range(len(types))] == [t == "shared" for t in types]
     from sglang.srt.utils.hf_transformers_utils import get_tokenizer
 
@@ -168,7 +183,7 @@ def test_server_arguments_resolve_to_our_backend(written, monkeypatch):
     load_plugins()
     monkeypatch.setattr(cuda_graph_config, "default_prefill_backend", lambda: cuda_graph_config.Backend.BREAKABLE)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
-    _, path = written
+    *_, path = written
     args = prepare_server_args(
         ["--model-path", str(path), "--device", "cpu", "--attention-backend", "triton_sparse_mla"]
     )
@@ -179,23 +194,26 @@ def test_server_arguments_resolve_to_our_backend(written, monkeypatch):
 
 @pytest.fixture(scope="module")
 def sglang_load_reports(tmp_path_factory) -> dict:
-    """``(arch, fused) -> report`` of tests/sglang_load_check.py, one subprocess for every model."""
-    paths = {arch: write_tiny_model(tmp_path_factory.mktemp(f"load-{arch}"), arch) for arch in ARCHITECTURES}
+    """``(arch, shape, fused) -> report`` of tests/sglang_load_check.py, one subprocess for every model."""
+    paths = {
+        (arch, shape): write_tiny_model(tmp_path_factory.mktemp(f"load-{arch}-{shape}"), arch, shape=shape)
+        for arch, shape in MODELS
+    }
     script = os.path.join(os.path.dirname(__file__), "sglang_load_check.py")
     argv = [sys.executable, script, *map(str, paths.values())]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     reports = [json.loads(line[len("REPORT ") :]) for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert len(reports) == 2 * len(paths), proc.stdout[-2000:] + proc.stderr[-4000:]
-    arch_of = {str(path): arch for arch, path in paths.items()}
-    return {(arch_of[r["path"]], r["fused"]): r for r in reports}
+    model_of = {str(path): model for model, path in paths.items()}
+    return {(*model_of[r["path"]], r["fused"]): r for r in reports}
 
 
 @needs_sglang
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize(("arch", "shape"), MODELS, ids=MODEL_IDS)
 @pytest.mark.parametrize("fused_indexer", [False, True], ids=["cpu_build", "cuda_build"])
-def test_sglang_model_class_loads_every_parameter(sglang_load_reports, arch, fused_indexer):
-    report = sglang_load_reports[arch, fused_indexer]
-    assert report["class"] == tiny_config(arch)["architectures"][0]
+def test_sglang_model_class_loads_every_parameter(sglang_load_reports, arch, shape, fused_indexer):
+    report = sglang_load_reports[arch, shape, fused_indexer]
+    assert report["class"] == tiny_config(arch, shape)["architectures"][0]
     assert report["unfilled"] == [] and report["warnings"] == []
     assert all(report["fused_checks"].values()), report["fused_checks"]
     fused = any(name.endswith("indexer.wk_weights_proj.weight") for name in report["shapes"])

@@ -1,12 +1,14 @@
 """End-to-end GPU runs: the tiny DSA model served by SGLang, our backend against SGLang's own.
 
-    python benchmarks/e2e/run_e2e.py --out DIR [--configs ours,ours-no-radix,...] [--arch glm-5]
+    python benchmarks/e2e/run_e2e.py --out DIR [--configs ours,ours-no-radix,...] [--arch glm-5] [--shape released]
     python benchmarks/e2e/run_e2e.py --out DIR --configs none --merge A.json B.json   (summary only, any machine)
 
 Each configuration is one ``python -m sglang.launch_server`` (CUDA graphs on,
 captured up to the work's largest batch, 32) of the tiny model
-(:mod:`sglang_sparse_mla.tiny_model`, written once to DIR) that runs the work
-its comparisons need, then stops. Results accumulate in DIR/results.json (so
+(:mod:`sglang_sparse_mla.tiny_model`, written once to DIR; ``--shape released``:
+DeepSeek-V3.2's attention shapes, 128 heads and index_topk 2048, with long
+prompts) that runs the work its comparisons need, then stops. One DIR holds
+the results of one model. Results accumulate in DIR/results.json (so
 runs can be split over several calls of a warm machine, run by several
 processes at once, e.g. one per GPU with CUDA_VISIBLE_DEVICES, or merged from
 several files with --merge); DIR/summary.json and the printed summary compare
@@ -14,7 +16,7 @@ whatever configurations are there. Server logs go to DIR/logs/; a failed start
 is recorded with its log tail and the next configuration runs. Each server
 takes --mem-fraction-static 0.35, so two fit on one GPU.
 
-Configurations (CONFIGS):
+Configurations (make_configs):
   ours           --attention-backend triton_sparse_mla, BF16 KV
   ours-fp8       the same with --kv-cache-dtype fp8_e4m3
   ours-no-radix  the same with --disable-radix-cache
@@ -22,15 +24,15 @@ Configurations (CONFIGS):
   ours-det-no-radix  the same with --disable-radix-cache
   ours-tp2       ours with --tp 2, FlashInfer all-reduce fusion off (skipped with fewer than 2 GPUs)
   dsa            --attention-backend dsa: SGLang's Hopper path (FlashMLA sparse
-                 prefill, FA3 decode, DeepGEMM indexer logits; torch top-k, as
-                 sgl-kernel's needs index_topk 2048)
+                 prefill, FA3 decode, DeepGEMM indexer logits; with the small
+                 shape the torch top-k, as sgl-kernel's asserts index_topk 2048)
   dsa-no-radix   the same with --disable-radix-cache
   dsa-fp8        the same with --kv-cache-dtype fp8_e4m3 (FlashMLA FP8 KV)
   fallback       SGLang's path for GPUs without FlashMLA/DeepGEMM: --attention-backend
                  dsa --dsa-{prefill,decode}-backend tilelang, indexer logits in torch
                  (SGLANG_FP8_PAGED_MQA_LOGITS_TORCH=1)
 
-Work (WORK):
+Work (WORK; lengths of the small shape, the released one's in WORKLOADS):
   radix       the shared prefix cached, then a batch of 8 requests sharing it plus 4
               unrelated ones (greedy, top-2 logprobs)
   one_by_one  the same 12 requests one at a time
@@ -76,16 +78,25 @@ from sglang_sparse_mla.serving.workload import (
     token_prompts,
     unrelated_prompts,
 )
-from sglang_sparse_mla.tiny_model import ARCHITECTURES, tiny_config, write_tiny_model
+from sglang_sparse_mla.tiny_model import ARCHITECTURES, SHAPES, tiny_config, write_tiny_model
 
 # Every launch: CUDA graphs for the batch sizes the work reaches (its largest batch is 32),
 # and a static memory share that lets two servers run on one GPU.
 COMMON = ("--cuda-graph-max-bs-decode", "32", "--mem-fraction-static", "0.35")
 OURS = ("--attention-backend", "triton_sparse_mla")
-# SGLang's sgl-kernel top-k asserts index_topk == 2048 (the tiny model uses 256), so
-# its DSA paths take the torch top-k; prefill CUDA graphs are off as in ours.
-DSA = ("--attention-backend", "dsa", "--dsa-topk-backend", "torch", "--disable-prefill-cuda-graph")
-DSA_ENV = {"SGLANG_DSA_FUSE_TOPK": "false"}
+# SGLang's sgl-kernel top-k asserts index_topk == 2048, so with the small shape (256) its
+# DSA paths take the torch top-k; prefill CUDA graphs are off as in ours.
+SGL_KERNEL_TOPK = 2048
+
+
+def dsa_launch(index_topk: int) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Arguments and environment of SGLang's own DSA backend for a model's ``index_topk``."""
+    args = ("--attention-backend", "dsa", "--disable-prefill-cuda-graph")
+    if index_topk == SGL_KERNEL_TOPK:
+        return args, {}
+    return (*args, "--dsa-topk-backend", "torch"), {"SGLANG_DSA_FUSE_TOPK": "false"}
+
+
 FP8 = ("--kv-cache-dtype", "fp8_e4m3")
 NO_RADIX = ("--disable-radix-cache",)
 DETERMINISTIC = ("--enable-deterministic-inference",)
@@ -105,30 +116,36 @@ class Config:
     modules: tuple[str, ...] = ()
 
 
-CONFIGS = {
-    "ours": Config(OURS, ("radix", "teacher", "greedy", "soak", "throughput")),
-    "ours-no-radix": Config((*OURS, *NO_RADIX), ("one_by_one",)),
-    "ours-det": Config((*OURS, *DETERMINISTIC), ("radix",)),
-    "ours-det-no-radix": Config((*OURS, *DETERMINISTIC, *NO_RADIX), ("one_by_one",)),
-    "ours-fp8": Config((*OURS, *FP8), ("teacher", "greedy", "throughput")),
-    # FlashInfer's all-reduce fusion (auto-enabled for DeepSeek at TP > 1, unrelated to attention)
-    # is off: the first TP-2 start stalled right after setting up its workspaces.
-    "ours-tp2": Config(
-        (*OURS, "--tp", "2", "--enforce-disable-flashinfer-allreduce-fusion"),
-        ("teacher", "greedy"),
-        env=NO_MULTICAST,
-        gpus=2,
-    ),
-    "dsa": Config(DSA, ("radix", "teacher", "greedy", "throughput"), env=DSA_ENV, modules=("flash_mla",)),
-    "dsa-no-radix": Config((*DSA, *NO_RADIX), ("one_by_one",), env=DSA_ENV, modules=("flash_mla",)),
-    "dsa-fp8": Config((*DSA, *FP8), ("teacher", "greedy"), env=DSA_ENV, modules=("flash_mla",)),
-    "fallback": Config(
-        (*DSA, "--dsa-prefill-backend", "tilelang", "--dsa-decode-backend", "tilelang"),
-        ("teacher", "greedy", "throughput"),
-        env={**DSA_ENV, "SGLANG_FP8_PAGED_MQA_LOGITS_TORCH": "1"},
-        modules=("tilelang",),
-    ),
-}
+def make_configs(index_topk: int) -> dict[str, Config]:
+    """The configurations of the module docstring for a model's ``index_topk``."""
+    dsa, dsa_env = dsa_launch(index_topk)
+    return {
+        "ours": Config(OURS, ("radix", "teacher", "greedy", "soak", "throughput")),
+        "ours-no-radix": Config((*OURS, *NO_RADIX), ("one_by_one",)),
+        "ours-det": Config((*OURS, *DETERMINISTIC), ("radix",)),
+        "ours-det-no-radix": Config((*OURS, *DETERMINISTIC, *NO_RADIX), ("one_by_one",)),
+        "ours-fp8": Config((*OURS, *FP8), ("teacher", "greedy", "throughput")),
+        # FlashInfer's all-reduce fusion (auto-enabled for DeepSeek at TP > 1, unrelated to attention)
+        # is off: the first TP-2 start stalled right after setting up its workspaces.
+        "ours-tp2": Config(
+            (*OURS, "--tp", "2", "--enforce-disable-flashinfer-allreduce-fusion"),
+            ("teacher", "greedy"),
+            env=NO_MULTICAST,
+            gpus=2,
+        ),
+        "dsa": Config(dsa, ("radix", "teacher", "greedy", "throughput"), env=dsa_env, modules=("flash_mla",)),
+        "dsa-no-radix": Config((*dsa, *NO_RADIX), ("one_by_one",), env=dsa_env, modules=("flash_mla",)),
+        "dsa-fp8": Config((*dsa, *FP8), ("teacher", "greedy"), env=dsa_env, modules=("flash_mla",)),
+        "fallback": Config(
+            (*dsa, "--dsa-prefill-backend", "tilelang", "--dsa-decode-backend", "tilelang"),
+            ("teacher", "greedy", "throughput"),
+            env={**dsa_env, "SGLANG_FP8_PAGED_MQA_LOGITS_TORCH": "1"},
+            modules=("tilelang",),
+        ),
+    }
+
+
+CONFIG_NAMES = tuple(make_configs(SGL_KERNEL_TOPK))
 # (a, b, judged): teacher-forced and greedy logprobs compared between configurations.
 # A random-weight model amplifies rounding (near-tied top-k index scores and MoE routing,
 # near-uniform output logits), so two correct paths drift apart with sequence length and
@@ -153,24 +170,46 @@ LOGPROB_PAIRS = (
 RADIX_PAIRS = (("ours", False), ("dsa", False), ("ours-det", True))
 
 RADIX_TOKENS = 48
-TEACHER_LENGTHS = [300, 1000, 2000, 4000]
-GREEDY_LENGTHS, GREEDY_TOKENS = [100, 600, 1500, 3000], 128
 SOAK_REQUESTS, SOAK_STEPS = 32, 3000
-CONCURRENCY, INPUT_TOKENS, OUTPUT_TOKENS = (1, 8, 32), 1024, 256
+CONCURRENCY = (1, 8, 32)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Sequence lengths of the teacher, greedy and throughput work for one model shape."""
+
+    teacher_lengths: tuple[int, ...]
+    greedy_lengths: tuple[int, ...]
+    greedy_tokens: int
+    input_tokens: int
+    output_tokens: int
+    waves: int  # throughput requests per concurrency level: max(min_requests, waves * concurrency)
+    min_requests: int
+
+    def requests(self, concurrency: int) -> int:
+        return max(self.min_requests, self.waves * concurrency)
+
+
+# Both shapes reach well past index_topk (256 small, 2048 released); the released shape's
+# prompts are long enough for attention and the indexer to dominate a decode step.
+WORKLOADS = {
+    "small": Workload((300, 1000, 2000, 4000), (100, 600, 1500, 3000), 128, 1024, 256, 4, 8),
+    "released": Workload((1000, 4000, 8000), (1000, 4000, 12000), 64, 8192, 256, 1, 4),
+}
 
 
 def radix_prompts() -> list[str]:
     return shared_prefix_prompts(8) + unrelated_prompts()
 
 
-def run_radix(url: str) -> dict:
+def run_radix(url: str, workload: Workload) -> dict:
     prompts = radix_prompts()
     generate(url, prompts[:1], 1)  # the shared prefix enters the radix cache
     batch = generate(url, prompts, RADIX_TOKENS)
     return {"completions": [c.to_json() for c in batch]}
 
 
-def run_one_by_one(url: str) -> dict:
+def run_one_by_one(url: str, workload: Workload) -> dict:
     completions = []
     for prompt in radix_prompts():
         flush_cache(url)
@@ -178,16 +217,17 @@ def run_one_by_one(url: str) -> dict:
     return {"completions": [c.to_json() for c in completions]}
 
 
-def run_teacher(url: str) -> dict:
-    sequences = token_prompts(TEACHER_LENGTHS, seed=1)
+def run_teacher(url: str, workload: Workload) -> dict:
+    sequences = token_prompts(list(workload.teacher_lengths), seed=1)
     return {"completions": [generate(url, [s], 1, input_logprobs=True)[0].to_json() for s in sequences]}
 
 
-def run_greedy(url: str) -> dict:
-    return {"completions": [c.to_json() for c in generate(url, token_prompts(GREEDY_LENGTHS, seed=2), GREEDY_TOKENS)]}
+def run_greedy(url: str, workload: Workload) -> dict:
+    prompts = token_prompts(list(workload.greedy_lengths), seed=2)
+    return {"completions": [c.to_json() for c in generate(url, prompts, workload.greedy_tokens)]}
 
 
-def run_soak(url: str) -> dict:
+def run_soak(url: str, workload: Workload) -> dict:
     prompts = token_prompts([64 + 14 * i for i in range(SOAK_REQUESTS)], seed=3)
     start = time.perf_counter()
     completions = generate(url, prompts, SOAK_STEPS, top_logprobs=0, ignore_eos=True, timeout=1800)
@@ -230,12 +270,12 @@ def _timed_requests(url: str, prompts: list[list[int]], concurrency: int, tokens
     }
 
 
-def run_throughput(url: str) -> dict:
+def run_throughput(url: str, workload: Workload) -> dict:
     levels = []
     for concurrency in CONCURRENCY:
-        prompts = token_prompts([INPUT_TOKENS] * max(8, 4 * concurrency), seed=10 + concurrency)
+        prompts = token_prompts([workload.input_tokens] * workload.requests(concurrency), seed=10 + concurrency)
         _timed_requests(url, prompts[:concurrency], concurrency, 8)  # warm-up: compiles this batch size's kernels
-        levels.append(_timed_requests(url, prompts, concurrency, OUTPUT_TOKENS))
+        levels.append(_timed_requests(url, prompts, concurrency, workload.output_tokens))
     return {"levels": levels}
 
 
@@ -256,9 +296,8 @@ def skip_reason(config: Config) -> str | None:
     return f"module(s) {', '.join(missing)} not installed (baselines tier)" if missing else None
 
 
-def run_config(name: str, model: Path, out: Path, startup_timeout: float) -> dict:
+def run_config(name: str, config: Config, workload: Workload, model: Path, out: Path, startup_timeout: float) -> dict:
     """Launch one configuration, run its work (each step's failure recorded), stop it."""
-    config = CONFIGS[name]
     reason = skip_reason(config)
     if reason:
         return {"skipped": reason}
@@ -271,7 +310,7 @@ def run_config(name: str, model: Path, out: Path, startup_timeout: float) -> dic
             result["startup_s"] = time.perf_counter() - start
             for step in config.work:
                 try:
-                    result[step] = WORK[step](server.url)
+                    result[step] = WORK[step](server.url, workload)
                 except Exception as err:  # one step's failure must not hide the others' results
                     result[step] = {"error": f"{type(err).__name__}: {err}"}
     except ServerError as err:
@@ -417,6 +456,7 @@ def main() -> None:
     parser.add_argument("--configs", default="ours,ours-no-radix,ours-fp8,dsa,dsa-fp8,fallback,ours-tp2",
                         help="comma-separated names of CONFIGS, or 'none'")  # fmt: skip
     parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
+    parser.add_argument("--shape", choices=SHAPES, default="small", help="the tiny model's attention shape")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="more results.json files to include")
     parser.add_argument("--tie-margin", type=float, default=DEFAULT_TIE_MARGIN)
@@ -425,35 +465,44 @@ def main() -> None:
     parser.add_argument("--startup-timeout", type=float, default=420.0, help="seconds a server may take to start")
     args = parser.parse_args()
     names = [] if args.configs == "none" else args.configs.split(",")
-    unknown = [n for n in names if n not in CONFIGS]
+    unknown = [n for n in names if n not in CONFIG_NAMES]
     if unknown:
-        parser.error(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIGS)}")
+        parser.error(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIG_NAMES)}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "results.json"
+    model_key = {"arch": args.arch, "shape": args.shape, "seed": args.seed}
     with locked(args.out):
         results = load_results(store)
         for extra in args.merge:
             results.update(json.loads(extra.read_text()))
+        meta = results.get("_meta", {})
+        recorded = {k: {"shape": "small", "seed": 0, **meta}[k] for k in model_key} if "arch" in meta else {}
+        if names and recorded and recorded != model_key:
+            parser.error(f"{store} holds results of another model {recorded}; use another --out")
         store.write_text(json.dumps(results, indent=1))
-        model = args.out / f"model-{args.arch}-seed{args.seed}"
+        model = args.out / f"model-{args.arch}-{args.shape}-seed{args.seed}"
         if names and not (model / "model.safetensors").exists():
-            write_tiny_model(model, args.arch, args.seed)
+            write_tiny_model(model, args.arch, args.seed, args.shape)
+    index_topk = tiny_config(args.arch, args.shape)["index_topk"]
+    configs, workload = make_configs(index_topk), WORKLOADS[args.shape]
     if names:
-        meta = {"gpu": torch.cuda.get_device_name(), "arch": args.arch, "torch": torch.__version__}
+        meta = {"gpu": torch.cuda.get_device_name(), **model_key, "torch": torch.__version__}
     for name in names:
         print(f"=== {name}", flush=True)
-        result = run_config(name, model, args.out, args.startup_timeout)
+        result = run_config(name, configs[name], workload, model, args.out, args.startup_timeout)
         result["gpus"] = torch.cuda.device_count()
         with locked(args.out):  # another process may have added its configurations meanwhile
             results = load_results(store)
             results[name] = result
             results["_meta"] = {**results.get("_meta", {}), **meta}
             store.write_text(json.dumps(results, indent=1))
-    configs = {k: v for k, v in results.items() if not k.startswith("_")}
-    arch = results.get("_meta", {}).get("arch", args.arch)
-    summary = summarize(configs, args.tie_margin, args.max_spread_ratio, tiny_config(arch)["index_topk"])
-    (args.out / "summary.json").write_text(json.dumps({"meta": results.get("_meta", {}), **summary}, indent=1))
+    recorded = results.get("_meta", {})
+    index_topk = tiny_config(recorded.get("arch", args.arch), recorded.get("shape", "small"))["index_topk"]
+    summary = summarize(
+        {k: v for k, v in results.items() if not k.startswith("_")}, args.tie_margin, args.max_spread_ratio, index_topk
+    )
+    (args.out / "summary.json").write_text(json.dumps({"meta": recorded, **summary}, indent=1))
     print_summary(summary)
     sys.exit(1 if any(isinstance(v, dict) and v.get("ok") is False for v in summary.values()) else 0)
 

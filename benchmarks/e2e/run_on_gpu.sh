@@ -7,15 +7,15 @@
 # JOB: demo or demo-ARCH (the README main job: serve the tiny model, send requests;
 # at --mem-fraction-static 0.35, so it can share a GPU), tests (the GPU test suite
 # under the staged runtime: TESTS, default tests/; PYTEST_ARGS, default -x), or a
-# comma-separated list of run_e2e.py configurations (e.g. ours,ours-no-radix).
+# comma-separated list of run_e2e.py configurations (e.g. ours,ours-no-radix;
+# E2E_ARGS adds run_e2e.py options, e.g. "--shape released" with its own E2E_WORK).
 # Jobs run one after another; gpuN:JOB+JOB... starts a lane at once in the
 # background on GPU N alone (CUDA_VISIBLE_DEVICES=N) that runs its jobs in order
 # (output in lane-gpuN.txt, its tail printed at the end); the call waits for every
-# lane. run_e2e.py results
-# accumulate in $E2E_WORK (default /tmp/e2e) over calls of a warm machine and over
-# concurrent jobs; each call copies results.json, summary.json and the server
-# logs (logs.tgz) to the results folder. Servers left running by an earlier call
-# that ran out of time are stopped first.
+# lane. run_e2e.py results accumulate in $E2E_WORK (default /tmp/e2e) over calls
+# of a warm machine and over concurrent jobs; each call copies results.json,
+# summary.json and the server logs (logs.tgz) to the results folder. Servers left
+# running by an earlier call that ran out of time are stopped first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RESULTS=${OUT:-$PWD/benchmarks/results/e2e-run}
@@ -33,7 +33,7 @@ run_job() {
         $PY -m sglang_sparse_mla.demo ${arch:+--arch ${arch#-}} --server-arg=--mem-fraction-static=0.35 2>&1 |
             tee "$RESULTS/$1.txt" ;;
     tests) OUT=$RESULTS PYTHON=$PY TESTS=${TESTS:-tests} bash benchmarks/gpu_suite.sh env test ;;
-    *) $PY benchmarks/e2e/run_e2e.py --out "$WORK" --configs "$1" 2>&1 | tee -a "$RESULTS/e2e.txt" ;;
+    *) $PY benchmarks/e2e/run_e2e.py --out "$WORK" --configs "$1" ${E2E_ARGS:-} 2>&1 | tee -a "$RESULTS/e2e.txt" ;;
     esac
 }
 

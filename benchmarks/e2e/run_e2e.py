@@ -147,8 +147,8 @@ def make_configs(index_topk: int) -> dict[str, Config]:
 
 CONFIG_NAMES = tuple(make_configs(SGL_KERNEL_TOPK))
 # (a, b, judged): teacher-forced and greedy logprobs compared between configurations.
-# A random-weight model amplifies rounding (near-tied top-k index scores and MoE routing,
-# near-uniform output logits), so two correct paths drift apart with sequence length and
+# A random-weight model amplifies rounding (near-tied top-k index scores and MoE routing),
+# so two correct paths drift apart with sequence length and
 # their greedy outputs part within a few tokens: SGLang's own Hopper and fallback paths do.
 # A judged pair is held to that spread, SPREAD_PAIR measured in the same run, per region
 # (dense: positions that see at most index_topk tokens; sparse: the rest), within
@@ -165,7 +165,7 @@ LOGPROB_PAIRS = (
 # (backend, exact): the radix batch against the same requests one by one with the radix
 # cache off. Only batch-invariant numerics (--enable-deterministic-inference) make that
 # bit-exact: by default a token's rounding depends on the batch it runs in (split-KV
-# counts, GEMM tilings), and with the tiny model's flat random-weight distributions the
+# counts, GEMM tilings), and with the chaotic random-weight tiny model the
 # drift can flip a greedy token; those pairs are reported, not judged.
 RADIX_PAIRS = (("ours", False), ("dsa", False), ("ours-det", True))
 
@@ -454,7 +454,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--configs", default="ours,ours-no-radix,ours-fp8,dsa,dsa-fp8,fallback,ours-tp2",
-                        help="comma-separated names of CONFIGS, or 'none'")  # fmt: skip
+                        help="comma-separated names of CONFIG_NAMES, or 'none'")  # fmt: skip
     parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
     parser.add_argument("--shape", choices=SHAPES, default="small", help="the tiny model's attention shape")
     parser.add_argument("--seed", type=int, default=0)
@@ -476,18 +476,21 @@ def main() -> None:
         results = load_results(store)
         for extra in args.merge:
             results.update(json.loads(extra.read_text()))
+        if args.merge:
+            store.write_text(json.dumps(results, indent=1))
         meta = results.get("_meta", {})
+        # Results recorded before shapes and seeds were: the small shape, seed 0.
         recorded = {k: {"shape": "small", "seed": 0, **meta}[k] for k in model_key} if "arch" in meta else {}
         if names and recorded and recorded != model_key:
             parser.error(f"{store} holds results of another model {recorded}; use another --out")
-        store.write_text(json.dumps(results, indent=1))
         model = args.out / f"model-{args.arch}-{args.shape}-seed{args.seed}"
         if names and not (model / "model.safetensors").exists():
             write_tiny_model(model, args.arch, args.seed, args.shape)
-    index_topk = tiny_config(args.arch, args.shape)["index_topk"]
-    configs, workload = make_configs(index_topk), WORKLOADS[args.shape]
+    identity = recorded or model_key  # the model of every result in DIR
+    index_topk = tiny_config(identity["arch"], identity["shape"])["index_topk"]
+    configs, workload = make_configs(index_topk), WORKLOADS[identity["shape"]]
     if names:
-        meta = {"gpu": torch.cuda.get_device_name(), **model_key, "torch": torch.__version__}
+        run_meta = {"gpu": torch.cuda.get_device_name(), **model_key, "torch": torch.__version__}
     for name in names:
         print(f"=== {name}", flush=True)
         result = run_config(name, configs[name], workload, model, args.out, args.startup_timeout)
@@ -495,14 +498,12 @@ def main() -> None:
         with locked(args.out):  # another process may have added its configurations meanwhile
             results = load_results(store)
             results[name] = result
-            results["_meta"] = {**results.get("_meta", {}), **meta}
+            results["_meta"] = {**results.get("_meta", {}), **run_meta}
             store.write_text(json.dumps(results, indent=1))
-    recorded = results.get("_meta", {})
-    index_topk = tiny_config(recorded.get("arch", args.arch), recorded.get("shape", "small"))["index_topk"]
     summary = summarize(
         {k: v for k, v in results.items() if not k.startswith("_")}, args.tie_margin, args.max_spread_ratio, index_topk
     )
-    (args.out / "summary.json").write_text(json.dumps({"meta": recorded, **summary}, indent=1))
+    (args.out / "summary.json").write_text(json.dumps({"meta": results.get("_meta", {}), **summary}, indent=1))
     print_summary(summary)
     sys.exit(1 if any(isinstance(v, dict) and v.get("ok") is False for v in summary.values()) else 0)
 

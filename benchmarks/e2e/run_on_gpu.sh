@@ -37,26 +37,27 @@ run_job() {
     esac
 }
 
+# JOB+JOB...: the jobs in order, each under a header; fails if one failed.
+run_jobs() {
+    local job jobs failed=0
+    IFS=+ read -ra jobs <<<"$1"
+    for job in "${jobs[@]}"; do
+        printf '\n=== %s (%s) ===\n' "$job" "$(date +%T)"
+        run_job "$job" || failed=1
+    done
+    return $failed
+}
+
 status=0
 lanes=()
 for job in "$@"; do
     if [[ $job =~ ^gpu([0-9]+):(.+)$ ]]; then
         gpu=${BASH_REMATCH[1]}
         printf '\n=== %s on GPU %s, in the background (%s) ===\n' "${BASH_REMATCH[2]}" "$gpu" "$(date +%T)"
-        (
-            export CUDA_VISIBLE_DEVICES=$gpu
-            lane_status=0
-            IFS=+ read -ra lane_jobs <<<"${BASH_REMATCH[2]}"
-            for lane_job in "${lane_jobs[@]}"; do
-                printf '\n=== %s (%s) ===\n' "$lane_job" "$(date +%T)"
-                run_job "$lane_job" || lane_status=1
-            done
-            exit $lane_status
-        ) >"$RESULTS/lane-gpu$gpu.txt" 2>&1 &
+        (CUDA_VISIBLE_DEVICES=$gpu run_jobs "${BASH_REMATCH[2]}") >"$RESULTS/lane-gpu$gpu.txt" 2>&1 &
         lanes+=("$!:$gpu")
     else
-        printf '\n=== %s (%s) ===\n' "$job" "$(date +%T)"
-        run_job "$job" || status=1
+        run_jobs "$job" || status=1
     fi
 done
 for lane in "${lanes[@]}"; do

@@ -69,20 +69,32 @@ def sparse_attention(
 
 
 @functools.lru_cache(maxsize=8)
-def _hadamard(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _hadamard_signs(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``dim x dim`` Walsh-Hadamard matrix of ``+-1`` (exact in every float dtype)."""
     h = torch.ones(1, 1, dtype=torch.float32)
     while h.shape[0] < dim:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h * dim**-0.5).to(dtype=dtype, device=device)
+    return h.to(dtype=dtype, device=device)
 
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Walsh-Hadamard rotation of the last dim (a power of two).
 
     Spreads outliers before FP8 quantization; ``q . k`` is unchanged since the
-    same rotation is applied to queries and keys.
+    same rotation is applied to queries and keys. Computed as SGLang's fast
+    Hadamard transform does: in fp32 (fp64 for fp64 input), scaled by the exact
+    ``dim ** -0.5``, rounded once to ``x``'s dtype. (A bf16 product with a
+    bf16-rounded scale rounds about 2% of the outputs differently, which moves
+    near-tied index scores across the top-k boundary.)
     """
-    return x @ _hadamard(x.shape[-1], x.dtype, x.device)
+    dim = x.shape[-1]
+    flat = x.reshape(-1, dim)
+    if flat.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        rotated = torch.mm(flat, _hadamard_signs(dim, x.dtype, x.device), out_dtype=torch.float32)
+    else:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        rotated = flat.to(acc) @ _hadamard_signs(dim, acc, x.device)
+    return rotated.mul_(dim**-0.5).to(x.dtype).view(x.shape)
 
 
 def quantize_fp8_rows(x: torch.Tensor, power_of_two_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:

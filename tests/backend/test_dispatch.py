@@ -80,6 +80,31 @@ def test_hadamard_rotation_is_orthonormal():
     assert torch.allclose((rq * rk).sum(-1), (q * k).sum(-1), atol=1e-10)
 
 
+def test_hadamard_rotation_rounds_once_from_the_exact_product(target):
+    """bf16 in, bf16 out, as SGLang's fast Hadamard transform: the fp64 rotation rounded once."""
+    x = torch.randn(4096, 128, generator=torch.Generator().manual_seed(5)).bfloat16().to(target.device)
+    signs = torch.ones(1, 1, dtype=torch.float64)
+    while signs.shape[0] < 128:
+        signs = torch.cat([torch.cat([signs, signs], 1), torch.cat([signs, -signs], 1)], 0)
+    exact = (x.double() @ signs.to(target.device) * 128**-0.5).to(torch.bfloat16)
+    rotated = dispatch.hadamard_rotate(x.view(1024, 4, 128)).view(4096, 128)
+    assert rotated.dtype == torch.bfloat16
+    assert (rotated != exact).float().mean().item() < 1e-4
+
+
+def test_hadamard_rotation_matches_sglang_kernel(target):
+    """Ours and the CUDA kernel SGLang's ``Indexer`` rotates with agree to the last bf16 bit
+    (but for fp32 summation-order ties)."""
+    if not target.gpu:
+        pytest.skip("SGLang's Hadamard kernel is CUDA-only")
+    pytest.importorskip("sglang.srt")
+    from sglang.kernels.ops.quantization.hadamard import hadamard_transform
+
+    x = torch.randn(4096, 64, 128, generator=torch.Generator().manual_seed(6)).bfloat16().to(target.device)
+    ours, theirs = dispatch.hadamard_rotate(x), hadamard_transform(x, scale=128**-0.5)
+    assert (ours != theirs).float().mean().item() < 1e-4
+
+
 def test_fp8_row_layout_matches_sglang_quantizer(target):
     """SGLang's FP8 DSA KV quantizer lays rows out as ours: same scales, same rope bytes.
 

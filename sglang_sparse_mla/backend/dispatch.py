@@ -100,11 +100,12 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
 def quantize_fp8_rows(x: torch.Tensor, power_of_two_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (``block = last dim = 128``) FP8 e4m3: ``(codes, float32 scale [...])``.
 
-    ``scale = amax / 448``, rounded up to a power of two for ``ue8m0`` (the
+    ``scale = max(amax, 1e-4) * (1 / 448)`` in fp32 (bit for bit SGLang's
+    ``act_quant``), rounded up to a power of two for ``ue8m0`` (the
     DeepSeek-V3.2 indexer's scale format).
     """
     xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-4) / FP8_E4M3_MAX
+    scale = xf.abs().amax(dim=-1).clamp_min(1e-4) * (1.0 / FP8_E4M3_MAX)
     if power_of_two_scale:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     codes = (xf / scale.unsqueeze(-1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)

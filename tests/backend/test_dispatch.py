@@ -71,6 +71,21 @@ def test_quantize_fp8_rows_scales():
     assert (p2 >= scale).all() and (p2 < 2 * scale).all()
 
 
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_fp8_rows_match_sglang_act_quant(target, scale_fmt):
+    """Index-K and query codes and scales as SGLang's ``act_quant`` writes them (scales to the bit)."""
+    pytest.importorskip("sglang.srt")
+    from sglang.kernels.ops.quantization.act_quant_triton import act_quant
+
+    magnitudes = torch.logspace(-6, 2, 512)[:, None]
+    x = (torch.randn(512, 128, generator=torch.Generator().manual_seed(7)) * magnitudes).bfloat16().to(target.device)
+    codes, scale = act_quant(x, 128, scale_fmt)
+    ours_codes, ours_scale = dispatch.quantize_fp8_rows(x, power_of_two_scale=scale_fmt == "ue8m0")
+    assert torch.equal(ours_scale, scale.view(-1))
+    if target.gpu:  # the interpreter rounds in-kernel float8 conversions differently from a GPU
+        assert torch.equal(ours_codes.view(torch.uint8), codes.view(torch.uint8))
+
+
 def test_hadamard_rotation_is_orthonormal():
     gen = torch.Generator().manual_seed(4)
     q, k = torch.randn(2, 3, 128, generator=gen, dtype=torch.float64)

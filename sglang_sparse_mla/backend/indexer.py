@@ -146,7 +146,8 @@ class SparseIndexer:
 
         rows = metadata.num_tokens
         q_fp8, q_scale = dispatch.quantize_fp8_rows(query[:rows], power_of_two)
-        weights = gate[:rows].float() * (indexer.n_heads**-0.5 * indexer.softmax_scale) * q_scale
+        # Multiplied in SGLang's order (fp32 rounding of near-tied scores included).
+        weights = gate[:rows].float() * indexer.n_heads**-0.5 * q_scale * indexer.softmax_scale
         slots = self._topk_slots(indexer, q_fp8, weights, index_buffer, metadata)
         if rows < num_tokens:  # padded rows of a data-parallel batch
             slots = torch.cat([slots, slots.new_full((num_tokens - rows, slots.shape[1]), -1)])

@@ -95,7 +95,7 @@ def run_serving_demo(args) -> int:
         return 2
     from .serving.client import flush_cache, generate
     from .serving.server import Server, ServerError
-    from .serving.workload import compare_greedy, shared_prefix_prompts, unrelated_prompts
+    from .serving.workload import compare_greedy, first_logprob_difference, shared_prefix_prompts, unrelated_prompts
     from .tiny_model import write_tiny_model
 
     arch = (args.arch or ["deepseek-v3.2"])[0]
@@ -108,7 +108,7 @@ def run_serving_demo(args) -> int:
         gpu = torch.cuda.get_device_name()
         print(f"Serving a tiny {arch} model (random weights) with --attention-backend {BACKEND} on {gpu} ...")
         try:
-            with Server(model, server_args, log_path=Path(tmp) / "server.log") as server:
+            with Server(model, server_args, log_path=args.server_log or Path(tmp) / "server.log") as server:
                 generate(server.url, [shared[0]], 1)  # the shared prefix enters the radix cache
                 batch = generate(server.url, prompts, args.max_new_tokens)
                 single = []
@@ -123,18 +123,12 @@ def run_serving_demo(args) -> int:
     rows = []
     for i, (b, s, m) in enumerate(zip(batch, single, matches, strict=True)):
         kind = "shared prefix" if i < len(shared) else "unrelated"
-        rows.append(
-            (
-                i,
-                kind,
-                b.prompt_tokens,
-                b.cached_tokens,
-                len(b.output_ids),
-                m.describe(),
-                "yes" if b.finite and s.finite else "NO",
-            )
-        )
-    print(_table(("#", "prompt", "tokens", "cached", "output", "batch (radix cache) vs one by one", "finite"), rows))
+        drift = first_logprob_difference(b, s)
+        first = "none" if drift is None else f"token {drift[0]} (|d| {drift[1]:.2g})"
+        finite = "yes" if b.finite and s.finite else "NO"
+        rows.append((i, kind, b.prompt_tokens, b.cached_tokens, len(b.output_ids), m.describe(), first, finite))
+    header = ("#", "prompt", "tokens", "cached", "output", "batch (radix cache) vs one by one", "first logprob diff")
+    print(_table((*header, "finite"), rows))
     if args.default_numerics:
         agreement = "greedy outputs agree up to near ties, batch vs one by one"
         agreed = all(m.agrees() for m in matches)
@@ -151,6 +145,8 @@ def run_serving_demo(args) -> int:
     sample = batch[0].text.replace("\n", " ")[:80]
     print(f"sample output (random weights, so gibberish): {sample!r}")
     passed = all(checks.values())
+    if not passed and args.server_log:
+        print(f"server log: {args.server_log}")
     print("PASS" if passed else "FAIL")
     return 0 if passed else 1
 
@@ -167,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--index-topk", type=int, default=None, help="chain: override the config's index_topk")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="serving: tokens per request")
     parser.add_argument("--server-arg", action="append", default=[], help="serving: extra launch_server argument")
+    parser.add_argument("--server-log", type=Path, default=None, help="serving: keep the server's log in this file")
     parser.add_argument(
         "--default-numerics",
         action="store_true",

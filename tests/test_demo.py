@@ -108,3 +108,4 @@ def test_serving_demo_judges_batch_against_one_by_one(monkeypatch, capsys, defau
     deterministic = "--enable-deterministic-inference" in _StubServer.launched[0]
     assert deterministic != default_numerics
     assert ("identical, batch vs one by one" in out) != default_numerics
+    assert ("token 2 (|d| 0.001)" in out) == (one_by_one_drift == "logprob")

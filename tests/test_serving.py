@@ -14,6 +14,7 @@ import pytest
 from sglang_sparse_mla.serving.client import Completion
 from sglang_sparse_mla.serving.workload import (
     compare_greedy,
+    first_logprob_difference,
     logprob_difference,
     shared_prefix_prompts,
     token_prompts,
@@ -60,6 +61,9 @@ def test_greedy_comparison_tolerates_near_ties_only():
 def test_logprob_difference_and_prompts():
     assert logprob_difference([-1.0, -2.0], [-1.5, -2.0, -9.0]) == {"n": 2, "max_abs": 0.5, "mean_abs": 0.25}
     assert math.isnan(logprob_difference([float("nan")], [0.0])["max_abs"])
+    a = Completion.from_response(response([1, 2, 3], [-1.0, -2.0, -3.0], [(-1, -2)] * 3))
+    b = Completion.from_response(response([1, 2, 3], [-1.0, -2.5, -9.0], [(-1, -2)] * 3))
+    assert first_logprob_difference(a, a) is None and first_logprob_difference(a, b) == (1, 0.5)
     prompts = shared_prefix_prompts(3)
     prefix = prompts[0][: prompts[0].index("Question")]
     assert all(p.startswith(prefix) for p in prompts) and len(set(prompts)) == 3

@@ -30,7 +30,8 @@ run_job() {
     case $1 in
     demo | demo-*)
         local arch=${1#demo}
-        $PY -m sglang_sparse_mla.demo ${arch:+--arch ${arch#-}} --server-arg=--mem-fraction-static=0.35 2>&1 |
+        $PY -m sglang_sparse_mla.demo ${arch:+--arch ${arch#-}} --server-arg=--mem-fraction-static=0.35 \
+            --server-log "$RESULTS/$1.server.log" 2>&1 |
             tee "$RESULTS/$1.txt" ;;
     tests) OUT=$RESULTS PYTHON=$PY TESTS=${TESTS:-tests} bash benchmarks/gpu_suite.sh env test ;;
     *) $PY benchmarks/e2e/run_e2e.py --out "$WORK" --configs "$1" ${E2E_ARGS:-} 2>&1 | tee -a "$RESULTS/e2e.txt" ;;

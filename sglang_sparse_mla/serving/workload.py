@@ -89,6 +89,14 @@ def compare_greedy(a: Completion, b: Completion) -> GreedyMatch:
     return GreedyMatch(compared, None, None)
 
 
+def first_logprob_difference(a: Completion, b: Completion) -> tuple[int, float] | None:
+    """The first step whose logprobs differ and by how much; ``None`` if bit-identical where both have one."""
+    for step, (x, y) in enumerate(zip(a.logprobs, b.logprobs, strict=False)):
+        if x != y:  # NaN included
+            return step, abs(x - y)
+    return None
+
+
 def logprob_difference(a: list[float], b: list[float]) -> dict:
     """``max``/``mean`` of ``|a - b|`` over the common positions (``n``), NaN-aware."""
     pairs = list(zip(a, b, strict=False))

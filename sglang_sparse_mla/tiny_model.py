@@ -1,6 +1,7 @@
 """Seeded tiny DSA checkpoints for end-to-end serving tests.
 
-``python -m sglang_sparse_mla.tiny_model OUT_DIR [--arch deepseek-v3.2|glm-5] [--shape small|released] [--seed N]``
+``python -m sglang_sparse_mla.tiny_model OUT_DIR [--arch deepseek-v3.2|glm-5] [--shape small|released] [--seed N]
+[--layers N]``
 
 writes a randomly initialised model of the real architecture, small enough to
 load in seconds, in the layout SGLang 0.5.23's DeepSeek loader consumes
@@ -31,6 +32,9 @@ gives the attention its released shape: 128 query heads, q_lora_rank 1536,
 index_topk 2048, 32k positions, 2 layers (about 290 MB). There attention and
 the indexer dominate a step at long contexts, as in the real model, and
 SGLang's sgl-kernel top-k (which asserts index_topk 2048) runs unmodified.
+``--layers N`` deepens either shape (about 72M parameters per released-shape
+layer), so that a decode step's fixed cost (scheduler, sampling, launches)
+weighs as little against attention as in the 61-layer released model.
 """
 
 from __future__ import annotations
@@ -139,18 +143,28 @@ _RELEASED_ATTENTION = {
 }
 
 
-def tiny_config(arch: str = "deepseek-v3.2", shape: str = "small") -> dict:
+def tiny_config(arch: str = "deepseek-v3.2", shape: str = "small", layers: int | None = None) -> dict:
     """The ``config.json`` contents of the tiny model of ``arch`` (one of :data:`ARCHITECTURES`),
-    ``shape`` one of :data:`SHAPES`."""
+    ``shape`` one of :data:`SHAPES`; ``layers`` overrides the shape's layer count (IndexShare
+    patterns repeat)."""
     if arch not in _ARCH_CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
     if shape == "small":
-        return {**_COMMON, **_ARCH_CONFIGS[arch]}
-    if shape == "released" and arch in _RELEASED_ATTENTION:
-        return {**_COMMON, **_ARCH_CONFIGS[arch], **_RELEASED_ATTENTION[arch]}
-    raise ValueError(
-        f"no {shape!r} shape for {arch!r}: choose 'small', or 'released' for {sorted(_RELEASED_ATTENTION)}"
-    )
+        config = {**_COMMON, **_ARCH_CONFIGS[arch]}
+    elif shape == "released" and arch in _RELEASED_ATTENTION:
+        config = {**_COMMON, **_ARCH_CONFIGS[arch], **_RELEASED_ATTENTION[arch]}
+    else:
+        raise ValueError(
+            f"no {shape!r} shape for {arch!r}: choose 'small', or 'released' for {sorted(_RELEASED_ATTENTION)}"
+        )
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be at least 1, got {layers}")
+        config["num_hidden_layers"] = layers
+        if "indexer_types" in config:
+            pattern = config["indexer_types"]
+            config["indexer_types"] = [pattern[i % len(pattern)] for i in range(layers)]
+    return config
 
 
 def is_moe_layer(config: dict, layer: int) -> bool:
@@ -261,7 +275,9 @@ def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_tiny_model(out_dir: str | Path, arch: str = "deepseek-v3.2", seed: int = 0, shape: str = "small") -> Path:
+def write_tiny_model(
+    out_dir: str | Path, arch: str = "deepseek-v3.2", seed: int = 0, shape: str = "small", layers: int | None = None
+) -> Path:
     """Write config, generation config, weights and tokenizer of the tiny ``arch`` model; return the directory."""
     from safetensors.torch import save_file
 
@@ -269,7 +285,7 @@ def write_tiny_model(out_dir: str | Path, arch: str = "deepseek-v3.2", seed: int
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(arch, shape)
+    config = tiny_config(arch, shape, layers)
     vocab = write_tokenizer(out, model_max_length=config["max_position_embeddings"])
     if vocab > config["vocab_size"]:
         raise RuntimeError(f"tokenizer has {vocab} tokens, more than the model's {config['vocab_size']}")
@@ -286,8 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
     parser.add_argument("--shape", choices=SHAPES, default="small", help="released: DeepSeek-V3.2's attention shapes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=None, help="layer count (default: the shape's)")
     args = parser.parse_args(argv)
-    write_tiny_model(args.out_dir, args.arch, args.seed, args.shape)
+    write_tiny_model(args.out_dir, args.arch, args.seed, args.shape, args.layers)
 
 
 if __name__ == "__main__":

@@ -199,7 +199,14 @@ def test_e2e_configs_and_workloads_follow_the_model_shape(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as exit_info:
         run_e2e.main()
     assert exit_info.value.code == 2 and "another model" in capsys.readouterr().err
-    assert not (tmp_path / "model-deepseek-v3.2-released-seed0").exists()
+    assert not list(tmp_path.glob("model-*"))
+    # Results of the released shape recorded without a layer count are of its 2 layers.
+    (tmp_path / "results.json").write_text('{"_meta": {"arch": "deepseek-v3.2", "shape": "released", "seed": 0}}')
+    argv = ["run_e2e.py", "--out", str(tmp_path), "--configs", "ours", "--shape", "released", "--layers", "3"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        run_e2e.main()
+    assert exit_info.value.code == 2 and "'layers': 2" in capsys.readouterr().err
 
 
 def test_stream_generate_times_first_token(tmp_path):

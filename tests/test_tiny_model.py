@@ -101,6 +101,21 @@ def test_glm5_has_shared_indexer_layers():
     assert all(kind == "full" for kind in tiny_config("deepseek-v3.2").get("indexer_types", ["full"]))
 
 
+def test_layers_override_deepens_the_model_and_repeats_index_share():
+    deep = tiny_config("glm-5", "small", layers=7)
+    assert deep["num_hidden_layers"] == 7 and deep["indexer_types"] == ["full", "shared"] * 3 + ["full"]
+    spec = checkpoint_spec(deep)
+    assert "model.layers.6.self_attn.indexer.wq_b.weight" in spec
+    assert "model.layers.7.input_layernorm.weight" not in spec
+    assert "model.layers.5.self_attn.indexer.wq_b.weight" not in spec
+    released = tiny_config("deepseek-v3.2", "released", layers=3)
+    assert {k: v for k, v in released.items() if k != "num_hidden_layers"} == {
+        k: v for k, v in tiny_config("deepseek-v3.2", "released").items() if k != "num_hidden_layers"
+    }
+    with pytest.raises(ValueError, match="at least 1"):
+        tiny_config("deepseek-v3.2", layers=0)
+
+
 def _rms_norm(x, weight, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 

@@ -458,6 +458,7 @@ def main() -> None:
     parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
     parser.add_argument("--shape", choices=SHAPES, default="small", help="the tiny model's attention shape")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=None, help="the tiny model's layer count (default: the shape's)")
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="more results.json files to include")
     parser.add_argument("--tie-margin", type=float, default=DEFAULT_TIE_MARGIN)
     parser.add_argument("--max-spread-ratio", type=float, default=2.0,
@@ -471,7 +472,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "results.json"
-    model_key = {"arch": args.arch, "shape": args.shape, "seed": args.seed}
+    layers = args.layers or tiny_config(args.arch, args.shape)["num_hidden_layers"]
+    model_key = {"arch": args.arch, "shape": args.shape, "seed": args.seed, "layers": layers}
     with locked(args.out):
         results = load_results(store)
         for extra in args.merge:
@@ -479,15 +481,18 @@ def main() -> None:
         if args.merge:
             store.write_text(json.dumps(results, indent=1))
         meta = results.get("_meta", {})
-        # Results recorded before shapes and seeds were: the small shape, seed 0.
-        recorded = {k: {"shape": "small", "seed": 0, **meta}[k] for k in model_key} if "arch" in meta else {}
+        recorded = {}
+        if "arch" in meta:  # results recorded before shapes, seeds and layer counts were: small, seed 0
+            old = {"shape": "small", "seed": 0, **meta}
+            old.setdefault("layers", tiny_config(old["arch"], old["shape"])["num_hidden_layers"])
+            recorded = {k: old[k] for k in model_key}
         if names and recorded and recorded != model_key:
             parser.error(f"{store} holds results of another model {recorded}; use another --out")
-        model = args.out / f"model-{args.arch}-{args.shape}-seed{args.seed}"
+        model = args.out / f"model-{args.arch}-{args.shape}-{layers}layers-seed{args.seed}"
         if names and not (model / "model.safetensors").exists():
-            write_tiny_model(model, args.arch, args.seed, args.shape)
+            write_tiny_model(model, args.arch, args.seed, args.shape, layers)
     identity = recorded or model_key  # the model of every result in DIR
-    index_topk = tiny_config(identity["arch"], identity["shape"])["index_topk"]
+    index_topk = tiny_config(identity["arch"], identity["shape"], identity["layers"])["index_topk"]
     configs, workload = make_configs(index_topk), WORKLOADS[identity["shape"]]
     if names:
         run_meta = {"gpu": torch.cuda.get_device_name(), **model_key, "torch": torch.__version__}

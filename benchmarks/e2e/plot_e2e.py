@@ -36,7 +36,8 @@ def plot(summary: dict, out: Path) -> None:
         ax.set_title(label)
         ax.legend(fontsize=8)
     meta = summary.get("meta", {})
-    fig.suptitle(f"tiny {meta.get('arch', '?')} model served by SGLang on {meta.get('gpu', '?')}")
+    shape = f"{meta.get('shape', 'small')} shape" + (f", {meta['layers']} layers" if "layers" in meta else "")
+    fig.suptitle(f"tiny {meta.get('arch', '?')} model ({shape}) served by SGLang on {meta.get('gpu', '?')}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

@@ -5,8 +5,8 @@
 
 Sections: paged decode logits (``fp8_paged_mqa_logits`` vs SGLang's
 ``_fp8_paged_mqa_logits_torch``), ragged prefill logits (``fp8_mqa_logits`` vs
-``_fp8_mqa_logits_torch``) and top-k 2048 (``topk_indices`` vs
-``torch.topk``). ``--sweep`` times every candidate configuration of our
+``_fp8_mqa_logits_torch`` and, where it loads, DeepGEMM's ``fp8_mqa_logits``)
+and top-k 2048 (``topk_indices`` vs ``torch.topk``). ``--sweep`` times every candidate configuration of our
 kernels instead of the default one (no baselines).
 
 Timing: ``timing.time_launches`` (one launch per input set, enough sets to
@@ -249,6 +249,7 @@ def paged_section(ceilings, sweep: bool) -> list[dict]:
 
 def prefill_section(ceilings, sweep: bool) -> list[dict]:
     baseline, reason = sglang_baselines.fp8_mqa_logits_torch()
+    deep_gemm, deep_gemm_reason = sglang_baselines.deep_gemm_mqa_logits()
     configs = ragged_module.CONFIGS.candidates(*_smem_native()) if sweep else [None]
     records = []
     for tokens, keys in PREFILL_SHAPES:
@@ -266,6 +267,11 @@ def prefill_section(ceilings, sweep: bool) -> list[dict]:
                     [("_fp8_mqa_logits_torch", baseline, reason)], True,
                     lambda fn, s: fn(s["q"], (s["k"], s["k_scale"]), s["weights"], s["ks"], s["ke"]),
                     sets[:1], flops, nbytes, ceilings,
+                )
+                rec["deepgemm"] = _first_baseline(
+                    [("deep_gemm.fp8_mqa_logits", deep_gemm, deep_gemm_reason)], True,
+                    lambda fn, s: fn(s["q"], (s["k"], s["k_scale"]), s["weights"], s["ks"], s["ke"], clean_logits=False),
+                    sets, flops, nbytes, ceilings,
                 )
             records.append(rec)
             _print_row(rec)
@@ -348,9 +354,11 @@ def _print_row(rec: dict) -> None:
     line = f"{shape:<38} {_short(rec['config']):<18} ours {_fmt(rec['ours'])}"
     if rec.get("error"):
         line += f"  ERROR {rec['error']}"
-    base = rec.get("sglang_torch") or rec.get("torch_topk")
-    if base is not None:
-        name = base.get("baseline", "sglang") if "sglang_torch" in rec else "torch.topk"
+    for key in ("sglang_torch", "deepgemm", "torch_topk"):
+        base = rec.get(key)
+        if base is None:
+            continue
+        name = "torch.topk" if key == "torch_topk" else base.get("baseline", key)
         line += f" | {name} {_fmt(base)}"
         if base.get("ms") and rec["ours"].get("ms"):
             line += f" | x{base['ms'] / rec['ours']['ms']:.1f}"

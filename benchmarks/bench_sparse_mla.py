@@ -1,4 +1,5 @@
-"""Sparse MLA decode and prefill: ours vs SGLang 0.5.23's Triton kernels vs torch.
+"""Sparse MLA decode and prefill: ours vs SGLang 0.5.23's Triton kernels, FlashMLA
+(prefill, where it loads) and torch.
 
 Decode: T = 1..128 query tokens, H = 16/32/64/128 heads, top-k 2048 random
 slots of a cache of 2^20 slots (1.2 GB BF16, 0.69 GB FP8), so gathers miss L2.
@@ -97,6 +98,20 @@ def measure(label, calls, flops, bytes_, ceilings: Ceilings, shape):
     )
 
 
+def flash_mla_prefill_calls(kv, qs, idxs):
+    """FlashMLA's sparse prefill as SGLang's ``dsa`` backend calls it on SM90: query heads zero-padded
+    to a multiple of 64 (done here, outside the timing), indices ``[T, 1, topk]``."""
+    fn, why = sglang_baselines.flash_mla_sparse_prefill()
+    if fn is None:
+        return why
+    kv3 = kv.view(-1, 1, 576)
+    padded = []
+    for q in qs:
+        heads = -(-q.shape[1] // 64) * 64
+        padded.append(torch.nn.functional.pad(q, (0, 0, 0, heads - q.shape[1])) if heads != q.shape[1] else q)
+    return [(lambda q=q, i=i: fn(q, kv3, i.unsqueeze(1), SM_SCALE, 512)) for q, i in zip(padded, idxs, strict=True)]
+
+
 def baseline_calls(phase, tokens, kv_format, heads, kv, qs, idxs):
     """(label, calls or the reason it is unavailable) for each baseline."""
     if kv_format == "bf16":
@@ -111,6 +126,8 @@ def baseline_calls(phase, tokens, kv_format, heads, kv, qs, idxs):
             fn, why = sglang_baselines.sparse_mla_prefill()
             calls = [(lambda q=q, i=i: fn(q, kv, i, SM_SCALE, 512)) for q, i in zip(qs, idxs)]
         yield "sglang-triton", calls if fn is not None else why
+    if phase == "prefill" and kv_format == "bf16":
+        yield "flashmla", flash_mla_prefill_calls(kv, qs, idxs)
     if phase == "decode" and kv_format == "bf16" and heads <= 32:
         yield "torch-gather", [(lambda q=q, i=i: torch_gather_attention(q, kv, i)) for q, i in zip(qs, idxs)]
 

@@ -1,5 +1,9 @@
 """SGLang 0.5.23's own DSA kernels, loaded for side-by-side timing.
 
+Its SM90 kernels (FlashMLA's sparse prefill, DeepGEMM's MQA logits) come from
+the packages SGLang's ``dsa`` backend calls; they load only under the staged
+SGLang runtime (``benchmarks/e2e``, torch 2.14.1), not on the image's torch.
+
 On the GPU test machine SGLang is not installed: ``benchmarks/gpu_suite.sh``
 unpacks the sglang 0.5.23 wheel (its Rust extension ``.so`` files removed: no
 kernel imports them) and a few pure-Python dependencies its import chain needs
@@ -43,3 +47,14 @@ def fp8_mqa_logits_torch() -> tuple[Callable | None, str | None]:
 
 def fp8_paged_mqa_logits_torch() -> tuple[Callable | None, str | None]:
     return _load("sglang.srt.layers.attention.dsa.utils", "_fp8_paged_mqa_logits_torch")
+
+
+def flash_mla_sparse_prefill() -> tuple[Callable | None, str | None]:
+    """FlashMLA ``flash_mla_sparse_fwd(q[T,H,576], kv[S,1,576], indices[T,1,topk], sm_scale, d_v)``
+    (H a multiple of 64 on SM90: SGLang's ``dsa`` pads the heads)."""
+    return _load("flash_mla", "flash_mla_sparse_fwd")
+
+
+def deep_gemm_mqa_logits() -> tuple[Callable | None, str | None]:
+    """DeepGEMM ``fp8_mqa_logits(q[T,H,128], (k[N,128], k_scale[N]), weights[T,H], ks, ke, clean_logits)``."""
+    return _load("deep_gemm", "fp8_mqa_logits")

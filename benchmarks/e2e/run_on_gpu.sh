@@ -6,7 +6,8 @@
 #
 # JOB: demo or demo-ARCH (the README main job: serve the tiny model, send requests;
 # at --mem-fraction-static 0.35, so it can share a GPU), tests (the GPU test suite
-# under the staged runtime: TESTS, default tests/; PYTEST_ARGS, default -x), or a
+# under the staged runtime: TESTS, default tests/; PYTEST_ARGS, default -x), bench
+# (the kernel benchmarks with SGLang's SM90 kernels, FlashMLA and DeepGEMM, beside), or a
 # comma-separated list of run_e2e.py configurations (e.g. ours,ours-no-radix;
 # E2E_ARGS adds run_e2e.py options, e.g. "--shape released" with its own E2E_WORK).
 # Jobs run one after another; gpuN:JOB+JOB... starts a lane at once in the
@@ -34,6 +35,7 @@ run_job() {
             --server-log "$RESULTS/$1.server.log" 2>&1 |
             tee "$RESULTS/$1.txt" ;;
     tests) OUT=$RESULTS PYTHON=$PY TESTS=${TESTS:-tests} bash benchmarks/gpu_suite.sh env test ;;
+    bench) OUT=$RESULTS PYTHON=$PY bash benchmarks/gpu_suite.sh env bench indexer ;;
     *) $PY benchmarks/e2e/run_e2e.py --out "$WORK" --configs "$1" ${E2E_ARGS:-} 2>&1 | tee -a "$RESULTS/e2e.txt" ;;
     esac
 }

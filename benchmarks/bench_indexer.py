@@ -6,8 +6,9 @@
 Sections: paged decode logits (``fp8_paged_mqa_logits`` vs SGLang's
 ``_fp8_paged_mqa_logits_torch``), ragged prefill logits (``fp8_mqa_logits`` vs
 ``_fp8_mqa_logits_torch`` and, where it loads, DeepGEMM's ``fp8_mqa_logits``)
-and top-k 2048 (``topk_indices`` vs ``torch.topk``). ``--sweep`` times every candidate configuration of our
-kernels instead of the default one (no baselines).
+and top-k 2048 (``topk_indices`` vs ``torch.topk``). ``--sweep`` times every
+candidate configuration of our kernels instead of the default one (no
+baselines).
 
 Timing: ``timing.time_launches`` (one launch per input set, enough sets to
 exceed the L2 twice, captured in a CUDA graph and replayed; median replay over

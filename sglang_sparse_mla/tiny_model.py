@@ -33,8 +33,8 @@ index_topk 2048, 32k positions, 2 layers (about 290 MB). There attention and
 the indexer dominate a step at long contexts, as in the real model, and
 SGLang's sgl-kernel top-k (which asserts index_topk 2048) runs unmodified.
 ``--layers N`` deepens either shape (about 72M parameters per released-shape
-layer), so that a decode step's fixed cost (scheduler, sampling, launches)
-weighs as little against attention as in the 61-layer released model.
+layer), so that attention weighs more against a decode step's fixed cost
+(scheduler, sampling, launches), closer to the 61-layer released model.
 """
 
 from __future__ import annotations

@@ -98,10 +98,8 @@ def test_hadamard_rotation_is_orthonormal():
 def test_hadamard_rotation_rounds_once_from_the_exact_product(target):
     """bf16 in, bf16 out, as SGLang's fast Hadamard transform: the fp64 rotation rounded once."""
     x = torch.randn(4096, 128, generator=torch.Generator().manual_seed(5)).bfloat16().to(target.device)
-    signs = torch.ones(1, 1, dtype=torch.float64)
-    while signs.shape[0] < 128:
-        signs = torch.cat([torch.cat([signs, signs], 1), torch.cat([signs, -signs], 1)], 0)
-    exact = (x.double() @ signs.to(target.device) * 128**-0.5).to(torch.bfloat16)
+    rotation = dispatch.hadamard_rotate(torch.eye(128, dtype=torch.float64, device=target.device))  # exact in fp64
+    exact = (x.double() @ rotation).to(torch.bfloat16)
     rotated = dispatch.hadamard_rotate(x.view(1024, 4, 128)).view(4096, 128)
     assert rotated.dtype == torch.bfloat16
     assert (rotated != exact).float().mean().item() < 1e-4

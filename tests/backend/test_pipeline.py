@@ -55,10 +55,9 @@ class Requests:
         return torch.tensor(data, dtype=dtype, device=self.device)
 
 
-def forward_layer(reqs: Requests, sizes, md, spans, q, fused: bool = False, batch_invariant: bool = False):
+def forward_layer(reqs: Requests, sizes, md, spans, q, indexer, batch_invariant: bool = False):
     """``(slots, out)``: indexer then KV write and sparse MLA for the query positions
     ``spans[r] = (first, last + 1)`` of each request, queries ``q [T, heads, 576]``."""
-    indexer = StubIndexer(64, 32, sizes["index_heads"], reqs.device, fused=fused)
     cat = lambda parts: torch.cat([p[a:b] for p, (a, b) in zip(parts, spans, strict=True)])  # noqa: E731
     loc = reqs.tensor([s for slots, (a, b) in zip(reqs.slots, spans, strict=True) for s in slots[a:b]])
     positions = reqs.tensor([p for a, b in spans for p in range(a, b)])
@@ -74,8 +73,8 @@ def run_layer(reqs: Requests, sizes, md, spans, heads, fused: bool = False):
     """:func:`forward_layer` checked: top-k rows against fp64 scores, attention against the fp64 reference."""
     topk = sizes["topk"]
     q = reqs.randn(sum(b - a for a, b in spans), heads, 576)
-    slots, out = forward_layer(reqs, sizes, md, spans, q, fused)
     indexer = StubIndexer(64, 32, sizes["index_heads"], reqs.device, fused=fused)
+    slots, out = forward_layer(reqs, sizes, md, spans, q, indexer)
 
     logical = torch.cat(reqs.rows)
     offsets = [sum(len(s) for s in reqs.slots[:r]) for r in range(len(spans))]
@@ -122,6 +121,7 @@ def test_request_alone_or_batched_gives_the_same_bits(target, rng, index_heads, 
     reqs = Requests(target, rng, prompts, fp8=False)
     queries = [reqs.randn(n + 1, sizes["heads"], 576) for n in prompts]
     kv_total = reqs.tensor(list(prompts), torch.int32)
+    indexer = StubIndexer(64, 32, index_heads, reqs.device, fused=fused)
 
     def run(members, decode: bool, logits_budget: int):
         rpi, lens = reqs.tensor(members), [prompts[r] for r in members]
@@ -131,7 +131,7 @@ def test_request_alone_or_batched_gives_the_same_bits(target, rng, index_heads, 
             md = build_ragged(reqs.req_to_token, rpi, kv_total[rpi], kv_total[rpi], lens, lens, logits_budget)
         spans = [((n, n + 1) if decode else (0, n)) if r in members else (0, 0) for r, n in enumerate(prompts)]
         q = torch.cat([queries[r][a:b] for r, (a, b) in enumerate(spans)])
-        return md, *forward_layer(reqs, sizes, md, spans, q, fused, batch_invariant=True)
+        return md, *forward_layer(reqs, sizes, md, spans, q, indexer, batch_invariant=True)
 
     everyone = list(range(len(prompts)))
     for decode in (False, True):

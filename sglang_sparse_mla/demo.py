@@ -95,7 +95,13 @@ def run_serving_demo(args) -> int:
         return 2
     from .serving.client import flush_cache, generate
     from .serving.server import Server, ServerError
-    from .serving.workload import compare_greedy, first_logprob_difference, shared_prefix_prompts, unrelated_prompts
+    from .serving.workload import (
+        bit_identical,
+        compare_greedy,
+        first_logprob_difference,
+        shared_prefix_prompts,
+        unrelated_prompts,
+    )
     from .tiny_model import write_tiny_model
 
     arch = (args.arch or ["deepseek-v3.2"])[0]
@@ -134,7 +140,7 @@ def run_serving_demo(args) -> int:
         agreed = all(m.agrees() for m in matches)
     else:
         agreement = "greedy outputs and logprobs identical, batch vs one by one"
-        agreed = all(m.identical and b.logprobs == s.logprobs for m, b, s in zip(matches, batch, single, strict=True))
+        agreed = all(bit_identical(b, s) for b, s in zip(batch, single, strict=True))
     checks = {
         "outputs non-empty with finite logprobs": all(c.finite for c in batch + single),
         "shared-prefix requests hit the radix cache": all(c.cached_tokens > 0 for c in batch[1 : len(shared)]),

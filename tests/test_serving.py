@@ -13,6 +13,7 @@ import pytest
 
 from sglang_sparse_mla.serving.client import Completion
 from sglang_sparse_mla.serving.workload import (
+    bit_identical,
     compare_greedy,
     first_logprob_difference,
     logprob_difference,
@@ -64,6 +65,7 @@ def test_logprob_difference_and_prompts():
     a = Completion.from_response(response([1, 2, 3], [-1.0, -2.0, -3.0], [(-1, -2)] * 3))
     b = Completion.from_response(response([1, 2, 3], [-1.0, -2.5, -9.0], [(-1, -2)] * 3))
     assert first_logprob_difference(a, a) is None and first_logprob_difference(a, b) == (1, 0.5)
+    assert bit_identical(a, a) and not bit_identical(a, b)
     prompts = shared_prefix_prompts(3)
     prefix = prompts[0][: prompts[0].index("Question")]
     assert all(p.startswith(prefix) for p in prompts) and len(set(prompts)) == 3
@@ -157,6 +159,8 @@ def test_e2e_summary_of_recorded_results():
     assert default_radix["ok"] is None and not default_radix["agree_up_to_near_ties"]
     assert default_radix["matches"][1].startswith("DIVERGED at token 1")
     assert summary["radix_vs_no_radix_ours-det"]["ok"]
+    results["ours-det-no-radix"] = {"one_by_one": completions(same, shift=1e-3)}  # same tokens, other logprobs
+    assert not run_e2e.summarize(results, 0.1, 2.0, topk)["radix_vs_no_radix_ours-det"]["ok"]
     ours_dsa = summary["ours_vs_dsa"]
     assert ours_dsa["teacher"][0]["mean_abs"] == pytest.approx(0.01)
     assert ours_dsa["teacher_by_region"]["dense"] == {"n": 4, "mean_abs": pytest.approx(0.01)}

@@ -72,6 +72,7 @@ from sglang_sparse_mla.serving.client import Completion, flush_cache, generate, 
 from sglang_sparse_mla.serving.server import Server, ServerError
 from sglang_sparse_mla.serving.workload import (
     DEFAULT_TIE_MARGIN,
+    bit_identical,
     compare_greedy,
     logprob_difference,
     shared_prefix_prompts,
@@ -370,7 +371,11 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
             summary[f"radix_vs_no_radix_{backend}"] = {
                 # Exact where the numerics are batch invariant, else reported (see RADIX_PAIRS);
                 # a non-finite logprob fails either way.
-                "ok": (finite and all(m.identical for m in matches)) if exact else (None if finite else False),
+                "ok": (
+                    (finite and all(bit_identical(b, s) for b, s in zip(batch, single, strict=True)))
+                    if exact
+                    else (None if finite else False)
+                ),
                 "agree_up_to_near_ties": all(m.agrees(tie_margin) for m in matches),
                 "cached_tokens": [c.cached_tokens for c in batch],
                 "matches": [m.describe(tie_margin) for m in matches],

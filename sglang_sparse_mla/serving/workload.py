@@ -89,6 +89,11 @@ def compare_greedy(a: Completion, b: Completion) -> GreedyMatch:
     return GreedyMatch(compared, None, None)
 
 
+def bit_identical(a: Completion, b: Completion) -> bool:
+    """The same tokens with the same logprobs, bit for bit (what batch-invariant numerics promise)."""
+    return a.output_ids == b.output_ids and a.logprobs == b.logprobs
+
+
 def first_logprob_difference(a: Completion, b: Completion) -> tuple[int, float] | None:
     """The first step whose logprobs differ and by how much; ``None`` if bit-identical where both have one."""
     for step, (x, y) in enumerate(zip(a.logprobs, b.logprobs, strict=False)):

@@ -245,3 +245,28 @@ def test_stream_generate_times_first_token(tmp_path):
     assert timing.output_tokens == 3
     assert 0.05 <= timing.ttft_s < timing.total_s and timing.total_s >= 0.15
     assert timing.decode_tok_per_s == pytest.approx(2 / (timing.total_s - timing.ttft_s))
+
+
+def test_e2e_work_selects_steps_of_each_configuration(tmp_path, monkeypatch, capsys):
+    """--work runs only the named steps of each configuration's own work; unknown steps are refused."""
+    run_e2e = _load("run_e2e")
+    ran: dict[str, tuple[str, ...]] = {}
+
+    def run_config(name, config, workload, model, out, startup_timeout):
+        ran[name] = config.work
+        return {}
+
+    monkeypatch.setattr(run_e2e, "run_config", run_config)
+    monkeypatch.setattr(run_e2e, "write_tiny_model", lambda *args: None)
+    monkeypatch.setattr(run_e2e.torch.cuda, "get_device_name", lambda: "stub GPU")
+    argv = ["run_e2e.py", "--out", str(tmp_path), "--configs", "ours,fallback", "--work", "teacher,throughput,soak"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        run_e2e.main()
+    assert exit_info.value.code == 0
+    assert ran == {"ours": ("teacher", "soak", "throughput"), "fallback": ("teacher", "throughput")}
+
+    monkeypatch.setattr("sys.argv", [*argv[:-1], "teacher,warmup"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_e2e.main()
+    assert exit_info.value.code == 2 and "unknown work ['warmup']" in capsys.readouterr().err

@@ -12,9 +12,10 @@ the results of one model. Results accumulate in DIR/results.json (so
 runs can be split over several calls of a warm machine, run by several
 processes at once, e.g. one per GPU with CUDA_VISIBLE_DEVICES, or merged from
 several files with --merge); DIR/summary.json and the printed summary compare
-whatever configurations are there. Server logs go to DIR/logs/; a failed start
-is recorded with its log tail and the next configuration runs. Each server
-takes --mem-fraction-static 0.35, so two fit on one GPU.
+whatever configurations are there; --work runs only some steps of each (a
+configuration's result is replaced whole). Server logs go to DIR/logs/; a
+failed start is recorded with its log tail and the next configuration runs.
+Each server takes --mem-fraction-static 0.35, so two fit on one GPU.
 
 Configurations (make_configs):
   ours           --attention-backend triton_sparse_mla, BF16 KV
@@ -63,7 +64,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -464,6 +465,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="small", help="the tiny model's attention shape")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="the tiny model's layer count (default: the shape's)")
+    parser.add_argument("--work", default=",".join(WORK),
+                        help="comma-separated steps of WORK to run (of each configuration's own)")  # fmt: skip
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="more results.json files to include")
     parser.add_argument("--tie-margin", type=float, default=DEFAULT_TIE_MARGIN)
     parser.add_argument("--max-spread-ratio", type=float, default=2.0,
@@ -474,6 +477,9 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIG_NAMES]
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIG_NAMES)}")
+    steps = args.work.split(",")
+    if not set(steps) <= set(WORK):
+        parser.error(f"unknown work {sorted(set(steps) - set(WORK))}; choose from {list(WORK)}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "results.json"
@@ -503,7 +509,8 @@ def main() -> None:
         run_meta = {"gpu": torch.cuda.get_device_name(), **model_key, "torch": torch.__version__}
     for name in names:
         print(f"=== {name}", flush=True)
-        result = run_config(name, configs[name], workload, model, args.out, args.startup_timeout)
+        config = replace(configs[name], work=tuple(w for w in configs[name].work if w in steps))
+        result = run_config(name, config, workload, model, args.out, args.startup_timeout)
         result["gpus"] = torch.cuda.device_count()
         with locked(args.out):  # another process may have added its configurations meanwhile
             results = load_results(store)

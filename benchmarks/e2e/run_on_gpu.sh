@@ -5,7 +5,7 @@
 #   bash benchmarks/e2e/run_on_gpu.sh JOB ...
 #
 # JOB: demo or demo-ARCH (the README main job: serve the tiny model, send requests;
-# at --mem-fraction-static 0.35, so it can share a GPU), tests (the GPU test suite
+# at --mem-fraction-static 0.35, so it can share a GPU; DEMO_ARGS adds demo options), tests (the GPU test suite
 # under the staged runtime: TESTS, default tests/; PYTEST_ARGS, default -x), bench
 # (the kernel benchmarks with SGLang's SM90 kernels, FlashMLA and DeepGEMM, beside), or a
 # comma-separated list of run_e2e.py configurations (e.g. ours,ours-no-radix;
@@ -32,7 +32,7 @@ run_job() {
     demo | demo-*)
         local arch=${1#demo}
         $PY -m sglang_sparse_mla.demo ${arch:+--arch ${arch#-}} --server-arg=--mem-fraction-static=0.35 \
-            --server-log "$RESULTS/$1.server.log" 2>&1 |
+            --server-log "$RESULTS/$1.server.log" ${DEMO_ARGS:-} 2>&1 |
             tee "$RESULTS/$1.txt" ;;
     tests) OUT=$RESULTS PYTHON=$PY TESTS=${TESTS:-tests} bash benchmarks/gpu_suite.sh env test ;;
     bench) OUT=$RESULTS PYTHON=$PY bash benchmarks/gpu_suite.sh env bench indexer ;;

@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument("--tier", required=True)
     p.add_argument("--wheels", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--part-mib", type=int, default=60)
+    p.add_argument("--part-mib", type=int, default=48)
     p.add_argument("--jobs", type=int, default=2)
     for name in ("receive", "status", "assemble"):
         p = sub.add_parser(name)

@@ -31,7 +31,8 @@
 #
 # Output under .stage/e2e/ (git-ignored): wheels/TIER/ (as downloaded), lzma/ (recompressed
 # wheels, reused when a tier is staged again), parts/TIER.NNN
-# (<= 60 MiB each: the tier's wheels recompressed with LZMA, tarred, split),
+# (<= 48 MiB each, leaving the rest of a call's 64 MiB to the checkout: the tier's wheels
+# recompressed with LZMA, tarred, split),
 # MANIFEST.tsv (every part's bytes and SHA-256, and the joined tar's) and SIZES.txt.
 # Carry MANIFEST.tsv and a few parts per GPU call (see install_runtime.sh).
 set -euo pipefail

@@ -76,6 +76,8 @@ def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor):
     query = indexer.wq_b(q_lora)[0].view(-1, n_heads, head_dim)
     if getattr(indexer, "use_dsa_indexer_fusion", False):
         key, gate = indexer.wk_weights_proj(x)[0].split([head_dim, n_heads], dim=-1)
+        # SGLang's CUDA LayerNorm (FlashInfer) ignores a view's row stride: give it dense rows.
+        key = key.contiguous()
     else:
         key, gate = indexer.wk(x)[0], _gate(indexer, x)
     key = indexer.k_norm(key).to(query.dtype)

@@ -41,10 +41,18 @@ class _Linear(torch.nn.Linear):
 
 
 class Fp32LayerNorm(torch.nn.LayerNorm):
-    """SGLang's indexer ``LayerNorm``: fp32 parameters, normalizes in fp32, returns the input's dtype."""
+    """SGLang's indexer ``LayerNorm``: fp32 parameters, normalizes in fp32, returns the input's dtype.
+
+    Like the FlashInfer kernel it runs on CUDA, it requires only the last
+    dimension to be contiguous and reads row ``t`` at ``t * hidden`` elements
+    from the start: the row stride of a view is ignored.
+    """
 
     def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+        if x.dim() != 2 or x.stride(-1) != 1:
+            raise ValueError(f"LayerNorm input must be 2-D with a contiguous last dimension, got strides {x.stride()}")
+        rows = x.as_strided(x.shape, (x.shape[1], 1))
+        return super().forward(rows.float()).to(x.dtype)
 
 
 class StubIndexer(torch.nn.Module):

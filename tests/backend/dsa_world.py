@@ -61,9 +61,19 @@ def sglang_config(request, target):
 
 
 def make_indexer(
-    monkeypatch, *, hidden: int = HIDDEN, q_lora_rank: int = Q_LORA, index_topk: int = TOPK, seed: int = 0
+    monkeypatch,
+    *,
+    hidden: int = HIDDEN,
+    q_lora_rank: int = Q_LORA,
+    index_topk: int = TOPK,
+    seed: int = 0,
+    is_neox_style: bool = True,
 ):
-    """SGLang's own DSA ``Indexer`` module (rope stubbed, see :class:`NeoxRope`), random weights."""
+    """SGLang's own DSA ``Indexer`` module (rope stubbed, see :class:`NeoxRope`), random weights.
+
+    ``is_neox_style=False`` (GLM-5's interleaved rope) makes it the fused module on CUDA
+    (``use_dsa_indexer_fusion``: one ``wk_weights_proj`` layer instead of ``wk`` and ``weights_proj``).
+    """
     import sglang.srt.layers.attention.dsa.dsa_indexer as dsa_indexer
 
     monkeypatch.setattr(dsa_indexer, "get_rope_wrapper", lambda *a, **kw: NeoxRope())
@@ -81,13 +91,15 @@ def make_indexer(
             rope_theta=10000.0,
             layer_id=0,
             scale_fmt="ue8m0",
+            is_neox_style=is_neox_style,
         )
     finally:
         torch.set_default_dtype(previous)
     gen = torch.Generator().manual_seed(seed)
-    for name in ("wq_b", "wk", "weights_proj"):
-        weight = getattr(indexer, name).weight
-        weight.data = (torch.randn(weight.shape, generator=gen) * weight.shape[1] ** -0.5).to(weight.dtype)
+    for name in ("wq_b", "wk", "weights_proj", "wk_weights_proj"):
+        if hasattr(indexer, name):
+            weight = getattr(indexer, name).weight
+            weight.data = (torch.randn(weight.shape, generator=gen) * weight.shape[1] ** -0.5).to(weight.dtype)
     return indexer.to(published_device())
 
 

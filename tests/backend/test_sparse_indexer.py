@@ -136,12 +136,15 @@ def test_index_share_layer_reuses_previous_topk(sglang_config, monkeypatch):
     assert relative_error(out1, world.reference([req], [75], q[1], positions)) < 1e-2
 
 
-def test_projection_matches_sglang_gate_and_keys(sglang_config, monkeypatch):
-    """The gate is SGLang's own (fp32 on CUDA), and the Hadamard rotation is applied where SGLang's
-    module applies it, so index scores round as in SGLang's paths."""
+@pytest.mark.parametrize("is_neox_style", [True, False], ids=["deepseek", "glm5-fused-on-cuda"])
+def test_projection_matches_sglang_gate_and_keys(sglang_config, monkeypatch, is_neox_style):
+    """The gate is SGLang's own (fp32 on CUDA, the fused layer's bf16), the keys are normalized as
+    its module's weights say (checked against torch's LayerNorm, not SGLang's CUDA one, which
+    misreads strided rows), and the Hadamard rotation is applied where SGLang's module applies
+    it, so index scores round as in SGLang's paths."""
     from sglang_sparse_mla.backend.indexer import project, sglang_rotates
 
-    indexer = make_indexer(monkeypatch)
+    indexer = make_indexer(monkeypatch, is_neox_style=is_neox_style)
     world = DSAWorld(num_heads=HEADS, index_topk=TOPK)
     x, q_lora = world.random(24, HIDDEN), world.random(24, Q_LORA)
     _, key, gate = project(indexer, x, q_lora, torch.arange(24, device=world.device))
@@ -152,4 +155,6 @@ def test_projection_matches_sglang_gate_and_keys(sglang_config, monkeypatch):
     assert torch.equal(gate.float(), sglang_gate.float())
     assert sglang_rotates(indexer) == (not indexer.use_dsa_indexer_fusion)
     unrotated = key if not sglang_rotates(indexer) else dispatch.hadamard_rotate(key.double()).to(key.dtype)
-    assert relative_error(unrotated[:, 64:], indexer.k_norm(sglang_key).to(key.dtype)[:, 64:]) < 1e-2
+    norm = indexer.k_norm
+    normed = torch.nn.functional.layer_norm(sglang_key.float(), (128,), norm.weight, norm.bias, norm.variance_epsilon)
+    assert relative_error(unrotated[:, 64:], normed[:, 64:]) < 1e-2

@@ -50,9 +50,11 @@ def fp8_paged_mqa_logits_torch() -> tuple[Callable | None, str | None]:
 
 
 def flash_mla_sparse_prefill() -> tuple[Callable | None, str | None]:
-    """FlashMLA ``flash_mla_sparse_fwd(q[T,H,576], kv[S,1,576], indices[T,1,topk], sm_scale, d_v)``
-    (H a multiple of 64 on SM90: SGLang's ``dsa`` pads the heads)."""
-    return _load("flash_mla", "flash_mla_sparse_fwd")
+    """FlashMLA's sparse prefill through SGLang's wrapper, as its ``dsa`` backend calls it:
+    ``flash_mla_sparse_fwd(q[T,H,576], kv[S,1,576], indices[T,1,topk], sm_scale, d_v)``, the
+    legacy kernel (the only one on SM90; FlashMLA's current ``sparse_prefill_fwd`` is SM100 only),
+    H a multiple of 64 on SM90 (``dsa`` pads the heads)."""
+    return _load("sglang.kernels.ops.attention.flash_mla_interface", "flash_mla_sparse_fwd")
 
 
 def deep_gemm_mqa_logits() -> tuple[Callable | None, str | None]:

@@ -2,9 +2,9 @@
 # The whole GPU check in one go, for a CUDA machine with torch + triton and no
 # package index (the project's H100 test machine):
 #
-#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env baselines test sweep bench indexer-sweep indexer
+#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env baselines test sweep bench indexer-sweep indexer profile
 #
-# (no STEP = env baselines test bench indexer). Wheels it needs come from .stage/ in the
+# (no STEP = env baselines test bench indexer profile). Wheels it needs come from .stage/ in the
 # checkout (made here by `bash benchmarks/stage_wheels.sh`, carried to the
 # machine): pytest if missing, and SGLang 0.5.23's kernels for the baselines
 # (the sglang wheel without its Rust .so files, plus the pure-Python packages
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 RESULTS=${OUT:-$ROOT/benchmarks/results/run}
 mkdir -p "$RESULTS"
-STEPS=${*:-env baselines test bench indexer}
+STEPS=${*:-env baselines test bench indexer profile}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -72,6 +72,11 @@ sys.exit(1 if missing else 0)" || status=1
         log "indexer config sweep"
         $PY benchmarks/bench_indexer.py --sweep --out "$RESULTS/indexer_sweep.json" > "$RESULTS/indexer_sweep.txt" 2>&1 || status=1
         cat "$RESULTS/indexer_sweep.txt"
+        ;;
+    profile)
+        log "one layer's decode step, by kernel"
+        $PY benchmarks/profile_decode_layer.py --out "$RESULTS/profile_decode_layer.json" > "$RESULTS/profile_decode_layer.txt" 2>&1 || status=1
+        tail -4 "$RESULTS/profile_decode_layer.txt"
         ;;
     indexer)
         log "indexer benchmark"

@@ -9,14 +9,17 @@ One layer of the backend's decode path at DeepSeek-V3.2's attention shape
 suite's stand-in for SGLang's ``Indexer`` weights, norm and rope: projections,
 rotation, FP8 quantization, index-K store, paged logits, top-k and slot
 mapping), the latent KV write and sparse MLA decode. Prints the step's time
-inside a CUDA graph (median replay, as SGLang replays decode steps) and the
-kernels of an eager step from the PyTorch profiler, grouped by name: how many
-launches a step makes and the GPU time each takes. Needs a CUDA GPU.
+inside a CUDA graph (median replay, as SGLang replays decode steps), also with
+the indexer's rotation and FP8 quantization as the torch ops the fused kernel
+replaced, and the kernels of an eager step from the PyTorch profiler, grouped
+by name: how many launches a step makes and the GPU time each takes. Needs a
+CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -76,6 +79,29 @@ def decode_step(batch: int, context: int, device: torch.device):
     return step
 
 
+def _torch_index_keys(index_buffer, loc, key, *, rotate, power_of_two_scale):
+    key = dispatch.hadamard_rotate(key) if rotate else key
+    dispatch.store_index_k(index_buffer, loc, *dispatch.quantize_fp8_rows(key, power_of_two_scale))
+
+
+def _torch_index_queries(query, gate, head_scale, softmax_scale, *, rotate, power_of_two_scale):
+    query = dispatch.hadamard_rotate(query) if rotate else query
+    q_fp8, q_scale = dispatch.quantize_fp8_rows(query, power_of_two_scale)
+    return q_fp8, gate.float() * head_scale * q_scale * softmax_scale
+
+
+@contextlib.contextmanager
+def torch_index_quantization():
+    """The indexer's rotation, FP8 quantization and index-K store as the torch ops the fused
+    kernel replaced (same bytes), for a before/after comparison in one run."""
+    saved = dispatch.quantize_index_keys, dispatch.quantize_index_queries
+    dispatch.quantize_index_keys, dispatch.quantize_index_queries = _torch_index_keys, _torch_index_queries
+    try:
+        yield
+    finally:
+        dispatch.quantize_index_keys, dispatch.quantize_index_queries = saved
+
+
 def graph_time_us(step, replays: int = 200) -> float:
     """Median time of one step replayed from a CUDA graph."""
     stream = torch.cuda.Stream()
@@ -129,18 +155,28 @@ def main() -> None:
         sys.exit("profile_decode_layer.py needs a CUDA GPU")
     device = torch.device("cuda")
     results = {"gpu": torch.cuda.get_device_name(), "context": args.context, "torch": torch.__version__, "runs": []}
+    summary = []
     for batch in (int(b) for b in args.batch.split(",")):
         step = decode_step(batch, args.context, device)
+        with torch_index_quantization():
+            torch_glue_us = graph_time_us(decode_step(batch, args.context, device))
         graph_us = graph_time_us(step)
         table = kernel_table(step)
         launches = sum(r["launches"] for r in table)
         busy = sum(r["us"] for r in table)
-        results["runs"].append({"batch": batch, "graph_us": graph_us, "kernels": table})
-        print(f"\nbatch {batch}, context {args.context}: one layer's decode step {graph_us:.1f} us in a CUDA graph;")
+        results["runs"].append(
+            {"batch": batch, "graph_us": graph_us, "graph_us_torch_index_quantization": torch_glue_us, "kernels": table}
+        )
+        summary.append((batch, graph_us, torch_glue_us, launches))
+        print(f"\nbatch {batch}, context {args.context}: one layer's decode step {graph_us:.1f} us in a CUDA graph")
+        print(f"({torch_glue_us:.1f} us with the index quantization as torch ops);")
         print(f"eager: {launches:.0f} kernel launches, {busy:.1f} us of kernel time")
         print(f"{'launches':>8} {'us':>8}  kernel")
         for r in table:
             print(f"{r['launches']:8.1f} {r['us']:8.1f}  {r['kernel'][:110]}")
+    print(f"\n{'batch':>5} {'step us':>8} {'torch index quantization us':>28} {'launches':>8}")
+    for batch, graph_us, torch_glue_us, launches in summary:
+        print(f"{batch:5d} {graph_us:8.1f} {torch_glue_us:28.1f} {launches:8.0f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

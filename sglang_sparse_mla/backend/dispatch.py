@@ -130,6 +130,33 @@ def store_index_k(index_buffer: torch.Tensor, loc: torch.Tensor, k_fp8: torch.Te
     scales[page, offset] = k_scale.to(torch.float32).reshape(-1, 1).view(torch.uint8)
 
 
+def quantize_index_keys(
+    index_buffer: torch.Tensor, loc: torch.Tensor, key: torch.Tensor, *, rotate: bool, power_of_two_scale: bool
+) -> None:
+    """Rotate (``rotate``), quantize and store bf16 index keys ``[T, 128]`` at slots ``loc``: one kernel,
+    the same bytes as :func:`hadamard_rotate`, :func:`quantize_fp8_rows` and :func:`store_index_k`."""
+    kv_cache = index_buffer.view(index_buffer.shape[0], PAGE_SIZE, 1, INDEX_ROW_BYTES)
+    kernels.quantize_index_keys_to_cache(key, loc, kv_cache, rotate=rotate, power_of_two_scale=power_of_two_scale)
+
+
+def quantize_index_queries(
+    query: torch.Tensor,
+    gate: torch.Tensor,
+    head_scale: float,
+    softmax_scale: float,
+    *,
+    rotate: bool,
+    power_of_two_scale: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_fp8 [T, H, 128], weights [T, H] float32)`` of bf16 index queries and per-head gates: one
+    kernel, the codes of :func:`hadamard_rotate` + :func:`quantize_fp8_rows` and the weights
+    ``gate * head_scale * q_scale * softmax_scale`` multiplied in that order in fp32 (SGLang's)."""
+    q_fp8, _, weights = kernels.quantize_index_queries(
+        query, gate, head_scale, softmax_scale, rotate=rotate, power_of_two_scale=power_of_two_scale
+    )
+    return q_fp8, weights
+
+
 def gather_index_k(index_buffer: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(k_fp8 [N, 128], k_scale [N] float32)`` of slots ``[N]`` (cached keys, read not recomputed)."""
     keys, scales = _index_pages(index_buffer)

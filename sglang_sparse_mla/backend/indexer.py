@@ -7,13 +7,15 @@ fused quantize-and-store — with torch and the Triton kernels of
 :mod:`sglang_sparse_mla.kernels`:
 
 1. project ``q = wq_b(q_lora)``, ``k = k_norm(wk(x))`` and the per-head gate,
-   rotate their rope part, apply the Hadamard rotation where SGLang's own
-   writer does (to queries and keys alike, which leaves ``q . k`` unchanged
-   and spreads outliers before FP8; SGLang's fused CUDA and HIP writers skip
-   it, and the index-K pages must hold what SGLang would write), quantize
-   per 128 values (UE8M0 scales for DeepSeek-V3.2);
-2. store the new tokens' index keys in SGLang's index-K pages (a prefix's
-   keys are already there: reused, never recomputed);
+   rotate their rope part;
+2. in one kernel each (:mod:`sglang_sparse_mla.kernels.index_fp8_quant`),
+   apply the Hadamard rotation where SGLang's own writer does (to queries
+   and keys alike, which leaves ``q . k`` unchanged and spreads outliers
+   before FP8; SGLang's fused CUDA and HIP writers skip it, and the index-K
+   pages must hold what SGLang would write), quantize per 128 values (UE8M0
+   scales for DeepSeek-V3.2), and store the new tokens' index keys in
+   SGLang's index-K pages (a prefix's keys are already there: reused, never
+   recomputed) or turn the gates into the queries' score weights;
 3. score every visible position: paged logits straight from the index-K
    pages for uniform batches (decode, MTP), ragged logits over the gathered
    keys for extends, in chunks of rows against only their own requests' keys
@@ -69,8 +71,9 @@ def _gate(indexer, x: torch.Tensor) -> torch.Tensor:
     return indexer.weights_proj(x)[0]
 
 
-def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor):
-    """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` of the indexer, rope applied, rotated as SGLang does."""
+def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor, rotate: bool = True):
+    """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` of the indexer, rope applied, rotated as SGLang
+    does (``rotate=False``: not yet rotated; the FP8 quantization kernel rotates)."""
     x = _hidden(x)
     n_heads, head_dim, rope_dim = indexer.n_heads, indexer.head_dim, indexer.rope_head_dim
     query = indexer.wq_b(q_lora)[0].view(-1, n_heads, head_dim)
@@ -84,7 +87,7 @@ def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor):
     q_rope, k_rope = indexer.rotary_emb(positions, query[..., :rope_dim], key[..., :rope_dim])
     query = torch.cat([q_rope.view(query.shape[0], n_heads, rope_dim), query[..., rope_dim:]], dim=-1)
     key = torch.cat([k_rope.view(key.shape[0], rope_dim), key[..., rope_dim:]], dim=-1)
-    if not sglang_rotates(indexer):
+    if not (rotate and sglang_rotates(indexer)):
         return query, key, gate
     return dispatch.hadamard_rotate(query), dispatch.hadamard_rotate(key), gate
 
@@ -139,17 +142,17 @@ class SparseIndexer:
                 return None
             return torch.full((num_tokens, self.index_topk), -1, dtype=torch.int32, device=q_lora.device)
 
-        query, key, gate = project(indexer, x, q_lora, positions)
-        power_of_two = getattr(indexer, "scale_fmt", None) == "ue8m0"
-        k_fp8, k_scale = dispatch.quantize_fp8_rows(key, power_of_two)
-        dispatch.store_index_k(index_buffer, out_cache_loc[:num_tokens], k_fp8, k_scale)
+        query, key, gate = project(indexer, x, q_lora, positions, rotate=False)
+        fp8 = dict(rotate=sglang_rotates(indexer), power_of_two_scale=getattr(indexer, "scale_fmt", None) == "ue8m0")
+        dispatch.quantize_index_keys(index_buffer, out_cache_loc[:num_tokens], key, **fp8)
         if not return_indices:
             return None
 
         rows = metadata.num_tokens
-        q_fp8, q_scale = dispatch.quantize_fp8_rows(query[:rows], power_of_two)
-        # Multiplied in SGLang's order (fp32 rounding of near-tied scores included).
-        weights = gate[:rows].float() * indexer.n_heads**-0.5 * q_scale * indexer.softmax_scale
+        # Weights multiplied in SGLang's order (fp32 rounding of near-tied scores included).
+        q_fp8, weights = dispatch.quantize_index_queries(
+            query[:rows], gate[:rows], indexer.n_heads**-0.5, indexer.softmax_scale, **fp8
+        )
         slots = self._topk_slots(indexer, q_fp8, weights, index_buffer, metadata)
         if rows < num_tokens:  # padded rows of a data-parallel batch
             slots = torch.cat([slots, slots.new_full((num_tokens - rows, slots.shape[1]), -1)])

@@ -2,6 +2,7 @@
 
 from .fp8_mqa_logits import fp8_mqa_logits
 from .fp8_paged_mqa_logits import fp8_paged_mqa_logits
+from .index_fp8_quant import quantize_index_keys_to_cache, quantize_index_queries
 from .kv_cache_layout import dequantize_kv_fp8, quantize_kv_fp8
 from .sparse_mla import sparse_mla_decode, sparse_mla_prefill
 from .topk import topk_indices
@@ -11,6 +12,8 @@ __all__ = [
     "dequantize_kv_fp8",
     "fp8_mqa_logits",
     "fp8_paged_mqa_logits",
+    "quantize_index_keys_to_cache",
+    "quantize_index_queries",
     "quantize_kv_fp8",
     "sparse_mla_decode",
     "sparse_mla_prefill",

@@ -193,3 +193,29 @@ def topk_to_kv_slots_reference(
     valid = topk >= 0
     slots = req_to_token[pool_rows[:, None], torch.where(valid, topk, 0).long()]
     return torch.where(valid, slots, -1).to(torch.int32)
+
+
+def index_fp8_quant_reference(
+    x: torch.Tensor, *, rotate: bool, power_of_two_scale: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes [..., 128] float8_e4m3fn, scales [...] float32)`` of bf16 index rows ``x [..., 128]``.
+
+    The rotation is the fp64 product with the orthonormal Walsh-Hadamard
+    matrix, rounded to bf16; the scale ``max(amax, 1e-4) * (1 / 448)`` is an
+    fp32 product by definition (so computed in fp32), raised to the next power
+    of two for ``power_of_two_scale``; codes are the fp32
+    quotients, clamped to +-448 and rounded to e4m3 by torch.
+    """
+    values = x.double()
+    if rotate:
+        h = torch.ones(1, 1, dtype=torch.float64, device=x.device)
+        while h.shape[0] < x.shape[-1]:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        values = (values @ h * x.shape[-1] ** -0.5).bfloat16().double()
+    amax = values.abs().amax(dim=-1).float()
+    scales = amax.clamp_min(1e-4) * torch.tensor(1.0 / 448.0, dtype=torch.float32)
+    if power_of_two_scale:  # the next power of two, exactly (CUDA's float64 log2 of 2**-3 is not -3)
+        mantissa, exponent = torch.frexp(scales)
+        scales = torch.where(mantissa == 0.5, scales, torch.ldexp(torch.ones_like(scales), exponent))
+    quotients = values.float() / scales.unsqueeze(-1)
+    return quotients.clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scales

@@ -80,8 +80,15 @@ def test_fp8_rows_match_sglang_act_quant(target, scale_fmt):
     magnitudes = torch.logspace(-6, 2, 512)[:, None]
     x = (torch.randn(512, 128, generator=torch.Generator().manual_seed(7)) * magnitudes).bfloat16().to(target.device)
     codes, scale = act_quant(x, 128, scale_fmt)
-    ours_codes, ours_scale = dispatch.quantize_fp8_rows(x, power_of_two_scale=scale_fmt == "ue8m0")
-    assert torch.equal(ours_scale, scale.view(-1))
+    pow2 = scale_fmt == "ue8m0"
+    ours_codes, ours_scale = dispatch.quantize_fp8_rows(x, power_of_two_scale=pow2)
+    # The fused kernel with unit gate and factors: its weights are the scales.
+    ones = torch.ones(512, 1, device=target.device)
+    fused_codes, fused_scale = dispatch.quantize_index_queries(
+        x.view(512, 1, 128), ones, 1.0, 1.0, rotate=False, power_of_two_scale=pow2
+    )
+    assert torch.equal(ours_scale, scale.view(-1)) and torch.equal(fused_scale.view(-1), scale.view(-1))
+    assert torch.equal(fused_codes.view(512, 128).view(torch.uint8), ours_codes.view(torch.uint8))
     if target.gpu:  # the interpreter rounds in-kernel float8 conversions differently from a GPU
         assert torch.equal(ours_codes.view(torch.uint8), codes.view(torch.uint8))
 
@@ -116,6 +123,11 @@ def test_hadamard_rotation_matches_sglang_kernel(target):
     x = torch.randn(4096, 64, 128, generator=torch.Generator().manual_seed(6)).bfloat16().to(target.device)
     ours, theirs = dispatch.hadamard_rotate(x), hadamard_transform(x, scale=128**-0.5)
     assert (ours != theirs).float().mean().item() < 1e-4
+    # The fused quantization kernel rotates as that kernel does: the same FP8 codes.
+    gate = torch.ones(4096, 64, device=target.device)
+    fused, _ = dispatch.quantize_index_queries(x, gate, 1.0, 1.0, rotate=True, power_of_two_scale=True)
+    theirs_codes, _ = dispatch.quantize_fp8_rows(theirs, power_of_two_scale=True)
+    assert (fused.view(torch.uint8) != theirs_codes.view(torch.uint8)).float().mean().item() < 1e-4
 
 
 def test_fp8_row_layout_matches_sglang_quantizer(target):

@@ -21,6 +21,7 @@ from target_compile import SHARED_MEMORY_LIMIT, CompileJob, compile_many
 RAGGED = "sglang_sparse_mla.kernels.fp8_mqa_logits"
 PAGED = "sglang_sparse_mla.kernels.fp8_paged_mqa_logits"
 TOPK = "sglang_sparse_mla.kernels.topk"
+INDEX_FP8 = "sglang_sparse_mla.kernels.index_fp8_quant"
 HEADS = 64
 BLOCK_SIZE = 64
 K = 2048
@@ -34,9 +35,14 @@ TARGETS = [
     ("sm90_forced_sm80", 90, False, min(SHARED_MEMORY_LIMIT[90], SHARED_MEMORY_LIMIT[80])),
     ("sm120", 120, True, SHARED_MEMORY_LIMIT[120]),
 ]
-KERNELS = ("ragged", "paged", "topk")
-# Top-k has no FP8 code path: the forced SM80 path on sm90 is plain sm90.
-CASES = [(t[0], kernel) for t in TARGETS for kernel in KERNELS if (t[0], kernel) != ("sm90_forced_sm80", "topk")]
+KERNELS = ("ragged", "paged", "topk", "index_fp8")
+# Top-k and the index FP8 quantization have no arch-specific path: the forced SM80 path on sm90 is plain sm90.
+CASES = [
+    (t[0], kernel)
+    for t in TARGETS
+    for kernel in KERNELS
+    if not (t[0] == "sm90_forced_sm80" and kernel in ("topk", "index_fp8"))
+]
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,24 @@ def _topk_jobs(target, capability):
                   capability, cfg.num_warps, cfg.num_stages, aligned)
 
 
+def _index_fp8_jobs(target, capability):
+    module = importlib.import_module(INDEX_FP8)
+    aligned = ("x_ptr", "signs_ptr", "codes_ptr", "scales_ptr", "weights_ptr")
+    # Queries (gate fp32 from the unfused projection or bf16 from the fused one) and keys (paged store).
+    for paged, gate in ((False, "*fp32"), (False, "*bf16"), (True, "*fp32")):
+        signature = dict(
+            x_ptr="*bf16", stride_xt="i32", stride_xh="i32", num_rows="i32", heads="i32", signs_ptr="*bf16",
+            codes_ptr="*u8", scales_ptr="*fp32", loc_ptr="*i64" if paged else "*fp32", page_size="i32",
+            gate_ptr=gate, stride_gt="i32", head_scale="fp32", softmax_scale="fp32", weights_ptr="*fp32",
+        )  # fmt: skip
+        for rotate in (False, True):
+            constexprs = dict(ROTATE=rotate, ROTATE_SCALE=module.HEAD_DIM**-0.5, DOT_FP32=False,
+                              POWER_OF_TWO=True, PAGED=paged, HAS_GATE=not paged, BLOCK_R=module.BLOCK_ROWS,
+                              D=module.HEAD_DIM)  # fmt: skip
+            yield Job(target, "index_fp8", f"paged={paged} gate={gate} rotate={rotate}", INDEX_FP8,
+                      "_index_fp8_kernel", signature, constexprs, capability, module.NUM_WARPS, 1, aligned)  # fmt: skip
+
+
 def compile_jobs() -> list[Job]:
     jobs = []
     for target, capability, native, smem in TARGETS:
@@ -119,6 +143,8 @@ def compile_jobs() -> list[Job]:
         jobs += _paged_jobs(target, capability, native, smem)
         if (target, "topk") in CASES:
             jobs += _topk_jobs(target, capability)
+        if (target, "index_fp8") in CASES:
+            jobs += _index_fp8_jobs(target, capability)
     return jobs
 
 

@@ -1,0 +1,146 @@
+"""The indexer's fused FP8 quantization (``quantize_index_queries``, ``quantize_index_keys_to_cache``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from sglang_sparse_mla.kernels import quantize_index_keys_to_cache, quantize_index_queries
+from sglang_sparse_mla.kernels.index_fp8_quant import _e4m3_codes
+from sglang_sparse_mla.kernels.reference import index_fp8_quant_reference
+
+PAGE = 64
+ROW = 132
+
+
+def index_rows(rng, device, *shape):
+    """bf16 rows over many magnitudes (a row scale from 1e-7 to 1e3), including all-zero rows."""
+    x = torch.randn(*shape, 128, generator=rng, device=device)
+    magnitude = torch.exp(torch.empty(*shape, 1, device=device).uniform_(-16, 7, generator=rng))
+    x = x * magnitude
+    x.view(-1, 128)[::7] = 0.0
+    return x.bfloat16()
+
+
+def assert_codes_match(codes: torch.Tensor, ref: torch.Tensor, rotate: bool) -> None:
+    """Bit-equal codes; with the rotation, rare 1-code differences where the kernel's fp32 scaling of
+    the exact sum lands on another bf16 than the reference's single rounding (double rounding)."""
+    a, b = codes.view(torch.uint8).view(-1, 128), ref.view(torch.uint8).view(-1, 128)
+    differ = a != b
+    if not rotate:
+        assert not differ.any(), f"{int(differ.sum())} codes differ"
+        return
+    assert differ.float().mean().item() < 1e-4
+    assert ((a.int() - b.int()).abs()[differ] == 1).all(), "only neighbouring codes may differ"
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
+@pytest.mark.parametrize("power_of_two", [False, True], ids=["fp32_scale", "ue8m0"])
+@pytest.mark.parametrize("gate_layout", ["fp32", "bf16_fused_slice"])
+def test_queries_match_reference(target, rng, rotate, power_of_two, gate_layout):
+    tokens, heads = target.pick(cpu=(9, 32), gpu=(333, 64))
+    q = index_rows(rng, target.device, tokens, heads)
+    if gate_layout == "fp32":
+        gate = torch.randn(tokens, heads, generator=rng, device=target.device)
+    else:  # the gate columns of SGLang's fused wk_weights_proj output
+        gate = torch.randn(tokens, 128 + heads, generator=rng, device=target.device).bfloat16()[:, 128:]
+    codes, scales, weights = quantize_index_queries(
+        q, gate, heads**-0.5, 128**-0.5, rotate=rotate, power_of_two_scale=power_of_two
+    )
+    ref_codes, ref_scales = index_fp8_quant_reference(q, rotate=rotate, power_of_two_scale=power_of_two)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == q.shape
+    assert torch.equal(scales, ref_scales)
+    assert_codes_match(codes, ref_codes, rotate)
+    # fp32, multiplied in this order (SGLang's): bit-equal to torch doing the same.
+    assert torch.equal(weights, gate.float() * heads**-0.5 * ref_scales * 128**-0.5)
+    if power_of_two:
+        assert torch.equal(scales, torch.exp2(torch.round(torch.log2(scales))))
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
+@pytest.mark.parametrize("loc_dtype", [torch.int32, torch.int64])
+def test_keys_written_at_their_slots_only(target, rng, rotate, loc_dtype):
+    tokens, pages = target.pick(cpu=(37, 3), gpu=(5000, 100))
+    k = index_rows(rng, target.device, tokens)
+    cache = torch.full((pages, PAGE, 1, ROW), 0xAB, dtype=torch.uint8, device=target.device)
+    loc = torch.randperm(pages * PAGE, generator=rng, device=target.device)[:tokens].to(loc_dtype)
+    quantize_index_keys_to_cache(k, loc, cache, rotate=rotate, power_of_two_scale=True)
+
+    ref_codes, ref_scales = index_fp8_quant_reference(k, rotate=rotate, power_of_two_scale=True)
+    flat = cache.view(pages, PAGE * ROW)
+    page, offset = loc.long() // PAGE, loc.long() % PAGE
+    key_bytes = flat[:, : PAGE * 128].view(pages, PAGE, 128)[page, offset]
+    scale_bytes = flat[:, PAGE * 128 :].contiguous().view(torch.float32).view(pages, PAGE)[page, offset]
+    assert_codes_match(key_bytes, ref_codes, rotate)
+    assert torch.equal(scale_bytes, ref_scales)
+    untouched = torch.ones(pages, PAGE, dtype=torch.bool, device=target.device)
+    untouched[page, offset] = False
+    keys_view = flat[:, : PAGE * 128].view(pages, PAGE, 128)
+    scales_view = flat[:, PAGE * 128 :].view(pages, PAGE, 4)
+    assert (keys_view[untouched] == 0xAB).all() and (scales_view[untouched] == 0xAB).all()
+
+
+@triton.jit
+def _codes_kernel(y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, _e4m3_codes(tl.load(y_ptr + i, mask=i < n, other=0.0)), mask=i < n)
+
+
+def test_e4m3_codes_round_to_nearest_even(target):
+    """Every e4m3 value, every midpoint between neighbours (ties go to the even code) and the fp32
+    values one ulp either side of it, both signs, subnormals and zero: torch's conversion to the bit."""
+    positive = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (positive[:-1].double() + positive[1:].double()) / 2
+    below, above = mid.float().nextafter(torch.tensor(0.0)), mid.float().nextafter(torch.tensor(1e9))
+    around = torch.cat([below, mid.float(), above])
+    y = torch.cat([positive, around, torch.tensor([1e-12, 2.0**-10, 2.0**-9 * 0.75, 447.9999])])
+    y = torch.cat([y, -y]).to(target.device)
+    out = torch.empty(y.shape[0], dtype=torch.uint8, device=target.device)
+    _codes_kernel[(triton.cdiv(y.shape[0], 256),)](y, out, y.shape[0], BLOCK=256)
+    assert torch.equal(out, y.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_empty_and_row_independence(target, rng):
+    q = index_rows(rng, target.device, 0, 32)
+    codes, scales, weights = quantize_index_queries(
+        q, torch.empty(0, 32, device=target.device), 1.0, 1.0, rotate=True, power_of_two_scale=True
+    )
+    assert codes.shape == (0, 32, 128) and scales.shape == weights.shape == (0, 32)
+    quantize_index_keys_to_cache(
+        q.view(0, 128), torch.empty(0, dtype=torch.int64, device=target.device),
+        torch.zeros(1, PAGE, 1, ROW, dtype=torch.uint8, device=target.device), rotate=True, power_of_two_scale=True,
+    )  # fmt: skip
+    # A token's codes do not depend on the tokens quantized with it.
+    q = index_rows(rng, target.device, 40, 32)
+    gate = torch.randn(40, 32, generator=rng, device=target.device)
+    batch = quantize_index_queries(q, gate, 0.5, 0.25, rotate=True, power_of_two_scale=True)
+    alone = quantize_index_queries(q[17:18], gate[17:18], 0.5, 0.25, rotate=True, power_of_two_scale=True)
+    for b, a in zip(batch, alone, strict=True):
+        assert torch.equal(b[17:18].view(torch.uint8), a.view(torch.uint8))
+
+
+def test_bad_inputs_are_refused(target):
+    dev = target.device
+    q = torch.zeros(4, 32, 128, dtype=torch.bfloat16, device=dev)
+    gate = torch.zeros(4, 32, device=dev)
+    cache = torch.zeros(2, PAGE, 1, ROW, dtype=torch.uint8, device=dev)
+    loc = torch.zeros(4, dtype=torch.int64, device=dev)
+    quant = dict(rotate=False, power_of_two_scale=True)
+    with pytest.raises(ValueError, match="q must be torch.bfloat16"):
+        quantize_index_queries(q.float(), gate, 1.0, 1.0, **quant)
+    with pytest.raises(ValueError, match="index head dim"):
+        quantize_index_queries(q[..., :64], gate, 1.0, 1.0, **quant)
+    with pytest.raises(ValueError, match="gate must be"):
+        quantize_index_queries(q, gate[:, :16], 1.0, 1.0, **quant)
+    with pytest.raises(ValueError, match="gate must be contiguous"):
+        quantize_index_queries(q, torch.zeros(32, 4, device=dev).T, 1.0, 1.0, **quant)
+    with pytest.raises(ValueError, match="one slot per key"):
+        quantize_index_keys_to_cache(q[:, 0], loc[:3], cache, **quant)
+    with pytest.raises(ValueError, match="loc must be"):
+        quantize_index_keys_to_cache(q[:, 0], loc.float(), cache, **quant)
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        quantize_index_keys_to_cache(q[:, 0], loc, cache.view(2, PAGE, ROW), **quant)
+    with pytest.raises(ValueError, match="kv_cache must be a contiguous"):
+        quantize_index_keys_to_cache(q[:, 0], loc, cache[:, :, :, :128], **quant)

@@ -5,8 +5,11 @@ package's kernels and the backend's cache helpers, with random inputs whose
 shapes come from a model config (query heads, index heads, ``index_topk``,
 softmax scale) and requests laid out on shuffled 64-token pages:
 
-1. index keys of every token quantized to FP8 (UE8M0 scales) and stored in
-   the index-K pages (:func:`.backend.dispatch.store_index_k`);
+1. index keys of every token Hadamard-rotated, quantized to FP8 (UE8M0
+   scales) and stored in the index-K pages by one kernel
+   (``quantize_index_keys_to_cache``, as the backend's
+   :func:`.backend.dispatch.quantize_index_keys`); queries likewise, with
+   their score weights (``quantize_index_queries``);
 2. prefill of every prompt: ragged indexer logits over the request's gathered
    keys (``fp8_mqa_logits``), top-k per token (``topk_indices``), logical
    positions mapped to KV slots (``topk_to_kv_slots``, and the mapping fused
@@ -43,6 +46,7 @@ from .kernels import (
 )
 from .kernels.kv_cache_layout import D_QK, FP8_ROW_BYTES
 from .kernels.reference import (
+    index_fp8_quant_reference,
     mqa_logits_reference,
     paged_mqa_logits_reference,
     sparse_mla_reference,
@@ -54,8 +58,8 @@ from .kernels.reference import (
 # FP8 MMA accumulates in reduced precision within an instruction). Attention:
 # bf16 output and probabilities; lse in natural log.
 LIMITS = {
-    "cpu": dict(logits=1e-5, out=1.5e-2, lse=2e-3, fp8_kv=0.08),
-    "cuda": dict(logits=2e-3, out=1.5e-2, lse=2e-3, fp8_kv=0.08),
+    "cpu": dict(logits=1e-5, out=1.5e-2, lse=2e-3, fp8_kv=0.08, index_fp8=1e-4),
+    "cuda": dict(logits=2e-3, out=1.5e-2, lse=2e-3, fp8_kv=0.08, index_fp8=1e-4),
 }
 
 
@@ -211,12 +215,18 @@ class _Chain:
         self.checks: list[Check] = []
         total = sum(self.reqs.lengths)
         key = self.randn(total, shapes.index_dim)
-        self.k_fp8, self.k_scale = dispatch.quantize_fp8_rows(key, power_of_two_scale=True)
         self.index_pages = torch.zeros(
             self.reqs.num_pages, PAGE_SIZE * INDEX_ROW_BYTES, dtype=torch.uint8, device=device
         )
         self.all_slots = torch.cat([self.reqs.slots(r, 0, n) for r, n in enumerate(self.reqs.lengths)])
-        dispatch.store_index_k(self.index_pages, self.all_slots, self.k_fp8, self.k_scale)
+        dispatch.quantize_index_keys(self.index_pages, self.all_slots, key, rotate=True, power_of_two_scale=True)
+        self.k_fp8, self.k_scale = dispatch.gather_index_k(self.index_pages, self.all_slots)
+        ref_codes, ref_scales = index_fp8_quant_reference(key, rotate=True, power_of_two_scale=True)
+        off = (self.k_fp8.view(torch.uint8) != ref_codes.view(torch.uint8)).float().mean().item()
+        off = max(off, float((self.k_scale != ref_scales).float().mean().item()))
+        self.check(
+            "index keys: rotation, FP8, page store (one kernel)", "share off the ref.", off, self.limits["index_fp8"]
+        )
         self.latent = self.randn(total, D_QK)
         self.caches = {"BF16": torch.zeros(self.reqs.num_slots, 1, D_QK, dtype=torch.bfloat16, device=device)}
         self.caches["FP8"] = torch.zeros(self.reqs.num_slots, 1, FP8_ROW_BYTES, dtype=torch.uint8, device=device)
@@ -230,11 +240,13 @@ class _Chain:
         self.checks.append(Check(stage, metric, value, limit))
 
     def index_queries(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """FP8 index queries and their per-head weights, scale folded in as the backend does."""
+        """FP8 index queries and their per-head weights, scale folded in, as the backend makes them."""
         s = self.s
-        q_fp8, q_scale = dispatch.quantize_fp8_rows(self.randn(rows, s.index_heads, s.index_dim), True)
+        q = self.randn(rows, s.index_heads, s.index_dim)
         gate = self.randn(rows, s.index_heads).float()
-        return q_fp8, gate * (s.index_heads**-0.5 * s.index_dim**-0.5) * q_scale
+        return dispatch.quantize_index_queries(
+            q, gate, s.index_heads**-0.5, s.index_dim**-0.5, rotate=True, power_of_two_scale=True
+        )
 
     def fp8_cache(self) -> None:
         rows = self.caches["FP8"].view(-1, FP8_ROW_BYTES)[self.all_slots]

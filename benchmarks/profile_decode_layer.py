@@ -36,6 +36,7 @@ from dsa_layer import StubIndexer  # noqa: E402
 from sglang_sparse_mla.backend import dispatch  # noqa: E402
 from sglang_sparse_mla.backend.indexer import SparseIndexer  # noqa: E402
 from sglang_sparse_mla.backend.metadata import build_paged  # noqa: E402
+from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs  # noqa: E402
 
 PAGE = 64
 HEADS, INDEX_HEADS, TOPK, Q_LORA, HIDDEN = 128, 64, 2048, 1536, 7168
@@ -54,7 +55,7 @@ def decode_step(batch: int, context: int, device: torch.device):
     index = torch.zeros(pages, PAGE * 132, dtype=torch.uint8, device=device)
     cached = req_to_token[:, :context].reshape(-1)
     keys = torch.randn(cached.shape[0], 128, generator=gen, device=device).bfloat16()
-    dispatch.store_index_k(index, cached, *dispatch.quantize_fp8_rows(keys, True))
+    dispatch.quantize_index_keys(index, cached, keys, rotate=False, power_of_two_scale=True)
 
     rpi = torch.arange(batch, device=device)
     kv_total = torch.full((batch,), context + 1, dtype=torch.int32, device=device)
@@ -79,14 +80,32 @@ def decode_step(batch: int, context: int, device: torch.device):
     return step
 
 
+def _torch_rotate(x: torch.Tensor, rotate: bool) -> torch.Tensor:
+    if not rotate:
+        return x
+    flat = x.reshape(-1, 128)
+    rotated = torch.mm(flat, hadamard_signs(128, x.dtype, x.device), out_dtype=torch.float32)
+    return rotated.mul_(128**-0.5).to(x.dtype).view(x.shape)
+
+
+def _torch_fp8_rows(x: torch.Tensor, power_of_two_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp_min(1e-4) * (1.0 / 448.0)
+    if power_of_two_scale:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return (xf / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
 def _torch_index_keys(index_buffer, loc, key, *, rotate, power_of_two_scale):
-    key = dispatch.hadamard_rotate(key) if rotate else key
-    dispatch.store_index_k(index_buffer, loc, *dispatch.quantize_fp8_rows(key, power_of_two_scale))
+    codes, scale = _torch_fp8_rows(_torch_rotate(key, rotate), power_of_two_scale)
+    pages = index_buffer.view(index_buffer.shape[0], -1)
+    page, offset = torch.div(loc, PAGE, rounding_mode="floor"), loc % PAGE
+    pages[:, : PAGE * 128].view(-1, PAGE, 128)[page, offset] = codes.view(torch.uint8)
+    pages[:, PAGE * 128 :].view(-1, PAGE, 4)[page, offset] = scale.reshape(-1, 1).view(torch.uint8)
 
 
 def _torch_index_queries(query, gate, head_scale, softmax_scale, *, rotate, power_of_two_scale):
-    query = dispatch.hadamard_rotate(query) if rotate else query
-    q_fp8, q_scale = dispatch.quantize_fp8_rows(query, power_of_two_scale)
+    q_fp8, q_scale = _torch_fp8_rows(_torch_rotate(query, rotate), power_of_two_scale)
     return q_fp8, gate.float() * head_scale * q_scale * softmax_scale
 
 

@@ -12,15 +12,12 @@ their native layouts:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import kernels
 from ..kernels.kv_cache_layout import D_QK, quantize_kv_fp8
 from .spec import INDEX_HEAD_DIM, INDEX_ROW_BYTES, PAGE_SIZE
 
-FP8_E4M3_MAX = 448.0
 # Bytes of index logits materialised at once by a ragged extend; larger
 # batches are scored in row chunks through one reused buffer.
 RAGGED_LOGITS_BUDGET_BYTES = 512 * 1024 * 1024
@@ -68,50 +65,6 @@ def sparse_attention(
 # --- index keys ------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8)
-def _hadamard_signs(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The ``dim x dim`` Walsh-Hadamard matrix of ``+-1`` (exact in every float dtype)."""
-    h = torch.ones(1, 1, dtype=torch.float32)
-    while h.shape[0] < dim:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h.to(dtype=dtype, device=device)
-
-
-def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard rotation of the last dim (a power of two).
-
-    Spreads outliers before FP8 quantization; ``q . k`` is unchanged since the
-    same rotation is applied to queries and keys. Computed as SGLang's fast
-    Hadamard transform does: in fp32 (fp64 for fp64 input), scaled by the exact
-    ``dim ** -0.5``, rounded once to ``x``'s dtype. (A bf16 product with a
-    bf16-rounded scale rounds about 2% of the outputs differently, which moves
-    near-tied index scores across the top-k boundary.)
-    """
-    dim = x.shape[-1]
-    flat = x.reshape(-1, dim)
-    if flat.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        rotated = torch.mm(flat, _hadamard_signs(dim, x.dtype, x.device), out_dtype=torch.float32)
-    else:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        rotated = flat.to(acc) @ _hadamard_signs(dim, acc, x.device)
-    return rotated.mul_(dim**-0.5).to(x.dtype).view(x.shape)
-
-
-def quantize_fp8_rows(x: torch.Tensor, power_of_two_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (``block = last dim = 128``) FP8 e4m3: ``(codes, float32 scale [...])``.
-
-    ``scale = max(amax, 1e-4) * (1 / 448)`` in fp32 (bit for bit SGLang's
-    ``act_quant``), rounded up to a power of two for ``ue8m0`` (the
-    DeepSeek-V3.2 indexer's scale format).
-    """
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-4) * (1.0 / FP8_E4M3_MAX)
-    if power_of_two_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    codes = (xf / scale.unsqueeze(-1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return codes, scale
-
-
 def _index_pages(index_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keys [pages, 64, 128] uint8, scales [pages, 64, 4] uint8)`` views of a layer's index-K buffer."""
     pages = index_buffer.view(index_buffer.shape[0], PAGE_SIZE * INDEX_ROW_BYTES)
@@ -121,20 +74,12 @@ def _index_pages(index_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return keys, scales
 
 
-def store_index_k(index_buffer: torch.Tensor, loc: torch.Tensor, k_fp8: torch.Tensor, k_scale: torch.Tensor) -> None:
-    """Write index keys ``[T, 128]`` fp8 and scales ``[T]`` at slots ``loc``."""
-    keys, scales = _index_pages(index_buffer)
-    loc = loc.to(torch.int64)
-    page, offset = torch.div(loc, PAGE_SIZE, rounding_mode="floor"), loc % PAGE_SIZE
-    keys[page, offset] = k_fp8.view(torch.uint8)
-    scales[page, offset] = k_scale.to(torch.float32).reshape(-1, 1).view(torch.uint8)
-
-
 def quantize_index_keys(
     index_buffer: torch.Tensor, loc: torch.Tensor, key: torch.Tensor, *, rotate: bool, power_of_two_scale: bool
 ) -> None:
-    """Rotate (``rotate``), quantize and store bf16 index keys ``[T, 128]`` at slots ``loc``: one kernel,
-    the same bytes as :func:`hadamard_rotate`, :func:`quantize_fp8_rows` and :func:`store_index_k`."""
+    """Rotate (``rotate``: the Hadamard rotation, where SGLang's writer applies it), quantize to FP8
+    and store bf16 index keys ``[T, 128]`` at slots ``loc``, in one kernel
+    (:func:`sglang_sparse_mla.kernels.quantize_index_keys_to_cache`)."""
     kv_cache = index_buffer.view(index_buffer.shape[0], PAGE_SIZE, 1, INDEX_ROW_BYTES)
     kernels.quantize_index_keys_to_cache(key, loc, kv_cache, rotate=rotate, power_of_two_scale=power_of_two_scale)
 
@@ -148,9 +93,9 @@ def quantize_index_queries(
     rotate: bool,
     power_of_two_scale: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q_fp8 [T, H, 128], weights [T, H] float32)`` of bf16 index queries and per-head gates: one
-    kernel, the codes of :func:`hadamard_rotate` + :func:`quantize_fp8_rows` and the weights
-    ``gate * head_scale * q_scale * softmax_scale`` multiplied in that order in fp32 (SGLang's)."""
+    """``(q_fp8 [T, H, 128], weights [T, H] float32)`` of bf16 index queries and per-head gates, in one
+    kernel (:func:`sglang_sparse_mla.kernels.quantize_index_queries`): rotated like the keys, the
+    weights ``gate * head_scale * q_scale * softmax_scale`` multiplied in that order in fp32 (SGLang's)."""
     q_fp8, _, weights = kernels.quantize_index_queries(
         query, gate, head_scale, softmax_scale, rotate=rotate, power_of_two_scale=power_of_two_scale
     )

@@ -71,9 +71,9 @@ def _gate(indexer, x: torch.Tensor) -> torch.Tensor:
     return indexer.weights_proj(x)[0]
 
 
-def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor, rotate: bool = True):
-    """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` of the indexer, rope applied, rotated as SGLang
-    does (``rotate=False``: not yet rotated; the FP8 quantization kernel rotates)."""
+def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor):
+    """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` of the indexer, rope applied; the Hadamard
+    rotation (where :func:`sglang_rotates`) is left to the FP8 quantization kernels."""
     x = _hidden(x)
     n_heads, head_dim, rope_dim = indexer.n_heads, indexer.head_dim, indexer.rope_head_dim
     query = indexer.wq_b(q_lora)[0].view(-1, n_heads, head_dim)
@@ -87,9 +87,7 @@ def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor, rotate: b
     q_rope, k_rope = indexer.rotary_emb(positions, query[..., :rope_dim], key[..., :rope_dim])
     query = torch.cat([q_rope.view(query.shape[0], n_heads, rope_dim), query[..., rope_dim:]], dim=-1)
     key = torch.cat([k_rope.view(key.shape[0], rope_dim), key[..., rope_dim:]], dim=-1)
-    if not (rotate and sglang_rotates(indexer)):
-        return query, key, gate
-    return dispatch.hadamard_rotate(query), dispatch.hadamard_rotate(key), gate
+    return query, key, gate
 
 
 def _force_init_and_local(
@@ -142,7 +140,7 @@ class SparseIndexer:
                 return None
             return torch.full((num_tokens, self.index_topk), -1, dtype=torch.int32, device=q_lora.device)
 
-        query, key, gate = project(indexer, x, q_lora, positions, rotate=False)
+        query, key, gate = project(indexer, x, q_lora, positions)
         fp8 = dict(rotate=sglang_rotates(indexer), power_of_two_scale=getattr(indexer, "scale_fmt", None) == "ue8m0")
         dispatch.quantize_index_keys(index_buffer, out_cache_loc[:num_tokens], key, **fp8)
         if not return_indices:

@@ -27,6 +27,8 @@ the kernel runs on SM80/86 as well.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -36,7 +38,6 @@ from .device_info import is_interpreter
 
 HEAD_DIM = 128
 ROW_BYTES = HEAD_DIM + 4  # an index-K slot: 128 code bytes + one float32 scale
-FP8_MAX = 448.0
 BLOCK_ROWS = 32  # rows per program; fixed, so a row's result never depends on the batch
 NUM_WARPS = 4
 
@@ -133,18 +134,14 @@ def _index_fp8_kernel(
         tl.store(weights_ptr + rows, ((gate * head_scale) * scale) * softmax_scale, mask=ok)
 
 
-_SIGNS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def hadamard_signs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The ``128 x 128`` Walsh-Hadamard matrix of ``+-1`` (exact in every float dtype), cached."""
-    key = (dtype, device)
-    if key not in _SIGNS:
-        h = torch.ones(1, 1)
-        while h.shape[0] < HEAD_DIM:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        _SIGNS[key] = h.to(dtype=dtype, device=device)
-    return _SIGNS[key]
+@functools.lru_cache(maxsize=8)
+def hadamard_signs(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``dim x dim`` Walsh-Hadamard matrix of ``+-1`` (``dim`` a power of two; exact in every float
+    dtype)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(dtype=dtype, device=device)
 
 
 def _check_rows(name: str, x: torch.Tensor, ndim: int, layout: str) -> None:
@@ -195,7 +192,7 @@ def quantize_index_queries(
     interpret = is_interpreter()
     _index_fp8_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
         q, q.stride(0), q.stride(1), rows, heads,
-        hadamard_signs(torch.float32 if interpret else q.dtype, device),
+        hadamard_signs(HEAD_DIM, torch.float32 if interpret else q.dtype, device),
         codes.view(torch.uint8), scales, scales, 1,
         gate, gate.stride(0), head_scale, softmax_scale, weights,
         ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5, DOT_FP32=interpret, POWER_OF_TWO=power_of_two_scale,
@@ -241,7 +238,7 @@ def quantize_index_keys_to_cache(
     interpret = is_interpreter()
     _index_fp8_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
         k, k.stride(0), 0, rows, 1,
-        hadamard_signs(torch.float32 if interpret else k.dtype, device),
+        hadamard_signs(HEAD_DIM, torch.float32 if interpret else k.dtype, device),
         kv_cache, kv_cache.view(torch.float32), loc.contiguous(), kv_cache.shape[1],
         kv_cache, 0, 1.0, 1.0, kv_cache,
         ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5, DOT_FP32=interpret, POWER_OF_TWO=power_of_two_scale,

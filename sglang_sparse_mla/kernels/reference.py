@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .index_fp8_quant import hadamard_signs
 from .kv_cache_layout import D_LATENT, as_slot_rows, dequantize_kv_fp8
 
 
@@ -208,10 +209,8 @@ def index_fp8_quant_reference(
     """
     values = x.double()
     if rotate:
-        h = torch.ones(1, 1, dtype=torch.float64, device=x.device)
-        while h.shape[0] < x.shape[-1]:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        values = (values @ h * x.shape[-1] ** -0.5).bfloat16().double()
+        dim = x.shape[-1]
+        values = (values @ hadamard_signs(dim, torch.float64, x.device) * dim**-0.5).bfloat16().double()
     amax = values.abs().amax(dim=-1).float()
     scales = amax.clamp_min(1e-4) * torch.tensor(1.0 / 448.0, dtype=torch.float32)
     if power_of_two_scale:  # the next power of two, exactly (CUDA's float64 log2 of 2**-3 is not -3)

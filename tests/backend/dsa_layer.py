@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from sglang_sparse_mla.backend import dispatch
-from sglang_sparse_mla.backend.indexer import project
+from sglang_sparse_mla.backend.indexer import project, sglang_rotates
+from sglang_sparse_mla.kernels import quantize_index_queries
 
 
 class NeoxRope(torch.nn.Module):
@@ -88,8 +88,10 @@ def index_scores(indexer, x: torch.Tensor, q_lora: torch.Tensor, rows: torch.Ten
     of the kernels and plumbing, not of FP8 rounding).
     """
     q, k, gate = project(indexer, x, q_lora, torch.arange(x.shape[0], device=x.device))
-    q_fp8, q_scale = dispatch.quantize_fp8_rows(q[rows], True)
-    k_fp8, k_scale = dispatch.quantize_fp8_rows(k, True)
+    fp8 = dict(rotate=sglang_rotates(indexer), power_of_two_scale=True)
+    q_fp8, q_scale, _ = quantize_index_queries(q[rows], gate[rows], 1.0, 1.0, **fp8)
+    k_fp8, k_scale, _ = quantize_index_queries(k.unsqueeze(1), torch.ones_like(k[:, :1]), 1.0, 1.0, **fp8)
+    k_fp8, k_scale = k_fp8[:, 0], k_scale[:, 0]
     dots = torch.einsum("thd,nd->thn", q_fp8.double(), k_fp8.double()).relu()
     weights = gate[rows].double() * (indexer.n_heads**-0.5 * indexer.softmax_scale) * q_scale.double()
     return ((dots * weights[..., None]).sum(1) * k_scale.double()).cpu()

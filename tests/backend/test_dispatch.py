@@ -7,6 +7,8 @@ import torch
 
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.kernels import quantize_kv_fp8
+from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs
+from sglang_sparse_mla.kernels.reference import index_fp8_quant_reference
 
 PAGE, ROW = 64, 132
 
@@ -28,13 +30,23 @@ def test_store_kv_bf16_and_fp8_rows():
     assert fp8[torch.tensor([0, 4, 66])].sum() == 0
 
 
+def _unit_gate_queries(x: torch.Tensor, *, rotate: bool, power_of_two_scale: bool):
+    """``(codes, scales)`` of rows ``x [N, 128]`` by the fused query kernel (unit gate and factors, so
+    its weights are the scales)."""
+    ones = torch.ones(x.shape[0], 1, device=x.device)
+    codes, scales = dispatch.quantize_index_queries(
+        x.view(-1, 1, 128), ones, 1.0, 1.0, rotate=rotate, power_of_two_scale=power_of_two_scale
+    )
+    return codes.view(-1, 128), scales.view(-1)
+
+
 def test_index_k_page_layout_and_roundtrip():
     gen = torch.Generator().manual_seed(2)
     buf = torch.zeros(4, PAGE * ROW, dtype=torch.uint8)
-    key = torch.randn(3, 128, generator=gen)
-    codes, scale = dispatch.quantize_fp8_rows(key, power_of_two_scale=True)
+    key = torch.randn(3, 128, generator=gen).bfloat16()
+    codes, scale = index_fp8_quant_reference(key, rotate=False, power_of_two_scale=True)
     loc = torch.tensor([1, 64 + 63, 3 * 64])
-    dispatch.store_index_k(buf, loc, codes, scale)
+    dispatch.quantize_index_keys(buf, loc, key, rotate=False, power_of_two_scale=True)
 
     for i, slot in enumerate(loc.tolist()):
         page, off = divmod(slot, PAGE)
@@ -51,22 +63,22 @@ def test_index_k_layout_matches_sglang_writer(target):
     from sglang.kernels.ops.kvcache.dsa_index_k_cache import _set_k_and_s_triton
 
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 128, generator=gen).to(target.device)
-    codes, scale = dispatch.quantize_fp8_rows(x, True)
+    x = torch.randn(6, 128, generator=gen).bfloat16().to(target.device)
+    codes, scale = index_fp8_quant_reference(x, rotate=False, power_of_two_scale=True)
     loc = torch.tensor([0, 5, 63, 64, 150, 255], device=target.device)
     ours = torch.zeros(4, PAGE * ROW, dtype=torch.uint8, device=target.device)
     theirs = torch.zeros_like(ours)
-    dispatch.store_index_k(ours, loc, codes, scale)
+    dispatch.quantize_index_keys(ours, loc, x, rotate=False, power_of_two_scale=True)
     _set_k_and_s_triton(buf=theirs, loc=loc, index_k=codes, index_k_scale=scale.view(-1, 1), page_size=PAGE)
     assert torch.equal(ours, theirs)
 
 
-def test_quantize_fp8_rows_scales():
-    x = torch.tensor([[0.5, -3.0] + [0.0] * 126, [1e-9] * 128])
-    codes, scale = dispatch.quantize_fp8_rows(x, power_of_two_scale=False)
+def test_fp8_rows_scales():
+    x = torch.tensor([[0.5, -3.0] + [0.0] * 126, [1e-9] * 128]).bfloat16()
+    codes, scale = _unit_gate_queries(x, rotate=False, power_of_two_scale=False)
     assert scale[0].item() == pytest.approx(3.0 / 448)
-    assert (codes.float() * scale[:, None] - x).abs().max() < 0.1
-    _, p2 = dispatch.quantize_fp8_rows(x, power_of_two_scale=True)
+    assert (codes.float() * scale[:, None] - x.float()).abs().max() < 0.1
+    _, p2 = _unit_gate_queries(x, rotate=False, power_of_two_scale=True)
     assert torch.equal(p2, torch.exp2(torch.round(torch.log2(p2))))
     assert (p2 >= scale).all() and (p2 < 2 * scale).all()
 
@@ -80,54 +92,34 @@ def test_fp8_rows_match_sglang_act_quant(target, scale_fmt):
     magnitudes = torch.logspace(-6, 2, 512)[:, None]
     x = (torch.randn(512, 128, generator=torch.Generator().manual_seed(7)) * magnitudes).bfloat16().to(target.device)
     codes, scale = act_quant(x, 128, scale_fmt)
-    pow2 = scale_fmt == "ue8m0"
-    ours_codes, ours_scale = dispatch.quantize_fp8_rows(x, power_of_two_scale=pow2)
-    # The fused kernel with unit gate and factors: its weights are the scales.
-    ones = torch.ones(512, 1, device=target.device)
-    fused_codes, fused_scale = dispatch.quantize_index_queries(
-        x.view(512, 1, 128), ones, 1.0, 1.0, rotate=False, power_of_two_scale=pow2
-    )
-    assert torch.equal(ours_scale, scale.view(-1)) and torch.equal(fused_scale.view(-1), scale.view(-1))
-    assert torch.equal(fused_codes.view(512, 128).view(torch.uint8), ours_codes.view(torch.uint8))
-    if target.gpu:  # the interpreter rounds in-kernel float8 conversions differently from a GPU
+    ours_codes, ours_scale = _unit_gate_queries(x, rotate=False, power_of_two_scale=scale_fmt == "ue8m0")
+    assert torch.equal(ours_scale, scale.view(-1))
+    if target.gpu:  # the interpreter rounds act_quant's in-kernel float8 conversion differently from a GPU
         assert torch.equal(ours_codes.view(torch.uint8), codes.view(torch.uint8))
 
 
 def test_hadamard_rotation_is_orthonormal():
     gen = torch.Generator().manual_seed(4)
     q, k = torch.randn(2, 3, 128, generator=gen, dtype=torch.float64)
-    h = dispatch.hadamard_rotate(torch.eye(128, dtype=torch.float64))
+    h = hadamard_signs(128, torch.float64, torch.device("cpu")) * 128**-0.5
     assert torch.allclose(h @ h.T, torch.eye(128, dtype=torch.float64), atol=1e-12)
-    rq, rk = dispatch.hadamard_rotate(q), dispatch.hadamard_rotate(k)
+    rq, rk = q @ h, k @ h
     assert torch.allclose((rq * rk).sum(-1), (q * k).sum(-1), atol=1e-10)
 
 
-def test_hadamard_rotation_rounds_once_from_the_exact_product(target):
-    """bf16 in, bf16 out, as SGLang's fast Hadamard transform: the fp64 rotation rounded once."""
-    x = torch.randn(4096, 128, generator=torch.Generator().manual_seed(5)).bfloat16().to(target.device)
-    rotation = dispatch.hadamard_rotate(torch.eye(128, dtype=torch.float64, device=target.device))  # exact in fp64
-    exact = (x.double() @ rotation).to(torch.bfloat16)
-    rotated = dispatch.hadamard_rotate(x.view(1024, 4, 128)).view(4096, 128)
-    assert rotated.dtype == torch.bfloat16
-    assert (rotated != exact).float().mean().item() < 1e-4
-
-
 def test_hadamard_rotation_matches_sglang_kernel(target):
-    """Ours and the CUDA kernel SGLang's ``Indexer`` rotates with agree to the last bf16 bit
-    (but for fp32 summation-order ties)."""
+    """The fused quantization rotates as the CUDA kernel SGLang's ``Indexer`` rotates with: the same
+    FP8 codes as SGLang's rotation then ``act_quant`` (but for fp32 summation-order ties)."""
     if not target.gpu:
         pytest.skip("SGLang's Hadamard kernel is CUDA-only")
     pytest.importorskip("sglang.srt")
+    from sglang.kernels.ops.quantization.act_quant_triton import act_quant
     from sglang.kernels.ops.quantization.hadamard import hadamard_transform
 
-    x = torch.randn(4096, 64, 128, generator=torch.Generator().manual_seed(6)).bfloat16().to(target.device)
-    ours, theirs = dispatch.hadamard_rotate(x), hadamard_transform(x, scale=128**-0.5)
-    assert (ours != theirs).float().mean().item() < 1e-4
-    # The fused quantization kernel rotates as that kernel does: the same FP8 codes.
-    gate = torch.ones(4096, 64, device=target.device)
-    fused, _ = dispatch.quantize_index_queries(x, gate, 1.0, 1.0, rotate=True, power_of_two_scale=True)
-    theirs_codes, _ = dispatch.quantize_fp8_rows(theirs, power_of_two_scale=True)
-    assert (fused.view(torch.uint8) != theirs_codes.view(torch.uint8)).float().mean().item() < 1e-4
+    x = torch.randn(4096 * 64, 128, generator=torch.Generator().manual_seed(6)).bfloat16().to(target.device)
+    theirs, _ = act_quant(hadamard_transform(x, scale=128**-0.5), 128, "ue8m0")
+    fused, _ = _unit_gate_queries(x, rotate=True, power_of_two_scale=True)
+    assert (fused.view(torch.uint8) != theirs.view(torch.uint8)).float().mean().item() < 1e-4
 
 
 def test_fp8_row_layout_matches_sglang_quantizer(target):

@@ -19,7 +19,8 @@ from dsa_layer import StubIndexer, check_topk_row, index_scores
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.backend.indexer import SparseIndexer, project, sglang_rotates
 from sglang_sparse_mla.backend.metadata import build_paged, build_ragged
-from sglang_sparse_mla.kernels import quantize_kv_fp8
+from sglang_sparse_mla.kernels import quantize_index_queries, quantize_kv_fp8
+from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs
 from sglang_sparse_mla.kernels.reference import sparse_mla_reference
 
 PAGE = 64
@@ -150,16 +151,36 @@ def test_request_alone_or_batched_gives_the_same_bits(target, rng, index_heads, 
 
 def test_index_keys_rotated_as_sglang_writes_them(target):
     """SGLang's fused ``Indexer`` writes unrotated index keys, its unfused one Hadamard-rotated keys:
-    the projection follows the module, and the scores (``q . k``) are the same either way."""
-    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3)).bfloat16().to(target.device)
-    q_lora = torch.randn(40, 32, generator=torch.Generator().manual_seed(4)).bfloat16().to(target.device)
-    positions = torch.arange(40, device=target.device)
+    the index-K pages follow the module, the projections agree before the rotation, and the scores
+    (``q . k``) are the same either way."""
+    n = 40
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(3)).bfloat16().to(target.device)
+    q_lora = torch.randn(n, 32, generator=torch.Generator().manual_seed(4)).bfloat16().to(target.device)
+    positions = torch.arange(n, device=target.device)
     plain, fused = (StubIndexer(64, 32, 8, target.device, fused=f) for f in (False, True))
     assert sglang_rotates(plain) and not sglang_rotates(fused)
-    (q_r, k_r, gate_r), (q, k, gate) = (project(m, x, q_lora, positions) for m in (plain, fused))
-    assert torch.equal(dispatch.hadamard_rotate(q), q_r) and torch.equal(dispatch.hadamard_rotate(k), k_r)
+    (q, k, gate_plain), (q_f, k_f, gate) = (project(m, x, q_lora, positions) for m in (plain, fused))
+    assert torch.equal(q_f, q) and torch.equal(k_f, k)
     # On CUDA the unfused gate stays fp32, the fused layer's is bf16 (as in SGLang).
-    torch.testing.assert_close(gate.float(), gate_r.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gate.float(), gate_plain.float(), rtol=1e-2, atol=1e-2)
+
+    req_to_token = torch.arange(PAGE, dtype=torch.int32, device=target.device).view(1, PAGE)
+    kv_total = torch.tensor([n], dtype=torch.int32, device=target.device)
+    md = build_ragged(req_to_token, torch.tensor([0], device=target.device), kv_total, kv_total, [n], [n], 2**27)
+    loc = torch.arange(n, device=target.device)
+    ones = torch.ones(n, 1, device=target.device)
+    for indexer in (plain, fused):
+        pages = torch.zeros(1, PAGE * 132, dtype=torch.uint8, device=target.device)
+        SparseIndexer(16, req_to_token)(indexer, x, q_lora, positions, loc, pages, md, return_indices=False)
+        k_fp8, k_scale = dispatch.gather_index_k(pages, loc)
+        expected, expected_scale, _ = quantize_index_queries(
+            k.unsqueeze(1), ones, 1.0, 1.0, rotate=sglang_rotates(indexer), power_of_two_scale=True
+        )
+        assert torch.equal(k_fp8.view(torch.uint8), expected[:, 0].view(torch.uint8))
+        assert torch.equal(k_scale, expected_scale[:, 0])
+    # The rotation (bf16 out, as the kernel's) leaves the scores unchanged.
+    rotation = hadamard_signs(128, torch.float64, target.device) * 128**-0.5
+    q_r, k_r = ((t.double() @ rotation).bfloat16() for t in (q, k))
     scores = torch.einsum("thd,nd->thn", q.double(), k.double())
     rotated = torch.einsum("thd,nd->thn", q_r.double(), k_r.double())
     assert relative_error(rotated, scores) < 1e-2

@@ -366,7 +366,9 @@ def sparse_mla_forward(
         return out, lse
 
     info = device_info(q.device)
-    cfg = config or select_config(num_heads, rows.is_fp8, info)
+    # The head block may follow the batch size only where the split does too.
+    by_occupancy = num_kv_splits is None and not batch_invariant
+    cfg = config or select_config(num_heads, rows.is_fp8, info, num_tokens if by_occupancy else None)
     head_blocks = triton.cdiv(num_heads, cfg.block_h)
     if num_kv_splits is None and batch_invariant:
         num_kv_splits = batch_invariant_num_kv_splits(topk)
@@ -462,8 +464,9 @@ def sparse_mla_decode(
         d_v: value width; must be 512 (V is the latent part of the row).
         num_kv_splits: ``None`` picks by occupancy (split the top-k list across
             programs and merge when ``T * ceil(H / block_h)`` leaves the GPU
-            idle), so a token's rounding can change with the batch size; an
-            explicit count (``1``: the single pass) fixes it.
+            idle; 1-2 token BF16 launches also take smaller head blocks), so a
+            token's rounding can change with the batch size; an explicit count
+            (``1``: the single pass) fixes it.
         batch_invariant: with ``num_kv_splits=None``, split by the top-k width
             alone (one split per 512 entries): a token's result is then
             bit-identical whatever batch it runs in, the property SGLang's

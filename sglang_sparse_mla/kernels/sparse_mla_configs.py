@@ -70,8 +70,35 @@ def head_bucket(num_heads: int) -> int:
     return 16 if num_heads <= 16 else 32 if num_heads <= 32 else 64
 
 
-def select_config(num_heads: int, kv_fp8: bool, info: DeviceInfo) -> SparseMLAConfig:
-    return _CONFIGS[smem_class(info.max_shared_memory), kv_fp8, head_bucket(num_heads)]
+# BF16 launches of at most this many (token, 64-head block) programs before the
+# split (decode batches of 1-2 tokens at 128 heads) run 16-head blocks instead:
+# 8x the programs, each reading the same rows from L2. H200, 128 heads, top-k
+# 2048: 13.1 vs 20.7 us at 1 token, 17.8 vs 22.0 at 2; from 4 tokens on the
+# 64-head block is as fast or faster (benchmarks/results/2026-11-26_nvidia-h200/).
+FEW_PROGRAMS = 4
+_FEW_PROGRAMS_CONFIGS = {
+    SMEM_LARGE: SparseMLAConfig(16, 64, 4, 2),
+    SMEM_MEDIUM: _CONFIGS[SMEM_MEDIUM, False, 16],
+    SMEM_SMALL: _CONFIGS[SMEM_SMALL, False, 16],
+}
+
+
+def select_config(
+    num_heads: int, kv_fp8: bool, info: DeviceInfo, num_tokens: int | None = None
+) -> SparseMLAConfig:
+    """The tile configuration for ``num_heads`` query heads.
+
+    ``num_tokens`` (``None``: any) lets a BF16 launch too small to fill the GPU
+    with 64-head blocks take 16-head ones; leave it ``None`` where a token's
+    rounding must not depend on its batch (16- and 64-head blocks accumulate
+    in different orders).
+    """
+    smem = smem_class(info.max_shared_memory)
+    bucket = head_bucket(num_heads)
+    if not kv_fp8 and bucket == 64 and num_tokens is not None:
+        if num_tokens * -(-num_heads // 64) <= FEW_PROGRAMS:
+            return _FEW_PROGRAMS_CONFIGS[smem]
+    return _CONFIGS[smem, kv_fp8, bucket]
 
 
 def all_configs(info: DeviceInfo) -> list[tuple[bool, SparseMLAConfig]]:
@@ -79,7 +106,8 @@ def all_configs(info: DeviceInfo) -> list[tuple[bool, SparseMLAConfig]]:
     found = {}
     for num_heads in (16, 32, 64):
         for fp8 in (False, True):
-            found[(fp8, select_config(num_heads, fp8, info))] = None
+            for num_tokens in (None, 1):
+                found[(fp8, select_config(num_heads, fp8, info, num_tokens))] = None
     return list(found)
 
 

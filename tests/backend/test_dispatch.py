@@ -40,12 +40,12 @@ def _unit_gate_queries(x: torch.Tensor, *, rotate: bool, power_of_two_scale: boo
     return codes.view(-1, 128), scales.view(-1)
 
 
-def test_index_k_page_layout_and_roundtrip():
+def test_index_k_page_layout_and_roundtrip(target):
     gen = torch.Generator().manual_seed(2)
-    buf = torch.zeros(4, PAGE * ROW, dtype=torch.uint8)
-    key = torch.randn(3, 128, generator=gen).bfloat16()
+    buf = torch.zeros(4, PAGE * ROW, dtype=torch.uint8, device=target.device)
+    key = torch.randn(3, 128, generator=gen).bfloat16().to(target.device)
     codes, scale = index_fp8_quant_reference(key, rotate=False, power_of_two_scale=True)
-    loc = torch.tensor([1, 64 + 63, 3 * 64])
+    loc = torch.tensor([1, 64 + 63, 3 * 64], device=target.device)
     dispatch.quantize_index_keys(buf, loc, key, rotate=False, power_of_two_scale=True)
 
     for i, slot in enumerate(loc.tolist()):
@@ -73,8 +73,8 @@ def test_index_k_layout_matches_sglang_writer(target):
     assert torch.equal(ours, theirs)
 
 
-def test_fp8_rows_scales():
-    x = torch.tensor([[0.5, -3.0] + [0.0] * 126, [1e-9] * 128]).bfloat16()
+def test_fp8_rows_scales(target):
+    x = torch.tensor([[0.5, -3.0] + [0.0] * 126, [1e-9] * 128]).bfloat16().to(target.device)
     codes, scale = _unit_gate_queries(x, rotate=False, power_of_two_scale=False)
     assert scale[0].item() == pytest.approx(3.0 / 448)
     assert (codes.float() * scale[:, None] - x.float()).abs().max() < 0.1

@@ -74,6 +74,25 @@ def test_decode_matches_reference(target, rng, arch_path, kv_format, heads, num_
     assert_matches_reference(out, lse, q, kv, idx)
 
 
+@pytest.mark.parametrize("heads", [64, 128])
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_few_token_decode_uses_small_head_blocks(target, rng, arch_path, heads, tokens):
+    """A 1-2 token BF16 decode at many heads runs 16-head blocks (more programs), still exact."""
+    info = device_info(target.device)
+    assert select_config(heads, False, info, tokens).block_h == 16
+    assert select_config(heads, False, info).block_h > 16
+    assert select_config(heads, True, info, tokens) == select_config(heads, True, info)
+    topk = target.pick(cpu=96, gpu=2048)
+    num_slots = target.pick(cpu=700, gpu=1 << 20)
+    kv = make_cache(target, rng, num_slots, "bf16")
+    q = make_q(target, rng, tokens, heads)
+    idx = make_indices(target, rng, tokens, topk, num_slots)
+    out = poisoned((tokens, heads, 512), torch.bfloat16, target.device)
+    lse = poisoned((tokens, heads), torch.float32, target.device)
+    sparse_mla_decode(q, kv, idx, SM_SCALE, out=out, lse=lse)
+    assert_matches_reference(out, lse, q, kv, idx)
+
+
 @pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
 @pytest.mark.parametrize("heads", [16, 128])
 def test_prefill_matches_reference(target, rng, kv_format, heads):

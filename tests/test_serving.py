@@ -143,7 +143,16 @@ def test_e2e_summary_of_recorded_results():
             "teacher": completions(same, input_logprobs=teacher),
             "greedy": completions(same),
             "soak": {"requests": 32, "tokens": 96000, "min_steps": run_e2e.SOAK_STEPS, "non_finite": 0, "seconds": 9.0},
-            "throughput": {"levels": [{"concurrency": 1, "output_tok_per_s": 812.25, "ttft_p50_s": 0.0251}]},
+            "throughput": {
+                "levels": [
+                    {
+                        "concurrency": 1,
+                        "output_tok_per_s": 812.25,
+                        "ttft_p50_s": 0.0251,
+                        "decode_tok_per_s_per_request_p50": 901.04,
+                    }
+                ]
+            },
         },
         "ours-no-radix": {"one_by_one": completions([[1, 2, 3], [4, 6]])},
         "ours-det": {"radix": completions(same)},
@@ -170,6 +179,7 @@ def test_e2e_summary_of_recorded_results():
     assert "ok" not in summary["fallback_vs_dsa"]  # the spread itself is reported
     assert summary["soak_ours"]["ok"] and summary["throughput_output_tok_per_s"] == {"ours": {"1": 812.2}}
     assert summary["ttft_p50_ms"] == {"ours": {"1": 25.1}}
+    assert summary["decode_tok_per_s_per_request_p50"] == {"ours": {"1": 901.0}}
     assert "NCCL" in summary["not_run"]["ours-tp2"]
 
     results["ours"]["teacher"] = completions(same, 0.0, teacher, sparse_shift=0.1)  # 0.09 sparse: 2.25x spread

@@ -1,4 +1,4 @@
-"""Throughput and TTFT of an end-to-end run, one bar per configuration and concurrency.
+"""Throughput, per-request decode rate and TTFT of an end-to-end run, one bar per configuration and concurrency.
 
     python benchmarks/e2e/plot_e2e.py DIR
 
@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 PANELS = (
-    ("throughput_output_tok_per_s", "output tokens/s (higher is better)"),
+    ("throughput_output_tok_per_s", "output tokens/s, prefill included (higher is better)"),
+    ("decode_tok_per_s_per_request_p50", "decode tokens/s per request, p50 (higher is better)"),
     ("ttft_p50_ms", "TTFT p50, ms (lower is better)"),
 )
 
@@ -23,7 +24,7 @@ def plot(summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(17, 4.2))
     for ax, (key, label) in zip(axes, PANELS, strict=True):
         table = summary.get(key, {})
         configs = list(table)

@@ -424,16 +424,25 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
                 summary.setdefault("ttft_p50_ms", {})[name] = {
                     str(level["concurrency"]): round(1e3 * level["ttft_p50_s"], 1) for level in levels
                 }
+                summary.setdefault("decode_tok_per_s_per_request_p50", {})[name] = {
+                    str(level["concurrency"]): round(level["decode_tok_per_s_per_request_p50"], 1) for level in levels
+                }
         if "error" in result or "skipped" in result:
             summary.setdefault("not_run", {})[name] = result.get("error", result.get("skipped"))[-400:]
     return summary
 
 
+TABLE_TITLES = {
+    "throughput_output_tok_per_s": "throughput (output tokens/s, prefill included)",
+    "decode_tok_per_s_per_request_p50": "decode rate per request (tokens/s after the first, p50)",
+    "ttft_p50_ms": "TTFT p50 (ms)",
+}
+
+
 def print_summary(summary: dict) -> None:
     for key, value in summary.items():
-        if key in ("throughput_output_tok_per_s", "ttft_p50_ms"):
-            title = "throughput (output tokens/s)" if key.startswith("throughput") else "TTFT p50 (ms)"
-            print(title, "by concurrency:")
+        if key in TABLE_TITLES:
+            print(TABLE_TITLES[key], "by concurrency:")
             for name, levels in value.items():
                 print(f"  {name:14s} " + "  ".join(f"c={c}: {v:9.1f}" for c, v in levels.items()))
         elif key == "not_run":

@@ -55,7 +55,7 @@ def decode_step(batch: int, context: int, device: torch.device):
     index = torch.zeros(pages, PAGE * 132, dtype=torch.uint8, device=device)
     cached = req_to_token[:, :context].reshape(-1)
     keys = torch.randn(cached.shape[0], 128, generator=gen, device=device).bfloat16()
-    dispatch.quantize_index_keys(index, cached, keys, rotate=False, power_of_two_scale=True)
+    dispatch.quantize_index_keys(index, cached, keys, rotate=False, scale_format="fp32")
 
     rpi = torch.arange(batch, device=device)
     kv_total = torch.full((batch,), context + 1, dtype=torch.int32, device=device)
@@ -88,24 +88,28 @@ def _torch_rotate(x: torch.Tensor, rotate: bool) -> torch.Tensor:
     return rotated.mul_(128**-0.5).to(x.dtype).view(x.shape)
 
 
-def _torch_fp8_rows(x: torch.Tensor, power_of_two_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_fp8_rows(x: torch.Tensor, scale_format: str) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-4) * (1.0 / 448.0)
-    if power_of_two_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    return (xf / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+    amax = xf.abs().amax(dim=-1).clamp_min(1e-4)
+    if scale_format == "ue8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(amax * (1.0 / 448.0))))
+        scaled = xf / scale.unsqueeze(-1)
+    else:
+        scale = amax / 448.0
+        scaled = xf * (1.0 / scale).unsqueeze(-1)
+    return scaled.clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
 
 
-def _torch_index_keys(index_buffer, loc, key, *, rotate, power_of_two_scale):
-    codes, scale = _torch_fp8_rows(_torch_rotate(key, rotate), power_of_two_scale)
+def _torch_index_keys(index_buffer, loc, key, *, rotate, scale_format):
+    codes, scale = _torch_fp8_rows(_torch_rotate(key, rotate), scale_format)
     pages = index_buffer.view(index_buffer.shape[0], -1)
     page, offset = torch.div(loc, PAGE, rounding_mode="floor"), loc % PAGE
     pages[:, : PAGE * 128].view(-1, PAGE, 128)[page, offset] = codes.view(torch.uint8)
     pages[:, PAGE * 128 :].view(-1, PAGE, 4)[page, offset] = scale.reshape(-1, 1).view(torch.uint8)
 
 
-def _torch_index_queries(query, gate, head_scale, softmax_scale, *, rotate, power_of_two_scale):
-    q_fp8, q_scale = _torch_fp8_rows(_torch_rotate(query, rotate), power_of_two_scale)
+def _torch_index_queries(query, gate, head_scale, softmax_scale, *, rotate, scale_format):
+    q_fp8, q_scale = _torch_fp8_rows(_torch_rotate(query, rotate), scale_format)
     return q_fp8, gate.float() * head_scale * q_scale * softmax_scale
 
 

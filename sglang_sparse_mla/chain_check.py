@@ -219,9 +219,9 @@ class _Chain:
             self.reqs.num_pages, PAGE_SIZE * INDEX_ROW_BYTES, dtype=torch.uint8, device=device
         )
         self.all_slots = torch.cat([self.reqs.slots(r, 0, n) for r, n in enumerate(self.reqs.lengths)])
-        dispatch.quantize_index_keys(self.index_pages, self.all_slots, key, rotate=True, power_of_two_scale=True)
+        dispatch.quantize_index_keys(self.index_pages, self.all_slots, key, rotate=True, scale_format="fp32")
         self.k_fp8, self.k_scale = dispatch.gather_index_k(self.index_pages, self.all_slots)
-        ref_codes, ref_scales = index_fp8_quant_reference(key, rotate=True, power_of_two_scale=True)
+        ref_codes, ref_scales = index_fp8_quant_reference(key, rotate=True, scale_format="fp32")
         off = (self.k_fp8.view(torch.uint8) != ref_codes.view(torch.uint8)).float().mean().item()
         off = max(off, float((self.k_scale != ref_scales).float().mean().item()))
         self.check(
@@ -245,7 +245,7 @@ class _Chain:
         q = self.randn(rows, s.index_heads, s.index_dim)
         gate = self.randn(rows, s.index_heads).float()
         return dispatch.quantize_index_queries(
-            q, gate, s.index_heads**-0.5, s.index_dim**-0.5, rotate=True, power_of_two_scale=True
+            q, gate, s.index_heads**-0.5, s.index_dim**-0.5, rotate=True, scale_format="ue8m0"
         )
 
     def fp8_cache(self) -> None:

@@ -12,8 +12,10 @@ fused quantize-and-store — with torch and the Triton kernels of
    apply the Hadamard rotation where SGLang's own writer does (to queries
    and keys alike, which leaves ``q . k`` unchanged and spreads outliers
    before FP8; SGLang's fused CUDA and HIP writers skip it, and the index-K
-   pages must hold what SGLang would write), quantize per 128 values (UE8M0
-   scales for DeepSeek-V3.2), and store the new tokens' index keys in
+   pages must hold what SGLang would write), quantize per 128 values with
+   the scale format of SGLang's CUDA path (:func:`sglang_scale_formats`:
+   fp32 scales for keys, UE8M0 for DeepSeek-V3.2's queries, fp32 for the
+   fused indexer's), and store the new tokens' index keys in
    SGLang's index-K pages (a prefix's keys are already there: reused, never
    recomputed) or turn the gates into the queries' score weights;
 3. score every visible position: paged logits straight from the index-K
@@ -59,6 +61,33 @@ def sglang_rotates(indexer) -> bool:
     """
     fused = getattr(indexer, "use_dsa_indexer_fusion", False) or getattr(indexer, "use_aiter_fused_fp8_writer", False)
     return not fused
+
+
+def sglang_scale_formats(indexer) -> tuple[str, str]:
+    """``(queries, keys)``: the FP8 scale formats of SGLang's own CUDA path for this ``Indexer``
+    (see :mod:`sglang_sparse_mla.kernels.index_fp8_quant`).
+
+    Its CUDA index-K writers (``fused_store_index_k_cache``, and with
+    ``use_dsa_indexer_fusion`` ``fused_k_indexer_norm_rope_store``) and the
+    fused indexer's query kernel use plain fp32 scales whatever the module's
+    ``scale_fmt``; the unfused indexer quantizes its queries with ``act_quant``
+    and ``scale_fmt`` (``"ue8m0"`` for the DSA models; without it, the fp32
+    format here). Matching them keeps the index-K pages interchangeable with
+    SGLang's and the top-k sets the same.
+    """
+    if getattr(indexer, "use_dsa_indexer_fusion", False):
+        return "fp32", "fp32"
+    return ("ue8m0" if getattr(indexer, "scale_fmt", None) == "ue8m0" else "fp32"), "fp32"
+
+
+def query_weight_factors(indexer) -> tuple[float, float]:
+    """``(head_scale, softmax_scale)`` such that the query kernel's ``((gate * head_scale) * q_scale) *
+    softmax_scale`` multiplies in SGLang's order: the fused indexer's kernel applies one fp32 factor
+    ``softmax_scale * n_heads ** -0.5`` before the scale, the unfused path ``n_heads ** -0.5`` before
+    and ``softmax_scale`` after it."""
+    if getattr(indexer, "use_dsa_indexer_fusion", False):
+        return indexer.softmax_scale * indexer.n_heads**-0.5, 1.0
+    return indexer.n_heads**-0.5, indexer.softmax_scale
 
 
 def _gate(indexer, x: torch.Tensor) -> torch.Tensor:
@@ -141,15 +170,18 @@ class SparseIndexer:
             return torch.full((num_tokens, self.index_topk), -1, dtype=torch.int32, device=q_lora.device)
 
         query, key, gate = project(indexer, x, q_lora, positions)
-        fp8 = dict(rotate=sglang_rotates(indexer), power_of_two_scale=getattr(indexer, "scale_fmt", None) == "ue8m0")
-        dispatch.quantize_index_keys(index_buffer, out_cache_loc[:num_tokens], key, **fp8)
+        rotate = sglang_rotates(indexer)
+        query_format, key_format = sglang_scale_formats(indexer)
+        dispatch.quantize_index_keys(
+            index_buffer, out_cache_loc[:num_tokens], key, rotate=rotate, scale_format=key_format
+        )
         if not return_indices:
             return None
 
         rows = metadata.num_tokens
         # Weights multiplied in SGLang's order (fp32 rounding of near-tied scores included).
         q_fp8, weights = dispatch.quantize_index_queries(
-            query[:rows], gate[:rows], indexer.n_heads**-0.5, indexer.softmax_scale, **fp8
+            query[:rows], gate[:rows], *query_weight_factors(indexer), rotate=rotate, scale_format=query_format
         )
         slots = self._topk_slots(indexer, q_fp8, weights, index_buffer, metadata)
         if rows < num_tokens:  # padded rows of a data-parallel batch

@@ -12,10 +12,18 @@ Per row ``x`` (128 values):
 * rotation (optional): ``bf16((x @ H) * 128 ** -0.5)``, ``H`` the ``+-1``
   Walsh-Hadamard matrix, products exact and summed in fp32, rounded once to
   bf16, as SGLang's fast Hadamard transform;
-* ``scale = max(amax, 1e-4) * (1 / 448)`` in fp32, for ``ue8m0`` rounded up to
-  a power of two (exactly: the next power of two unless it is one);
-* ``codes = e4m3(clamp(x / scale, -448, 448))``, IEEE division, round to
-  nearest even;
+* the scale and codes in one of SGLang's two formats (``scale_format``):
+
+  - ``"ue8m0"`` (its ``act_quant`` with ``scale_fmt="ue8m0"``, the unfused
+    indexer's queries): ``scale = max(amax, 1e-4) * (1 / 448)`` in fp32,
+    rounded up to a power of two (exactly: the next power of two unless it
+    is one), ``codes = e4m3(clamp(x / scale, -448, 448))``;
+  - ``"fp32"`` (its CUDA index writers: the index-K store of every indexer,
+    the fused indexer's queries): ``scale = max(amax, 1e-4) / 448`` and
+    ``codes = e4m3(clamp(x * (1 / scale), -448, 448))``, each operation one
+    IEEE fp32 rounding;
+
+  e4m3 rounding to nearest even;
 * queries: ``weight = ((gate * head_scale) * scale) * softmax_scale`` in fp32;
 * keys: code bytes and scale written at slot ``loc`` of the paged index-K cache
   ``[pages, page_size, 1, 132]`` uint8 (per page: ``page_size`` keys of 128
@@ -89,7 +97,7 @@ def _index_fp8_kernel(
     ROTATE: tl.constexpr,
     ROTATE_SCALE: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    POWER_OF_TWO: tl.constexpr,
+    UE8M0: tl.constexpr,
     PAGED: tl.constexpr,
     HAS_GATE: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -112,12 +120,16 @@ def _index_fp8_kernel(
     else:
         xf = x.to(tl.float32)
 
-    scale = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4) * (1.0 / 448.0)
-    if POWER_OF_TWO:
-        bits = scale.to(tl.int32, bitcast=True)
+    amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
+    if UE8M0:
+        bits = (amax * (1.0 / 448.0)).to(tl.int32, bitcast=True)
         exponent = bits & 0x7F800000
         scale = tl.where((bits & 0x7FFFFF) != 0, exponent + 0x800000, exponent).to(tl.float32, bitcast=True)
-    codes = _e4m3_codes(tl.minimum(tl.maximum(tl.math.div_rn(xf, scale[:, None]), -448.0), 448.0))
+        scaled = tl.math.div_rn(xf, scale[:, None])  # exact: a power of two
+    else:
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+        scaled = xf * tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale)[:, None]
+    codes = _e4m3_codes(tl.minimum(tl.maximum(scaled, -448.0), 448.0))
 
     if PAGED:
         slot = tl.load(loc_ptr + rows, mask=ok, other=0).to(tl.int64)
@@ -144,6 +156,15 @@ def hadamard_signs(dim: int, dtype: torch.dtype, device: torch.device) -> torch.
     return h.to(dtype=dtype, device=device)
 
 
+SCALE_FORMATS = ("ue8m0", "fp32")
+
+
+def _is_ue8m0(scale_format: str) -> bool:
+    if scale_format not in SCALE_FORMATS:
+        raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
+    return scale_format == "ue8m0"
+
+
 def _check_rows(name: str, x: torch.Tensor, ndim: int, layout: str) -> None:
     check_dtype(name, x, torch.bfloat16)
     check_ndim(name, x, ndim, layout)
@@ -158,7 +179,7 @@ def quantize_index_queries(
     softmax_scale: float,
     *,
     rotate: bool,
-    power_of_two_scale: bool,
+    scale_format: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FP8 index queries and their score weights (see module doc).
 
@@ -170,7 +191,7 @@ def quantize_index_queries(
         head_scale, softmax_scale: the weight's fp32 factors (``H ** -0.5`` and
             the indexer's softmax scale for DSA models).
         rotate: apply the Hadamard rotation first.
-        power_of_two_scale: round scales up to powers of two (``ue8m0``).
+        scale_format: ``"ue8m0"`` or ``"fp32"`` (see module doc).
 
     Returns:
         ``(codes [T, H, 128] float8_e4m3fn, scales [T, H] float32, weights [T, H] float32)``.
@@ -195,7 +216,7 @@ def quantize_index_queries(
         hadamard_signs(HEAD_DIM, torch.float32 if interpret else q.dtype, device),
         codes.view(torch.uint8), scales, scales, 1,
         gate, gate.stride(0), head_scale, softmax_scale, weights,
-        ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5, DOT_FP32=interpret, POWER_OF_TWO=power_of_two_scale,
+        ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5, DOT_FP32=interpret, UE8M0=_is_ue8m0(scale_format),
         PAGED=False, HAS_GATE=True, BLOCK_R=BLOCK_ROWS, D=HEAD_DIM, num_warps=NUM_WARPS,
     )  # fmt: skip
     return codes, scales, weights
@@ -207,7 +228,7 @@ def quantize_index_keys_to_cache(
     kv_cache: torch.Tensor,
     *,
     rotate: bool,
-    power_of_two_scale: bool,
+    scale_format: str,
 ) -> None:
     """Quantize index keys and write them at their slots of the paged index-K cache (see module doc).
 
@@ -218,7 +239,7 @@ def quantize_index_keys_to_cache(
             all in range.
         kv_cache: contiguous ``[num_pages, page_size, 1, 132]`` uint8, written
             at ``loc`` only.
-        rotate, power_of_two_scale: as :func:`quantize_index_queries`.
+        rotate, scale_format: as :func:`quantize_index_queries`.
     """
     _check_rows("k", k, 2, "[T, 128]")
     check_dtype("loc", loc, torch.int32, torch.int64)
@@ -241,6 +262,6 @@ def quantize_index_keys_to_cache(
         hadamard_signs(HEAD_DIM, torch.float32 if interpret else k.dtype, device),
         kv_cache, kv_cache.view(torch.float32), loc.contiguous(), kv_cache.shape[1],
         kv_cache, 0, 1.0, 1.0, kv_cache,
-        ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5, DOT_FP32=interpret, POWER_OF_TWO=power_of_two_scale,
+        ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5, DOT_FP32=interpret, UE8M0=_is_ue8m0(scale_format),
         PAGED=True, HAS_GATE=False, BLOCK_R=BLOCK_ROWS, D=HEAD_DIM, num_warps=NUM_WARPS,
     )  # fmt: skip

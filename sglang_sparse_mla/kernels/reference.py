@@ -197,24 +197,31 @@ def topk_to_kv_slots_reference(
 
 
 def index_fp8_quant_reference(
-    x: torch.Tensor, *, rotate: bool, power_of_two_scale: bool
+    x: torch.Tensor, *, rotate: bool, scale_format: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes [..., 128] float8_e4m3fn, scales [...] float32)`` of bf16 index rows ``x [..., 128]``.
 
     The rotation is the fp64 product with the orthonormal Walsh-Hadamard
-    matrix, rounded to bf16; the scale ``max(amax, 1e-4) * (1 / 448)`` is an
-    fp32 product by definition (so computed in fp32), raised to the next power
-    of two for ``power_of_two_scale``; codes are the fp32
-    quotients, clamped to +-448 and rounded to e4m3 by torch.
+    matrix, rounded to bf16. The scale and codes follow SGLang's formats, whose
+    fp32 operations are part of the definition (so computed in fp32):
+    ``"ue8m0"``: ``max(amax, 1e-4) * (1 / 448)`` raised to the next power of
+    two, codes of the (exact) quotients; ``"fp32"``: ``max(amax, 1e-4) / 448``,
+    codes of ``x * (1 / scale)``. Codes are clamped to +-448 and rounded to
+    e4m3 by torch.
     """
     values = x.double()
     if rotate:
         dim = x.shape[-1]
         values = (values @ hadamard_signs(dim, torch.float64, x.device) * dim**-0.5).bfloat16().double()
-    amax = values.abs().amax(dim=-1).float()
-    scales = amax.clamp_min(1e-4) * torch.tensor(1.0 / 448.0, dtype=torch.float32)
-    if power_of_two_scale:  # the next power of two, exactly (CUDA's float64 log2 of 2**-3 is not -3)
+    amax = values.abs().amax(dim=-1).float().clamp_min(1e-4)
+    if scale_format == "ue8m0":  # the next power of two, exactly (CUDA's float64 log2 of 2**-3 is not -3)
+        scales = amax * torch.tensor(1.0 / 448.0, dtype=torch.float32)
         mantissa, exponent = torch.frexp(scales)
         scales = torch.where(mantissa == 0.5, scales, torch.ldexp(torch.ones_like(scales), exponent))
-    quotients = values.float() / scales.unsqueeze(-1)
-    return quotients.clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scales
+        scaled = values.float() / scales.unsqueeze(-1)
+    elif scale_format == "fp32":
+        scales = amax / torch.tensor(448.0, dtype=torch.float32)
+        scaled = values.float() * (1.0 / scales).unsqueeze(-1)
+    else:
+        raise ValueError(f"unknown scale_format {scale_format!r}")
+    return scaled.clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scales

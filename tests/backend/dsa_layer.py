@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_sparse_mla.backend.indexer import project, sglang_rotates
+from sglang_sparse_mla.backend.indexer import project, sglang_rotates, sglang_scale_formats
 from sglang_sparse_mla.kernels import quantize_index_queries
 
 
@@ -88,9 +88,12 @@ def index_scores(indexer, x: torch.Tensor, q_lora: torch.Tensor, rows: torch.Ten
     of the kernels and plumbing, not of FP8 rounding).
     """
     q, k, gate = project(indexer, x, q_lora, torch.arange(x.shape[0], device=x.device))
-    fp8 = dict(rotate=sglang_rotates(indexer), power_of_two_scale=True)
-    q_fp8, q_scale, _ = quantize_index_queries(q[rows], gate[rows], 1.0, 1.0, **fp8)
-    k_fp8, k_scale, _ = quantize_index_queries(k.unsqueeze(1), torch.ones_like(k[:, :1]), 1.0, 1.0, **fp8)
+    rotate = sglang_rotates(indexer)
+    query_format, key_format = sglang_scale_formats(indexer)
+    q_fp8, q_scale, _ = quantize_index_queries(q[rows], gate[rows], 1.0, 1.0, rotate=rotate, scale_format=query_format)
+    k_fp8, k_scale, _ = quantize_index_queries(
+        k.unsqueeze(1), torch.ones_like(k[:, :1]), 1.0, 1.0, rotate=rotate, scale_format=key_format
+    )
     k_fp8, k_scale = k_fp8[:, 0], k_scale[:, 0]
     dots = torch.einsum("thd,nd->thn", q_fp8.double(), k_fp8.double()).relu()
     weights = gate[rows].double() * (indexer.n_heads**-0.5 * indexer.softmax_scale) * q_scale.double()

@@ -30,12 +30,12 @@ def test_store_kv_bf16_and_fp8_rows():
     assert fp8[torch.tensor([0, 4, 66])].sum() == 0
 
 
-def _unit_gate_queries(x: torch.Tensor, *, rotate: bool, power_of_two_scale: bool):
+def _unit_gate_queries(x: torch.Tensor, *, rotate: bool, scale_format: str):
     """``(codes, scales)`` of rows ``x [N, 128]`` by the fused query kernel (unit gate and factors, so
     its weights are the scales)."""
     ones = torch.ones(x.shape[0], 1, device=x.device)
     codes, scales = dispatch.quantize_index_queries(
-        x.view(-1, 1, 128), ones, 1.0, 1.0, rotate=rotate, power_of_two_scale=power_of_two_scale
+        x.view(-1, 1, 128), ones, 1.0, 1.0, rotate=rotate, scale_format=scale_format
     )
     return codes.view(-1, 128), scales.view(-1)
 
@@ -44,9 +44,9 @@ def test_index_k_page_layout_and_roundtrip(target):
     gen = torch.Generator().manual_seed(2)
     buf = torch.zeros(4, PAGE * ROW, dtype=torch.uint8, device=target.device)
     key = torch.randn(3, 128, generator=gen).bfloat16().to(target.device)
-    codes, scale = index_fp8_quant_reference(key, rotate=False, power_of_two_scale=True)
+    codes, scale = index_fp8_quant_reference(key, rotate=False, scale_format="fp32")
     loc = torch.tensor([1, 64 + 63, 3 * 64], device=target.device)
-    dispatch.quantize_index_keys(buf, loc, key, rotate=False, power_of_two_scale=True)
+    dispatch.quantize_index_keys(buf, loc, key, rotate=False, scale_format="fp32")
 
     for i, slot in enumerate(loc.tolist()):
         page, off = divmod(slot, PAGE)
@@ -58,41 +58,88 @@ def test_index_k_page_layout_and_roundtrip(target):
 
 
 def test_index_k_layout_matches_sglang_writer(target):
-    """Our writer and SGLang's own index-K store kernel (a Triton kernel) produce identical pages."""
+    """Our writer and SGLang's Triton index-K store kernel put the same codes and scales at the same
+    bytes."""
     pytest.importorskip("sglang.srt")
     from sglang.kernels.ops.kvcache.dsa_index_k_cache import _set_k_and_s_triton
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, 128, generator=gen).bfloat16().to(target.device)
-    codes, scale = index_fp8_quant_reference(x, rotate=False, power_of_two_scale=True)
+    codes, scale = index_fp8_quant_reference(x, rotate=False, scale_format="fp32")
     loc = torch.tensor([0, 5, 63, 64, 150, 255], device=target.device)
     ours = torch.zeros(4, PAGE * ROW, dtype=torch.uint8, device=target.device)
     theirs = torch.zeros_like(ours)
-    dispatch.quantize_index_keys(ours, loc, x, rotate=False, power_of_two_scale=True)
+    dispatch.quantize_index_keys(ours, loc, x, rotate=False, scale_format="fp32")
     _set_k_and_s_triton(buf=theirs, loc=loc, index_k=codes, index_k_scale=scale.view(-1, 1), page_size=PAGE)
     assert torch.equal(ours, theirs)
 
 
+def _sglang_magnitude_rows(rows: int, seed: int, device) -> torch.Tensor:
+    magnitudes = torch.logspace(-6, 2, rows)[:, None]
+    return (torch.randn(rows, 128, generator=torch.Generator().manual_seed(seed)) * magnitudes).bfloat16().to(device)
+
+
+def test_index_keys_match_sglang_cuda_writer(target):
+    """Keys quantized and stored as SGLang's CUDA index-K writer (``fused_store_index_k_cache``, every
+    CUDA indexer's) stores them: the same pages, to the bit."""
+    if not target.gpu:
+        pytest.skip("SGLang's index-K writer is a CUDA kernel")
+    pytest.importorskip("sglang.srt")
+    from sglang.kernels.ops.kvcache.dsa_fused_store_index_cache import fused_store_index_k_cache
+
+    x = _sglang_magnitude_rows(4096, 8, target.device)
+    loc = torch.randperm(80 * PAGE, generator=torch.Generator().manual_seed(9))[: x.shape[0]].to(target.device)
+    ours = torch.zeros(80, PAGE * ROW, dtype=torch.uint8, device=target.device)
+    theirs = torch.zeros_like(ours)
+    dispatch.quantize_index_keys(ours, loc, x, rotate=False, scale_format="fp32")
+    fused_store_index_k_cache(x, theirs, loc, PAGE)
+    assert torch.equal(ours, theirs)
+
+
+def test_fused_indexer_queries_match_sglang_cuda_kernel(target):
+    """The fused indexer's queries and weights as SGLang's ``fused_q_indexer_rope_first_quant`` makes
+    them (at position 0, where its rope is the identity): fp32 scales, one fp32 weight factor."""
+    if not target.gpu:
+        pytest.skip("SGLang's fused query kernel is CUDA-only")
+    pytest.importorskip("sglang.srt")
+    from sglang.kernels.ops.attention.dsa.indexer_q import fused_q_indexer_rope_first_quant
+    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+
+    heads, softmax_scale = 32, 128**-0.5
+    q = _sglang_magnitude_rows(64 * heads, 10, target.device).view(64, heads, 128)
+    gate = torch.randn(64, 128 + heads, generator=torch.Generator().manual_seed(11)).bfloat16()
+    gate = gate.to(target.device)[:, 128:]  # the gate columns of the fused wk_weights_proj output
+    rope = RotaryEmbedding(64, 64, 16, 10000, False, torch.bfloat16).to(target.device)
+    positions = torch.zeros(64, dtype=torch.int64, device=target.device)
+    theirs_q, theirs_w = fused_q_indexer_rope_first_quant(
+        q, gate, softmax_scale * heads**-0.5, rope.cos_sin_cache, positions
+    )
+    ours_q, ours_w = dispatch.quantize_index_queries(
+        q, gate, softmax_scale * heads**-0.5, 1.0, rotate=False, scale_format="fp32"
+    )
+    assert torch.equal(ours_q.view(torch.uint8), theirs_q.view(torch.uint8))
+    assert torch.equal(ours_w, theirs_w.view(64, heads))
+
+
 def test_fp8_rows_scales(target):
     x = torch.tensor([[0.5, -3.0] + [0.0] * 126, [1e-9] * 128]).bfloat16().to(target.device)
-    codes, scale = _unit_gate_queries(x, rotate=False, power_of_two_scale=False)
+    codes, scale = _unit_gate_queries(x, rotate=False, scale_format="fp32")
     assert scale[0].item() == pytest.approx(3.0 / 448)
     assert (codes.float() * scale[:, None] - x.float()).abs().max() < 0.1
-    _, p2 = _unit_gate_queries(x, rotate=False, power_of_two_scale=True)
+    _, p2 = _unit_gate_queries(x, rotate=False, scale_format="ue8m0")
     assert torch.equal(p2, torch.exp2(torch.round(torch.log2(p2))))
     assert (p2 >= scale).all() and (p2 < 2 * scale).all()
 
 
-@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
-def test_fp8_rows_match_sglang_act_quant(target, scale_fmt):
-    """Index-K and query codes and scales as SGLang's ``act_quant`` writes them (scales to the bit)."""
+def test_ue8m0_queries_match_sglang_act_quant(target):
+    """The unfused indexer's query codes and scales as SGLang's ``act_quant(.., "ue8m0")`` makes them
+    (scales to the bit)."""
     pytest.importorskip("sglang.srt")
     from sglang.kernels.ops.quantization.act_quant_triton import act_quant
 
-    magnitudes = torch.logspace(-6, 2, 512)[:, None]
-    x = (torch.randn(512, 128, generator=torch.Generator().manual_seed(7)) * magnitudes).bfloat16().to(target.device)
-    codes, scale = act_quant(x, 128, scale_fmt)
-    ours_codes, ours_scale = _unit_gate_queries(x, rotate=False, power_of_two_scale=scale_fmt == "ue8m0")
+    x = _sglang_magnitude_rows(512, 7, target.device)
+    codes, scale = act_quant(x, 128, "ue8m0")
+    ours_codes, ours_scale = _unit_gate_queries(x, rotate=False, scale_format="ue8m0")
     assert torch.equal(ours_scale, scale.view(-1))
     if target.gpu:  # the interpreter rounds act_quant's in-kernel float8 conversion differently from a GPU
         assert torch.equal(ours_codes.view(torch.uint8), codes.view(torch.uint8))
@@ -118,7 +165,7 @@ def test_hadamard_rotation_matches_sglang_kernel(target):
 
     x = torch.randn(4096 * 64, 128, generator=torch.Generator().manual_seed(6)).bfloat16().to(target.device)
     theirs, _ = act_quant(hadamard_transform(x, scale=128**-0.5), 128, "ue8m0")
-    fused, _ = _unit_gate_queries(x, rotate=True, power_of_two_scale=True)
+    fused, _ = _unit_gate_queries(x, rotate=True, scale_format="ue8m0")
     assert (fused.view(torch.uint8) != theirs.view(torch.uint8)).float().mean().item() < 1e-4
 
 

@@ -17,7 +17,13 @@ from conftest import relative_error
 from dsa_layer import StubIndexer, check_topk_row, index_scores
 
 from sglang_sparse_mla.backend import dispatch
-from sglang_sparse_mla.backend.indexer import SparseIndexer, project, sglang_rotates
+from sglang_sparse_mla.backend.indexer import (
+    SparseIndexer,
+    project,
+    query_weight_factors,
+    sglang_rotates,
+    sglang_scale_formats,
+)
 from sglang_sparse_mla.backend.metadata import build_paged, build_ragged
 from sglang_sparse_mla.kernels import quantize_index_queries, quantize_kv_fp8
 from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs
@@ -150,15 +156,19 @@ def test_request_alone_or_batched_gives_the_same_bits(target, rng, index_heads, 
 
 
 def test_index_keys_rotated_as_sglang_writes_them(target):
-    """SGLang's fused ``Indexer`` writes unrotated index keys, its unfused one Hadamard-rotated keys:
-    the index-K pages follow the module, the projections agree before the rotation, and the scores
-    (``q . k``) are the same either way."""
+    """SGLang's fused ``Indexer`` writes unrotated index keys, its unfused one Hadamard-rotated keys,
+    both with fp32 scales (its CUDA writers'): the index-K pages follow the module, the projections
+    agree before the rotation, and the scores (``q . k``) are the same either way. Queries take
+    UE8M0 scales unfused (``act_quant``), fp32 scales and one weight factor fused."""
     n = 40
     x = torch.randn(n, 64, generator=torch.Generator().manual_seed(3)).bfloat16().to(target.device)
     q_lora = torch.randn(n, 32, generator=torch.Generator().manual_seed(4)).bfloat16().to(target.device)
     positions = torch.arange(n, device=target.device)
     plain, fused = (StubIndexer(64, 32, 8, target.device, fused=f) for f in (False, True))
     assert sglang_rotates(plain) and not sglang_rotates(fused)
+    assert sglang_scale_formats(plain) == ("ue8m0", "fp32") and sglang_scale_formats(fused) == ("fp32", "fp32")
+    assert query_weight_factors(plain) == (8**-0.5, 128**-0.5)
+    assert query_weight_factors(fused) == (128**-0.5 * 8**-0.5, 1.0)
     (q, k, gate_plain), (q_f, k_f, gate) = (project(m, x, q_lora, positions) for m in (plain, fused))
     assert torch.equal(q_f, q) and torch.equal(k_f, k)
     # On CUDA the unfused gate stays fp32, the fused layer's is bf16 (as in SGLang).
@@ -174,7 +184,7 @@ def test_index_keys_rotated_as_sglang_writes_them(target):
         SparseIndexer(16, req_to_token)(indexer, x, q_lora, positions, loc, pages, md, return_indices=False)
         k_fp8, k_scale = dispatch.gather_index_k(pages, loc)
         expected, expected_scale, _ = quantize_index_queries(
-            k.unsqueeze(1), ones, 1.0, 1.0, rotate=sglang_rotates(indexer), power_of_two_scale=True
+            k.unsqueeze(1), ones, 1.0, 1.0, rotate=sglang_rotates(indexer), scale_format="fp32"
         )
         assert torch.equal(k_fp8.view(torch.uint8), expected[:, 0].view(torch.uint8))
         assert torch.equal(k_scale, expected_scale[:, 0])

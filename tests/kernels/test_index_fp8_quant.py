@@ -37,9 +37,9 @@ def assert_codes_match(codes: torch.Tensor, ref: torch.Tensor, rotate: bool) -> 
 
 
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
-@pytest.mark.parametrize("power_of_two", [False, True], ids=["fp32_scale", "ue8m0"])
+@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
 @pytest.mark.parametrize("gate_layout", ["fp32", "bf16_fused_slice"])
-def test_queries_match_reference(target, rng, rotate, power_of_two, gate_layout):
+def test_queries_match_reference(target, rng, rotate, scale_format, gate_layout):
     tokens, heads = target.pick(cpu=(9, 32), gpu=(333, 64))
     q = index_rows(rng, target.device, tokens, heads)
     if gate_layout == "fp32":
@@ -47,28 +47,29 @@ def test_queries_match_reference(target, rng, rotate, power_of_two, gate_layout)
     else:  # the gate columns of SGLang's fused wk_weights_proj output
         gate = torch.randn(tokens, 128 + heads, generator=rng, device=target.device).bfloat16()[:, 128:]
     codes, scales, weights = quantize_index_queries(
-        q, gate, heads**-0.5, 128**-0.5, rotate=rotate, power_of_two_scale=power_of_two
+        q, gate, heads**-0.5, 128**-0.5, rotate=rotate, scale_format=scale_format
     )
-    ref_codes, ref_scales = index_fp8_quant_reference(q, rotate=rotate, power_of_two_scale=power_of_two)
+    ref_codes, ref_scales = index_fp8_quant_reference(q, rotate=rotate, scale_format=scale_format)
     assert codes.dtype == torch.float8_e4m3fn and codes.shape == q.shape
     assert torch.equal(scales, ref_scales)
     assert_codes_match(codes, ref_codes, rotate)
     # fp32, multiplied in this order (SGLang's): bit-equal to torch doing the same.
     assert torch.equal(weights, gate.float() * heads**-0.5 * ref_scales * 128**-0.5)
-    if power_of_two:
+    if scale_format == "ue8m0":
         assert torch.equal(scales, torch.exp2(torch.round(torch.log2(scales))))
 
 
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
 @pytest.mark.parametrize("loc_dtype", [torch.int32, torch.int64])
-def test_keys_written_at_their_slots_only(target, rng, rotate, loc_dtype):
+@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
+def test_keys_written_at_their_slots_only(target, rng, rotate, loc_dtype, scale_format):
     tokens, pages = target.pick(cpu=(37, 3), gpu=(5000, 100))
     k = index_rows(rng, target.device, tokens)
     cache = torch.full((pages, PAGE, 1, ROW), 0xAB, dtype=torch.uint8, device=target.device)
     loc = torch.randperm(pages * PAGE, generator=rng, device=target.device)[:tokens].to(loc_dtype)
-    quantize_index_keys_to_cache(k, loc, cache, rotate=rotate, power_of_two_scale=True)
+    quantize_index_keys_to_cache(k, loc, cache, rotate=rotate, scale_format=scale_format)
 
-    ref_codes, ref_scales = index_fp8_quant_reference(k, rotate=rotate, power_of_two_scale=True)
+    ref_codes, ref_scales = index_fp8_quant_reference(k, rotate=rotate, scale_format=scale_format)
     flat = cache.view(pages, PAGE * ROW)
     page, offset = loc.long() // PAGE, loc.long() % PAGE
     key_bytes = flat[:, : PAGE * 128].view(pages, PAGE, 128)[page, offset]
@@ -105,18 +106,18 @@ def test_e4m3_codes_round_to_nearest_even(target):
 def test_empty_and_row_independence(target, rng):
     q = index_rows(rng, target.device, 0, 32)
     codes, scales, weights = quantize_index_queries(
-        q, torch.empty(0, 32, device=target.device), 1.0, 1.0, rotate=True, power_of_two_scale=True
+        q, torch.empty(0, 32, device=target.device), 1.0, 1.0, rotate=True, scale_format="ue8m0"
     )
     assert codes.shape == (0, 32, 128) and scales.shape == weights.shape == (0, 32)
     quantize_index_keys_to_cache(
         q.view(0, 128), torch.empty(0, dtype=torch.int64, device=target.device),
-        torch.zeros(1, PAGE, 1, ROW, dtype=torch.uint8, device=target.device), rotate=True, power_of_two_scale=True,
+        torch.zeros(1, PAGE, 1, ROW, dtype=torch.uint8, device=target.device), rotate=True, scale_format="fp32",
     )  # fmt: skip
     # A token's codes do not depend on the tokens quantized with it.
     q = index_rows(rng, target.device, 40, 32)
     gate = torch.randn(40, 32, generator=rng, device=target.device)
-    batch = quantize_index_queries(q, gate, 0.5, 0.25, rotate=True, power_of_two_scale=True)
-    alone = quantize_index_queries(q[17:18], gate[17:18], 0.5, 0.25, rotate=True, power_of_two_scale=True)
+    batch = quantize_index_queries(q, gate, 0.5, 0.25, rotate=True, scale_format="fp32")
+    alone = quantize_index_queries(q[17:18], gate[17:18], 0.5, 0.25, rotate=True, scale_format="fp32")
     for b, a in zip(batch, alone, strict=True):
         assert torch.equal(b[17:18].view(torch.uint8), a.view(torch.uint8))
 
@@ -127,7 +128,7 @@ def test_bad_inputs_are_refused(target):
     gate = torch.zeros(4, 32, device=dev)
     cache = torch.zeros(2, PAGE, 1, ROW, dtype=torch.uint8, device=dev)
     loc = torch.zeros(4, dtype=torch.int64, device=dev)
-    quant = dict(rotate=False, power_of_two_scale=True)
+    quant = dict(rotate=False, scale_format="fp32")
     with pytest.raises(ValueError, match="q must be torch.bfloat16"):
         quantize_index_queries(q.float(), gate, 1.0, 1.0, **quant)
     with pytest.raises(ValueError, match="index head dim"):
@@ -144,3 +145,5 @@ def test_bad_inputs_are_refused(target):
         quantize_index_keys_to_cache(q[:, 0], loc, cache.view(2, PAGE, ROW), **quant)
     with pytest.raises(ValueError, match="kv_cache must be a contiguous"):
         quantize_index_keys_to_cache(q[:, 0], loc, cache[:, :, :, :128], **quant)
+    with pytest.raises(ValueError, match="scale_format must be one of"):
+        quantize_index_queries(q, gate, 1.0, 1.0, rotate=False, scale_format="e8m0")

@@ -128,11 +128,11 @@ def _index_fp8_jobs(target, capability):
             codes_ptr="*u8", scales_ptr="*fp32", loc_ptr="*i64" if paged else "*fp32", page_size="i32",
             gate_ptr=gate, stride_gt="i32", head_scale="fp32", softmax_scale="fp32", weights_ptr="*fp32",
         )  # fmt: skip
-        for rotate in (False, True):
+        for rotate, ue8m0 in ((False, False), (True, True), (True, False)):
             constexprs = dict(ROTATE=rotate, ROTATE_SCALE=module.HEAD_DIM**-0.5, DOT_FP32=False,
-                              POWER_OF_TWO=True, PAGED=paged, HAS_GATE=not paged, BLOCK_R=module.BLOCK_ROWS,
+                              UE8M0=ue8m0, PAGED=paged, HAS_GATE=not paged, BLOCK_R=module.BLOCK_ROWS,
                               D=module.HEAD_DIM)  # fmt: skip
-            yield Job(target, "index_fp8", f"paged={paged} gate={gate} rotate={rotate}", INDEX_FP8,
+            yield Job(target, "index_fp8", f"paged={paged} gate={gate} rotate={rotate} ue8m0={ue8m0}", INDEX_FP8,
                       "_index_fp8_kernel", signature, constexprs, capability, module.NUM_WARPS, 1, aligned)  # fmt: skip
 
 

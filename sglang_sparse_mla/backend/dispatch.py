@@ -75,13 +75,23 @@ def _index_pages(index_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def quantize_index_keys(
-    index_buffer: torch.Tensor, loc: torch.Tensor, key: torch.Tensor, *, rotate: bool, scale_format: str
+    index_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    rotate: bool,
+    scale_format: str,
+    rope: kernels.IndexRope | None = None,
+    norm: kernels.IndexNorm | None = None,
 ) -> None:
-    """Rotate (``rotate``: the Hadamard rotation, where SGLang's writer applies it), quantize to FP8
-    and store bf16 index keys ``[T, 128]`` at slots ``loc``, in one kernel
+    """Rotate (``rotate``: the Hadamard rotation, where SGLang's writer applies it) or normalize and
+    rope (``norm``, ``rope``: SGLang's fused indexer), quantize to FP8 and store bf16 index keys
+    ``[T, 128]`` at slots ``loc``, in one kernel
     (:func:`sglang_sparse_mla.kernels.quantize_index_keys_to_cache`)."""
     kv_cache = index_buffer.view(index_buffer.shape[0], PAGE_SIZE, 1, INDEX_ROW_BYTES)
-    kernels.quantize_index_keys_to_cache(key, loc, kv_cache, rotate=rotate, scale_format=scale_format)
+    kernels.quantize_index_keys_to_cache(
+        key, loc, kv_cache, rotate=rotate, scale_format=scale_format, rope=rope, norm=norm
+    )
 
 
 def quantize_index_queries(
@@ -92,12 +102,13 @@ def quantize_index_queries(
     *,
     rotate: bool,
     scale_format: str,
+    rope: kernels.IndexRope | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q_fp8 [T, H, 128], weights [T, H] float32)`` of bf16 index queries and per-head gates, in one
-    kernel (:func:`sglang_sparse_mla.kernels.quantize_index_queries`): rotated like the keys, the
+    kernel (:func:`sglang_sparse_mla.kernels.quantize_index_queries`): rotated or roped like the keys, the
     weights ``gate * head_scale * q_scale * softmax_scale`` multiplied in that order in fp32."""
     q_fp8, _, weights = kernels.quantize_index_queries(
-        query, gate, head_scale, softmax_scale, rotate=rotate, scale_format=scale_format
+        query, gate, head_scale, softmax_scale, rotate=rotate, scale_format=scale_format, rope=rope
     )
     return q_fp8, weights
 

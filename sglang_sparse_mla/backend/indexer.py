@@ -6,8 +6,12 @@ stock path — DeepGEMM's MQA logits, the sgl-kernel/TileLang top-k, the CUDA
 fused quantize-and-store — with torch and the Triton kernels of
 :mod:`sglang_sparse_mla.kernels`:
 
-1. project ``q = wq_b(q_lora)``, ``k = k_norm(wk(x))`` and the per-head gate,
-   rotate their rope part;
+1. project ``q = wq_b(q_lora)``, ``k = wk(x)`` and the per-head gate; where
+   SGLang's path applies the key LayerNorm and the rope with its modules
+   (DeepSeek-V3.2), apply them the same way here; where it applies them
+   inside its fused CUDA kernels (GLM-5: :func:`sglang_fuses_norm_and_rope`),
+   leave them to step 2, which computes them as those kernels do (fp32, one
+   rounding);
 2. in one kernel each (:mod:`sglang_sparse_mla.kernels.index_fp8_quant`),
    apply the Hadamard rotation where SGLang's own writer does (to queries
    and keys alike, which leaves ``q . k`` unchanged and spreads outliers
@@ -33,8 +37,11 @@ layers unchanged).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..kernels import IndexNorm, IndexRope
 from . import dispatch
 from .metadata import SparseMLAMetadata
 
@@ -119,6 +126,46 @@ def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor):
     return query, key, gate
 
 
+@dataclass(frozen=True)
+class IndexInputs:
+    """One forward's index rows as the FP8 quantization kernels take them: ``query [T, Hi, 128]``,
+    ``key [T, 128]`` (bf16) and ``gate [T, Hi]``; with ``rope`` (and ``norm``) the kernels normalize
+    and rope the raw rows themselves, otherwise they are ready."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    gate: torch.Tensor
+    rope: IndexRope | None = None
+    norm: IndexNorm | None = None
+
+
+def sglang_fuses_norm_and_rope(indexer) -> bool:
+    """Whether SGLang's CUDA path normalizes and ropes this ``Indexer``'s keys and queries inside its
+    fused kernels (``use_dsa_indexer_fusion``: LayerNorm with bias, interleaved rope from an fp32
+    ``cos_sin_cache``), computing in fp32 and rounding once, where the module's own LayerNorm and
+    rope would round to bf16 after each."""
+    return (
+        getattr(indexer, "use_dsa_indexer_fusion", False)
+        and getattr(indexer.k_norm, "bias", None) is not None
+        and getattr(indexer.rotary_emb, "cos_sin_cache", None) is not None
+    )
+
+
+def index_inputs(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor) -> IndexInputs:
+    """The index rows of one forward, computed as SGLang's own path for ``indexer`` computes them:
+    raw projections with the norm and rope left to the quantization kernels where
+    :func:`sglang_fuses_norm_and_rope`, else :func:`project`."""
+    if not sglang_fuses_norm_and_rope(indexer):
+        return IndexInputs(*project(indexer, x, q_lora, positions))
+    n_heads, head_dim = indexer.n_heads, indexer.head_dim
+    query = indexer.wq_b(q_lora)[0].view(-1, n_heads, head_dim)
+    key, gate = indexer.wk_weights_proj(_hidden(x))[0].split([head_dim, n_heads], dim=-1)
+    k_norm = indexer.k_norm
+    norm = IndexNorm(k_norm.weight.float(), k_norm.bias.float(), float(k_norm.variance_epsilon))
+    rope = IndexRope(indexer.rotary_emb.cos_sin_cache, positions[: key.shape[0]])
+    return IndexInputs(query, key, gate, rope, norm)
+
+
 def _force_init_and_local(
     logits: torch.Tensor,
     lengths: torch.Tensor,
@@ -169,20 +216,23 @@ class SparseIndexer:
                 return None
             return torch.full((num_tokens, self.index_topk), -1, dtype=torch.int32, device=q_lora.device)
 
-        query, key, gate = project(indexer, x, q_lora, positions)
+        rows_in = index_inputs(indexer, x, q_lora, positions)
         rotate = sglang_rotates(indexer)
         query_format, key_format = sglang_scale_formats(indexer)
         dispatch.quantize_index_keys(
-            index_buffer, out_cache_loc[:num_tokens], key, rotate=rotate, scale_format=key_format
-        )
+            index_buffer, out_cache_loc[:num_tokens], rows_in.key,
+            rotate=rotate, scale_format=key_format, rope=rows_in.rope, norm=rows_in.norm,
+        )  # fmt: skip
         if not return_indices:
             return None
 
         rows = metadata.num_tokens
+        rope = rows_in.rope and IndexRope(rows_in.rope.cos_sin_cache, rows_in.rope.positions[:rows])
         # Weights multiplied in SGLang's order (fp32 rounding of near-tied scores included).
         q_fp8, weights = dispatch.quantize_index_queries(
-            query[:rows], gate[:rows], *query_weight_factors(indexer), rotate=rotate, scale_format=query_format
-        )
+            rows_in.query[:rows], rows_in.gate[:rows], *query_weight_factors(indexer),
+            rotate=rotate, scale_format=query_format, rope=rope,
+        )  # fmt: skip
         slots = self._topk_slots(indexer, q_fp8, weights, index_buffer, metadata)
         if rows < num_tokens:  # padded rows of a data-parallel batch
             slots = torch.cat([slots, slots.new_full((num_tokens - rows, slots.shape[1]), -1)])

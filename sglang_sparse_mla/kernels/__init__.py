@@ -2,13 +2,15 @@
 
 from .fp8_mqa_logits import fp8_mqa_logits
 from .fp8_paged_mqa_logits import fp8_paged_mqa_logits
-from .index_fp8_quant import quantize_index_keys_to_cache, quantize_index_queries
+from .index_fp8_quant import IndexNorm, IndexRope, quantize_index_keys_to_cache, quantize_index_queries
 from .kv_cache_layout import dequantize_kv_fp8, quantize_kv_fp8
 from .sparse_mla import sparse_mla_decode, sparse_mla_prefill
 from .topk import topk_indices
 from .topk_to_kv_slots import topk_to_kv_slots
 
 __all__ = [
+    "IndexNorm",
+    "IndexRope",
     "dequantize_kv_fp8",
     "fp8_mqa_logits",
     "fp8_paged_mqa_logits",

@@ -4,14 +4,20 @@ Before scoring, the indexer rotates its 128-wide queries and keys with the
 orthonormal Walsh-Hadamard matrix (where the model's writer does), quantizes
 each 128-value row to float8_e4m3fn with one float32 scale, stores the keys in
 the paged index-K cache and turns the per-head gates into score weights. In
-torch that is some thirty small launches per layer; here it is one kernel,
-called once for the keys and once for the queries.
+torch that is some thirty small launches per layer; here it is one kernel
+(two variants), called once for the keys and once for the queries.
 
 Per row ``x`` (128 values):
 
-* rotation (optional): ``bf16((x @ H) * 128 ** -0.5)``, ``H`` the ``+-1``
-  Walsh-Hadamard matrix, products exact and summed in fp32, rounded once to
-  bf16, as SGLang's fast Hadamard transform;
+* either the rotation (optional; SGLang's unfused indexer):
+  ``bf16((x @ H) * 128 ** -0.5)``, ``H`` the ``+-1`` Walsh-Hadamard matrix,
+  products exact and summed in fp32, rounded once to bf16, as SGLang's fast
+  Hadamard transform;
+* or (SGLang's fused indexer, e.g. GLM-5 on CUDA) LayerNorm (keys) and the
+  interleaved rope of the first 64 values (:class:`IndexRope`, :class:`IndexNorm`)
+  applied here in fp32 to the raw projections, keys then rounded to bf16
+  once, queries not at all, as its fused CUDA kernels do (the module's own
+  LayerNorm and rope would round after each);
 * the scale and codes in one of SGLang's two formats (``scale_format``):
 
   - ``"ue8m0"`` (its ``act_quant`` with ``scale_fmt="ue8m0"``, the unfused
@@ -36,6 +42,7 @@ the kernel runs on SM80/86 as well.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -78,6 +85,55 @@ def _e4m3_codes(y):
 
 
 @triton.jit
+def _row_scale(amax, UE8M0: tl.constexpr):
+    """Per-row FP8 scale from ``amax`` (already ``max(amax, 1e-4)``), in SGLang's format."""
+    if UE8M0:
+        bits = (amax * (1.0 / 448.0)).to(tl.int32, bitcast=True)
+        exponent = bits & 0x7F800000
+        return tl.where((bits & 0x7FFFFF) != 0, exponent + 0x800000, exponent).to(tl.float32, bitcast=True)
+    else:
+        return tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+
+
+@triton.jit
+def _codes_of(x, inv_scale):
+    """e4m3 codes of ``x [R, W] * inv_scale [R]``, clamped to +-448. For power-of-two scales the
+    product equals the quotient ``x / scale`` exactly."""
+    return _e4m3_codes(tl.minimum(tl.maximum(x * inv_scale[:, None], -448.0), 448.0))
+
+
+@triton.jit
+def _store_codes(codes, cols, rows, ok, codes_ptr, loc_ptr, page_size, PAGED: tl.constexpr, D: tl.constexpr):
+    """Codes ``[R, W]`` of rows ``rows`` at columns ``cols [W]``: at each row's slot of the paged
+    index-K cache (``PAGED``), else at row ``rows`` of a dense ``[rows, D]`` array."""
+    if PAGED:
+        slot = tl.load(loc_ptr + rows, mask=ok, other=0).to(tl.int64)
+        start = (slot // page_size) * page_size * (D + 4) + (slot % page_size) * D
+    else:
+        start = rows.to(tl.int64) * D
+    tl.store(codes_ptr + start[:, None] + cols[None, :], codes, mask=ok[:, None])
+
+
+@triton.jit
+def _store_scale_and_weight(
+    scale, rows, ok, token, head, scales_ptr, loc_ptr, page_size,
+    gate_ptr, stride_gt, head_scale, softmax_scale, weights_ptr,
+    PAGED: tl.constexpr, HAS_GATE: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    """The scales (after a page's codes, or dense) and, for queries, ``((gate * head_scale) * scale)
+    * softmax_scale`` in fp32."""
+    if PAGED:
+        slot = tl.load(loc_ptr + rows, mask=ok, other=0).to(tl.int64)
+        page, offset = slot // page_size, slot % page_size
+        tl.store(scales_ptr + (page * page_size * (D + 4) + page_size * D) // 4 + offset, scale, mask=ok)
+    else:
+        tl.store(scales_ptr + rows.to(tl.int64), scale, mask=ok)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + token * stride_gt + head, mask=ok, other=0.0).to(tl.float32)
+        tl.store(weights_ptr + rows, ((gate * head_scale) * scale) * softmax_scale, mask=ok)
+
+
+@triton.jit
 def _index_fp8_kernel(
     x_ptr,
     stride_xt,
@@ -103,6 +159,7 @@ def _index_fp8_kernel(
     BLOCK_R: tl.constexpr,
     D: tl.constexpr,
 ):
+    """Rows as given (norm and rope already applied), optionally Hadamard-rotated."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < num_rows
     token = (rows // heads).to(tl.int64)
@@ -120,30 +177,87 @@ def _index_fp8_kernel(
     else:
         xf = x.to(tl.float32)
 
-    amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
-    if UE8M0:
-        bits = (amax * (1.0 / 448.0)).to(tl.int32, bitcast=True)
-        exponent = bits & 0x7F800000
-        scale = tl.where((bits & 0x7FFFFF) != 0, exponent + 0x800000, exponent).to(tl.float32, bitcast=True)
-        scaled = tl.math.div_rn(xf, scale[:, None])  # exact: a power of two
-    else:
-        scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-        scaled = xf * tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale)[:, None]
-    codes = _e4m3_codes(tl.minimum(tl.maximum(scaled, -448.0), 448.0))
+    scale = _row_scale(tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4), UE8M0)
+    inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    _store_codes(_codes_of(xf, inv_scale), d, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
+    _store_scale_and_weight(
+        scale, rows, ok, token, head, scales_ptr, loc_ptr, page_size,
+        gate_ptr, stride_gt, head_scale, softmax_scale, weights_ptr, PAGED, HAS_GATE, D,
+    )  # fmt: skip
 
-    if PAGED:
-        slot = tl.load(loc_ptr + rows, mask=ok, other=0).to(tl.int64)
-        page, offset = slot // page_size, slot % page_size
-        page_bytes = page * page_size * (D + 4)
-        tl.store(codes_ptr + (page_bytes + offset * D)[:, None] + d[None, :], codes, mask=ok[:, None])
-        tl.store(scales_ptr + (page_bytes + page_size * D) // 4 + offset, scale, mask=ok)
-    else:
-        rows64 = rows.to(tl.int64)
-        tl.store(codes_ptr + rows64[:, None] * D + d[None, :], codes, mask=ok[:, None])
-        tl.store(scales_ptr + rows64, scale, mask=ok)
-    if HAS_GATE:
-        gate = tl.load(gate_ptr + token * stride_gt + head, mask=ok, other=0.0).to(tl.float32)
-        tl.store(weights_ptr + rows, ((gate * head_scale) * scale) * softmax_scale, mask=ok)
+
+@triton.jit
+def _index_fp8_rope_kernel(
+    x_ptr,
+    stride_xt,
+    stride_xh,
+    num_rows,
+    heads,
+    positions_ptr,
+    cos_sin_ptr,
+    stride_cs,
+    norm_weight_ptr,
+    norm_bias_ptr,
+    eps,
+    codes_ptr,
+    scales_ptr,
+    loc_ptr,
+    page_size,
+    gate_ptr,
+    stride_gt,
+    head_scale,
+    softmax_scale,
+    weights_ptr,
+    NORM: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    UE8M0: tl.constexpr,
+    PAGED: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    D: tl.constexpr,
+    PAIRS: tl.constexpr,
+):
+    """Raw rows: LayerNorm (``NORM``) and the interleaved rope of the leading ``2 * PAIRS`` values in
+    fp32, then (``ROUND_BF16``) one rounding to bf16. The row is handled as its even and odd rope
+    values and its ``D - 2 * PAIRS`` others."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < num_rows
+    token = (rows // heads).to(tl.int64)
+    head = rows % heads
+    even = 2 * tl.arange(0, PAIRS)
+    rest = 2 * PAIRS + tl.arange(0, D - 2 * PAIRS)
+    x_rows = x_ptr + token * stride_xt + head * stride_xh
+    xe = tl.load(x_rows[:, None] + even[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    xo = tl.load(x_rows[:, None] + (even + 1)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    xr = tl.load(x_rows[:, None] + rest[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    if NORM:
+        mean = (tl.sum(xe, 1) + tl.sum(xo, 1) + tl.sum(xr, 1)) * (1.0 / D)
+        xe, xo, xr = xe - mean[:, None], xo - mean[:, None], xr - mean[:, None]
+        var = (tl.sum(xe * xe, 1) + tl.sum(xo * xo, 1) + tl.sum(xr * xr, 1)) * (1.0 / D)
+        inv_std = tl.math.rsqrt(var + eps)[:, None]
+        xe = xe * inv_std * tl.load(norm_weight_ptr + even)[None, :] + tl.load(norm_bias_ptr + even)[None, :]
+        xo = xo * inv_std * tl.load(norm_weight_ptr + even + 1)[None, :] + tl.load(norm_bias_ptr + even + 1)[None, :]
+        xr = xr * inv_std * tl.load(norm_weight_ptr + rest)[None, :] + tl.load(norm_bias_ptr + rest)[None, :]
+    position = tl.load(positions_ptr + token, mask=ok, other=0).to(tl.int64)
+    cs_rows = cos_sin_ptr + position * stride_cs
+    pair = tl.arange(0, PAIRS)
+    cos = tl.load(cs_rows[:, None] + pair[None, :], mask=ok[:, None], other=1.0).to(tl.float32)
+    sin = tl.load(cs_rows[:, None] + (PAIRS + pair)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    re = xe * cos - xo * sin
+    ro = xe * sin + xo * cos
+    if ROUND_BF16:
+        re, ro, xr = _round_to_bf16(re), _round_to_bf16(ro), _round_to_bf16(xr)
+
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(re), axis=1), tl.max(tl.abs(ro), axis=1)), tl.max(tl.abs(xr), axis=1))
+    scale = _row_scale(tl.maximum(amax, 1e-4), UE8M0)
+    inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    _store_codes(_codes_of(re, inv_scale), even, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
+    _store_codes(_codes_of(ro, inv_scale), even + 1, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
+    _store_codes(_codes_of(xr, inv_scale), rest, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
+    _store_scale_and_weight(
+        scale, rows, ok, token, head, scales_ptr, loc_ptr, page_size,
+        gate_ptr, stride_gt, head_scale, softmax_scale, weights_ptr, PAGED, HAS_GATE, D,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
@@ -157,6 +271,32 @@ def hadamard_signs(dim: int, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 SCALE_FORMATS = ("ue8m0", "fp32")
+ROPE_DIM = 64  # the DSA indexers' rope width: the leading 64 of the 128 values
+
+
+@dataclass(frozen=True)
+class IndexRope:
+    """The rope of SGLang's fused DSA indexer kernels, applied in fp32 inside the quantization:
+    value pairs ``(2i, 2i + 1)`` of the leading :data:`ROPE_DIM` values of each row turn by angle
+    ``i`` of the row's position, ``cos = cos_sin_cache[pos, i]``, ``sin = cos_sin_cache[pos, 32 + i]``
+    (interleaved rope, rope part first).
+
+    ``cos_sin_cache``: ``[max_position, 64]`` float32/bf16 (the indexer's ``rotary_emb.cos_sin_cache``),
+    last dimension contiguous; ``positions``: ``[T]`` int32/int64, one per token, in range.
+    """
+
+    cos_sin_cache: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass(frozen=True)
+class IndexNorm:
+    """LayerNorm of each key row before the rope, in fp32: ``(x - mean) * rsqrt(var + eps) * weight
+    + bias`` (biased variance); ``weight``, ``bias``: ``[128]`` float32."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
 
 
 def _is_ue8m0(scale_format: str) -> bool:
@@ -172,6 +312,52 @@ def _check_rows(name: str, x: torch.Tensor, ndim: int, layout: str) -> None:
     check_last_dim_contiguous(name, x)
 
 
+def _check_rope(rope: IndexRope, tokens: int, rotate: bool) -> list[tuple[str, torch.Tensor]]:
+    if rotate:
+        raise ValueError("rope and rotate exclude each other: SGLang's fused kernels skip the Hadamard rotation")
+    check_dtype("rope.cos_sin_cache", rope.cos_sin_cache, torch.float32, torch.bfloat16)
+    check_ndim("rope.cos_sin_cache", rope.cos_sin_cache, 2, f"[max_position, {ROPE_DIM}]")
+    check_dim("rope.cos_sin_cache", rope.cos_sin_cache, 1, ROPE_DIM, "cos and sin of 32 angles")
+    check_last_dim_contiguous("rope.cos_sin_cache", rope.cos_sin_cache)
+    check_dtype("rope.positions", rope.positions, torch.int32, torch.int64)
+    check_ndim("rope.positions", rope.positions, 1, "[T]")
+    check_dim("rope.positions", rope.positions, 0, tokens, "one position per token")
+    return [("rope.cos_sin_cache", rope.cos_sin_cache), ("rope.positions", rope.positions)]
+
+
+def _check_norm(norm: IndexNorm) -> list[tuple[str, torch.Tensor]]:
+    for name, t in (("norm.weight", norm.weight), ("norm.bias", norm.bias)):
+        check_dtype(name, t, torch.float32)
+        check_ndim(name, t, 1, f"[{HEAD_DIM}]")
+        check_dim(name, t, 0, HEAD_DIM, "index head dim")
+        check_last_dim_contiguous(name, t)
+    return [("norm.weight", norm.weight), ("norm.bias", norm.bias)]
+
+
+def _launch(
+    x, stride_xt, stride_xh, rows, heads, codes, scales, loc, page_size, gate, stride_gt, head_scale,
+    softmax_scale, weights, *, rotate, scale_format, rope, norm, round_bf16, paged, has_gate,
+):  # fmt: skip
+    grid = (triton.cdiv(rows, BLOCK_ROWS),)
+    common = dict(UE8M0=_is_ue8m0(scale_format), PAGED=paged, HAS_GATE=has_gate, BLOCK_R=BLOCK_ROWS, D=HEAD_DIM)
+    outputs = (codes, scales, loc, page_size, gate, stride_gt, head_scale, softmax_scale, weights)
+    if rope is None:
+        interpret = is_interpreter()
+        signs = hadamard_signs(HEAD_DIM, torch.float32 if interpret else x.dtype, x.device)
+        _index_fp8_kernel[grid](
+            x, stride_xt, stride_xh, rows, heads, signs, *outputs,
+            ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5, DOT_FP32=interpret, num_warps=NUM_WARPS, **common,
+        )  # fmt: skip
+        return
+    cache = rope.cos_sin_cache
+    _index_fp8_rope_kernel[grid](
+        x, stride_xt, stride_xh, rows, heads, rope.positions, cache, cache.stride(0),
+        norm.weight if norm is not None else cache, norm.bias if norm is not None else cache,
+        norm.eps if norm is not None else 0.0, *outputs,
+        NORM=norm is not None, ROUND_BF16=round_bf16, PAIRS=ROPE_DIM // 2, num_warps=NUM_WARPS, **common,
+    )  # fmt: skip
+
+
 def quantize_index_queries(
     q: torch.Tensor,
     gate: torch.Tensor,
@@ -180,18 +366,22 @@ def quantize_index_queries(
     *,
     rotate: bool,
     scale_format: str,
+    rope: IndexRope | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FP8 index queries and their score weights (see module doc).
 
     Args:
-        q: ``[T, H, 128]`` bf16 queries, rope applied, not yet rotated;
-            the last dimension contiguous.
+        q: ``[T, H, 128]`` bf16 queries, rope applied unless ``rope`` is
+            given, not yet rotated; the last dimension contiguous.
         gate: ``[T, H]`` per-head gates (fp32/bf16/fp16; the last dimension
             contiguous, e.g. a column slice of a fused projection).
         head_scale, softmax_scale: the weight's fp32 factors (``H ** -0.5`` and
             the indexer's softmax scale for DSA models).
         rotate: apply the Hadamard rotation first.
         scale_format: ``"ue8m0"`` or ``"fp32"`` (see module doc).
+        rope: apply this rope in fp32 first and quantize the fp32 result (no
+            bf16 rounding), as SGLang's fused indexer's query kernel does; not
+            with ``rotate``.
 
     Returns:
         ``(codes [T, H, 128] float8_e4m3fn, scales [T, H] float32, weights [T, H] float32)``.
@@ -202,7 +392,8 @@ def quantize_index_queries(
     if tuple(gate.shape) != tuple(q.shape[:2]):
         raise ValueError(f"gate must be [T, H] = {tuple(q.shape[:2])}, got shape {tuple(gate.shape)}")
     check_last_dim_contiguous("gate", gate)
-    device = check_same_device([("q", q), ("gate", gate)])
+    tensors = [("q", q), ("gate", gate)] + (_check_rope(rope, q.shape[0], rotate) if rope is not None else [])
+    device = check_same_device(tensors)
     tokens, heads = q.shape[0], q.shape[1]
     codes = torch.empty(tokens, heads, HEAD_DIM, dtype=torch.float8_e4m3fn, device=device)
     scales = torch.empty(tokens, heads, dtype=torch.float32, device=device)
@@ -210,14 +401,10 @@ def quantize_index_queries(
     rows = tokens * heads
     if rows == 0:
         return codes, scales, weights
-    interpret = is_interpreter()
-    _index_fp8_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
-        q, q.stride(0), q.stride(1), rows, heads,
-        hadamard_signs(HEAD_DIM, torch.float32 if interpret else q.dtype, device),
-        codes.view(torch.uint8), scales, scales, 1,
+    _launch(
+        q, q.stride(0), q.stride(1), rows, heads, codes.view(torch.uint8), scales, scales, 1,
         gate, gate.stride(0), head_scale, softmax_scale, weights,
-        ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5, DOT_FP32=interpret, UE8M0=_is_ue8m0(scale_format),
-        PAGED=False, HAS_GATE=True, BLOCK_R=BLOCK_ROWS, D=HEAD_DIM, num_warps=NUM_WARPS,
+        rotate=rotate, scale_format=scale_format, rope=rope, norm=None, round_bf16=False, paged=False, has_gate=True,
     )  # fmt: skip
     return codes, scales, weights
 
@@ -229,17 +416,23 @@ def quantize_index_keys_to_cache(
     *,
     rotate: bool,
     scale_format: str,
+    rope: IndexRope | None = None,
+    norm: IndexNorm | None = None,
 ) -> None:
     """Quantize index keys and write them at their slots of the paged index-K cache (see module doc).
 
     Args:
-        k: ``[T, 128]`` bf16 keys, normalized, rope applied, not yet
-            rotated; the last dimension contiguous.
+        k: ``[T, 128]`` bf16 keys, normalized and rope applied unless ``norm``
+            / ``rope`` are given, not yet rotated; the last dimension
+            contiguous (a column slice of a fused projection is fine).
         loc: ``[T]`` int32/int64 cache slots (``page * page_size + offset``),
             all in range.
         kv_cache: contiguous ``[num_pages, page_size, 1, 132]`` uint8, written
             at ``loc`` only.
         rotate, scale_format: as :func:`quantize_index_queries`.
+        rope, norm: apply the LayerNorm (optional, only with ``rope``) and the
+            rope in fp32 first, then round to bf16 once, as SGLang's fused
+            indexer's key kernel does; not with ``rotate``.
     """
     _check_rows("k", k, 2, "[T, 128]")
     check_dtype("loc", loc, torch.int32, torch.int64)
@@ -252,16 +445,17 @@ def quantize_index_keys_to_cache(
             f"kv_cache must be a contiguous [num_pages, page_size, 1, {ROW_BYTES}] uint8 tensor, "
             f"got shape {tuple(kv_cache.shape)}"
         )
-    device = check_same_device([("k", k), ("loc", loc), ("kv_cache", kv_cache)])
+    if norm is not None and rope is None:
+        raise ValueError("norm is applied only together with rope (SGLang's fused key kernel)")
+    tensors = [("k", k), ("loc", loc), ("kv_cache", kv_cache)]
+    tensors += _check_rope(rope, k.shape[0], rotate) if rope is not None else []
+    tensors += _check_norm(norm) if norm is not None else []
+    check_same_device(tensors)
     rows = k.shape[0]
     if rows == 0:
         return
-    interpret = is_interpreter()
-    _index_fp8_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
-        k, k.stride(0), 0, rows, 1,
-        hadamard_signs(HEAD_DIM, torch.float32 if interpret else k.dtype, device),
-        kv_cache, kv_cache.view(torch.float32), loc.contiguous(), kv_cache.shape[1],
+    _launch(
+        k, k.stride(0), 0, rows, 1, kv_cache, kv_cache.view(torch.float32), loc.contiguous(), kv_cache.shape[1],
         kv_cache, 0, 1.0, 1.0, kv_cache,
-        ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5, DOT_FP32=interpret, UE8M0=_is_ue8m0(scale_format),
-        PAGED=True, HAS_GATE=False, BLOCK_R=BLOCK_ROWS, D=HEAD_DIM, num_warps=NUM_WARPS,
+        rotate=rotate, scale_format=scale_format, rope=rope, norm=norm, round_bf16=True, paged=True, has_gate=False,
     )  # fmt: skip

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .index_fp8_quant import hadamard_signs
+from .index_fp8_quant import IndexNorm, IndexRope, hadamard_signs
 from .kv_cache_layout import D_LATENT, as_slot_rows, dequantize_kv_fp8
 
 
@@ -197,23 +197,47 @@ def topk_to_kv_slots_reference(
 
 
 def index_fp8_quant_reference(
-    x: torch.Tensor, *, rotate: bool, scale_format: str
+    x: torch.Tensor,
+    *,
+    rotate: bool,
+    scale_format: str,
+    rope: IndexRope | None = None,
+    norm: IndexNorm | None = None,
+    round_bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes [..., 128] float8_e4m3fn, scales [...] float32)`` of bf16 index rows ``x [..., 128]``.
+    """``(codes [..., 128] float8_e4m3fn, scales [...] float32)`` of bf16 index rows ``x [T, 128]`` or
+    ``[T, H, 128]``.
 
     The rotation is the fp64 product with the orthonormal Walsh-Hadamard
-    matrix, rounded to bf16. The scale and codes follow SGLang's formats, whose
+    matrix, rounded to bf16. ``norm`` and ``rope`` (see
+    :mod:`.index_fp8_quant`) are applied in fp64, then rounded to bf16 where
+    ``round_bf16`` (keys). The scale and codes follow SGLang's formats, whose
     fp32 operations are part of the definition (so computed in fp32):
     ``"ue8m0"``: ``max(amax, 1e-4) * (1 / 448)`` raised to the next power of
     two, codes of the (exact) quotients; ``"fp32"``: ``max(amax, 1e-4) / 448``,
-    codes of ``x * (1 / scale)``. Codes are clamped to +-448 and rounded to
-    e4m3 by torch.
+    codes of ``x * (1 / scale)``, ``x`` rounded to fp32 first. Codes are
+    clamped to +-448 and rounded to e4m3 by torch.
     """
     values = x.double()
     if rotate:
         dim = x.shape[-1]
         values = (values @ hadamard_signs(dim, torch.float64, x.device) * dim**-0.5).bfloat16().double()
-    amax = values.abs().amax(dim=-1).float().clamp_min(1e-4)
+    if norm is not None:
+        mean = values.mean(dim=-1, keepdim=True)
+        variance = (values - mean).square().mean(dim=-1, keepdim=True)
+        values = (values - mean) / (variance + norm.eps).sqrt() * norm.weight.double() + norm.bias.double()
+    if rope is not None:
+        pairs = rope.cos_sin_cache.shape[1] // 2
+        angles = rope.cos_sin_cache[rope.positions.long()].double()
+        cos, sin = angles[:, :pairs], angles[:, pairs:]
+        if values.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]
+        even, odd = values[..., 0 : 2 * pairs : 2], values[..., 1 : 2 * pairs : 2]
+        values = values.clone()
+        values[..., 0 : 2 * pairs : 2], values[..., 1 : 2 * pairs : 2] = even * cos - odd * sin, even * sin + odd * cos
+    if round_bf16:
+        values = values.bfloat16().double()
+    amax = values.float().abs().amax(dim=-1).clamp_min(1e-4)
     if scale_format == "ue8m0":  # the next power of two, exactly (CUDA's float64 log2 of 2**-3 is not -3)
         scales = amax * torch.tensor(1.0 / 448.0, dtype=torch.float32)
         mantissa, exponent = torch.frexp(scales)

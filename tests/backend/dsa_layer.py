@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from sglang_sparse_mla.backend.indexer import project, sglang_rotates, sglang_scale_formats
-from sglang_sparse_mla.kernels import quantize_index_queries
+from sglang_sparse_mla.backend.dispatch import gather_index_k
+from sglang_sparse_mla.backend.indexer import index_inputs, sglang_rotates, sglang_scale_formats
+from sglang_sparse_mla.kernels import IndexRope, quantize_index_keys_to_cache, quantize_index_queries
 
 
 class NeoxRope(torch.nn.Module):
@@ -33,6 +34,29 @@ class NeoxRope(torch.nn.Module):
         return rotate(q, cos[:, None], sin[:, None]), rotate(k, cos, sin)
 
 
+class InterleavedRope(torch.nn.Module):
+    """GLM-5's rotary embedding stand-in: interleaved pairs ``(2i, 2i + 1)`` turned by angle ``i``,
+    with SGLang's ``cos_sin_cache`` ``[max_position, 64] = [cos | sin]`` in fp32 (what its fused
+    indexer kernels, and ours, read). The module rounds its output to the input's dtype."""
+
+    def __init__(self, dim: int = 64, base: float = 10000.0, max_position: int = 4096, device=None):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq
+        self.cos_sin_cache = torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
+
+    def forward(self, positions, q, k):
+        angles = self.cos_sin_cache[positions.long()].double()
+        pairs = angles.shape[1] // 2
+        cos, sin = angles[:, :pairs], angles[:, pairs:]
+
+        def rotate(x, c, s):
+            even, odd = x.double()[..., 0::2], x.double()[..., 1::2]
+            return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2).to(x.dtype)
+
+        return rotate(q, cos[:, None], sin[:, None]), rotate(k, cos, sin)
+
+
 class _Linear(torch.nn.Linear):
     """SGLang's linear layers return ``(output, bias)``."""
 
@@ -48,6 +72,10 @@ class Fp32LayerNorm(torch.nn.LayerNorm):
     from the start: the row stride of a view is ignored.
     """
 
+    @property
+    def variance_epsilon(self) -> float:
+        return self.eps
+
     def forward(self, x):
         if x.dim() != 2 or x.stride(-1) != 1:
             raise ValueError(f"LayerNorm input must be 2-D with a contiguous last dimension, got strides {x.stride()}")
@@ -59,8 +87,8 @@ class StubIndexer(torch.nn.Module):
     """What the backend's indexer forward reads of SGLang's ``Indexer`` module."""
 
     def __init__(self, hidden: int, q_lora_rank: int, n_heads: int, device, seed: int = 0, fused: bool = False):
-        """``fused``: like SGLang's CUDA ``Indexer`` (``use_dsa_indexer_fusion``): ``wk`` and
-        ``weights_proj`` also as one ``wk_weights_proj`` layer, and no Hadamard rotation."""
+        """``fused``: like SGLang's CUDA ``Indexer`` of GLM-5 (``use_dsa_indexer_fusion``): ``wk`` and
+        ``weights_proj`` also as one ``wk_weights_proj`` layer, interleaved rope, no Hadamard rotation."""
         super().__init__()
         self.n_heads, self.head_dim, self.rope_head_dim = n_heads, 128, 64
         self.softmax_scale = self.head_dim**-0.5
@@ -69,7 +97,7 @@ class StubIndexer(torch.nn.Module):
         self.wk = _Linear(hidden, 128, bias=False)
         self.weights_proj = _Linear(hidden, n_heads, bias=False)
         self.k_norm = Fp32LayerNorm(128, eps=1e-6)
-        self.rotary_emb = NeoxRope()
+        self.rotary_emb = InterleavedRope(device=device) if fused else NeoxRope()
         gen = torch.Generator().manual_seed(seed)
         for linear in (self.wq_b, self.wk, self.weights_proj):
             linear.weight.data = torch.randn(linear.weight.shape, generator=gen) * linear.weight.shape[1] ** -0.5
@@ -87,16 +115,21 @@ def index_scores(indexer, x: torch.Tensor, q_lora: torch.Tensor, rows: torch.Ten
     Computed from the same FP8 codes and scales the kernels read (the check is
     of the kernels and plumbing, not of FP8 rounding).
     """
-    q, k, gate = project(indexer, x, q_lora, torch.arange(x.shape[0], device=x.device))
+    inputs = index_inputs(indexer, x, q_lora, torch.arange(x.shape[0], device=x.device))
     rotate = sglang_rotates(indexer)
     query_format, key_format = sglang_scale_formats(indexer)
-    q_fp8, q_scale, _ = quantize_index_queries(q[rows], gate[rows], 1.0, 1.0, rotate=rotate, scale_format=query_format)
-    k_fp8, k_scale, _ = quantize_index_queries(
-        k.unsqueeze(1), torch.ones_like(k[:, :1]), 1.0, 1.0, rotate=rotate, scale_format=key_format
+    rope = inputs.rope and IndexRope(inputs.rope.cos_sin_cache, inputs.rope.positions[rows])
+    q_fp8, q_scale, _ = quantize_index_queries(
+        inputs.query[rows], inputs.gate[rows], 1.0, 1.0, rotate=rotate, scale_format=query_format, rope=rope
     )
-    k_fp8, k_scale = k_fp8[:, 0], k_scale[:, 0]
+    pages = torch.zeros(-(-x.shape[0] // 64), 64, 1, 132, dtype=torch.uint8, device=x.device)
+    slots = torch.arange(x.shape[0], device=x.device)
+    quantize_index_keys_to_cache(
+        inputs.key, slots, pages, rotate=rotate, scale_format=key_format, rope=inputs.rope, norm=inputs.norm
+    )
+    k_fp8, k_scale = gather_index_k(pages.view(pages.shape[0], -1), slots)
     dots = torch.einsum("thd,nd->thn", q_fp8.double(), k_fp8.double()).relu()
-    weights = gate[rows].double() * (indexer.n_heads**-0.5 * indexer.softmax_scale) * q_scale.double()
+    weights = inputs.gate[rows].double() * (indexer.n_heads**-0.5 * indexer.softmax_scale) * q_scale.double()
     return ((dots * weights[..., None]).sum(1) * k_scale.double()).cpu()
 
 

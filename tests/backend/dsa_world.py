@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dsa_layer import NeoxRope, check_topk_row, index_scores
+from dsa_layer import InterleavedRope, NeoxRope, check_topk_row, index_scores
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.mem_cache.memory_pool import DSATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
@@ -69,14 +69,18 @@ def make_indexer(
     seed: int = 0,
     is_neox_style: bool = True,
 ):
-    """SGLang's own DSA ``Indexer`` module (rope stubbed, see :class:`NeoxRope`), random weights.
+    """SGLang's own DSA ``Indexer`` module (rope stubbed: :class:`NeoxRope`, or
+    :class:`InterleavedRope` for ``is_neox_style=False``), random weights.
 
     ``is_neox_style=False`` (GLM-5's interleaved rope) makes it the fused module on CUDA
     (``use_dsa_indexer_fusion``: one ``wk_weights_proj`` layer instead of ``wk`` and ``weights_proj``).
     """
     import sglang.srt.layers.attention.dsa.dsa_indexer as dsa_indexer
 
-    monkeypatch.setattr(dsa_indexer, "get_rope_wrapper", lambda *a, **kw: NeoxRope())
+    def stub_rope(*args, is_neox_style=True, device=None, **kwargs):
+        return NeoxRope() if is_neox_style else InterleavedRope(device=device)
+
+    monkeypatch.setattr(dsa_indexer, "get_rope_wrapper", stub_rope)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sglang_sparse_mla.backend import dispatch
-from sglang_sparse_mla.kernels import quantize_kv_fp8
+from sglang_sparse_mla.kernels import IndexNorm, IndexRope, quantize_kv_fp8
 from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs
 from sglang_sparse_mla.kernels.reference import index_fp8_quant_reference
 
@@ -96,29 +96,70 @@ def test_index_keys_match_sglang_cuda_writer(target):
     assert torch.equal(ours, theirs)
 
 
+def _glm5_rope(tokens: int, device) -> IndexRope:
+    """An interleaved rope cache as GLM-5's indexer has (fp32 ``[cos | sin]``) and spread positions."""
+    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 64, 4096, 1000000, False, torch.bfloat16).to(device)
+    positions = torch.randint(0, 4096, (tokens,), generator=torch.Generator().manual_seed(12)).to(device)
+    return IndexRope(rope.cos_sin_cache.float().contiguous(), positions)
+
+
+def _assert_nearly_equal_codes(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Bit-equal but for rare neighbouring codes (fp32 multiply-adds contracted differently)."""
+    a, b = ours.view(torch.uint8).reshape(-1).int(), theirs.view(torch.uint8).reshape(-1).int()
+    differ = a != b
+    assert differ.float().mean().item() < 1e-4 and ((a - b).abs()[differ] == 1).all()
+
+
 def test_fused_indexer_queries_match_sglang_cuda_kernel(target):
     """The fused indexer's queries and weights as SGLang's ``fused_q_indexer_rope_first_quant`` makes
-    them (at position 0, where its rope is the identity): fp32 scales, one fp32 weight factor."""
+    them: rope in fp32 on the raw projection, fp32 scales, one fp32 weight factor."""
     if not target.gpu:
         pytest.skip("SGLang's fused query kernel is CUDA-only")
     pytest.importorskip("sglang.srt")
     from sglang.kernels.ops.attention.dsa.indexer_q import fused_q_indexer_rope_first_quant
-    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 
-    heads, softmax_scale = 32, 128**-0.5
-    q = _sglang_magnitude_rows(64 * heads, 10, target.device).view(64, heads, 128)
-    gate = torch.randn(64, 128 + heads, generator=torch.Generator().manual_seed(11)).bfloat16()
+    tokens, heads, softmax_scale = 512, 32, 128**-0.5
+    q = _sglang_magnitude_rows(tokens * heads, 10, target.device).view(tokens, heads, 128)
+    gate = torch.randn(tokens, 128 + heads, generator=torch.Generator().manual_seed(11)).bfloat16()
     gate = gate.to(target.device)[:, 128:]  # the gate columns of the fused wk_weights_proj output
-    rope = RotaryEmbedding(64, 64, 16, 10000, False, torch.bfloat16).to(target.device)
-    positions = torch.zeros(64, dtype=torch.int64, device=target.device)
+    rope = _glm5_rope(tokens, target.device)
     theirs_q, theirs_w = fused_q_indexer_rope_first_quant(
-        q, gate, softmax_scale * heads**-0.5, rope.cos_sin_cache, positions
+        q, gate, softmax_scale * heads**-0.5, rope.cos_sin_cache, rope.positions
     )
     ours_q, ours_w = dispatch.quantize_index_queries(
-        q, gate, softmax_scale * heads**-0.5, 1.0, rotate=False, scale_format="fp32"
+        q, gate, softmax_scale * heads**-0.5, 1.0, rotate=False, scale_format="fp32", rope=rope
     )
-    assert torch.equal(ours_q.view(torch.uint8), theirs_q.view(torch.uint8))
-    assert torch.equal(ours_w, theirs_w.view(64, heads))
+    _assert_nearly_equal_codes(ours_q, theirs_q)
+    assert (ours_w == theirs_w.view(tokens, heads)).float().mean().item() > 0.999
+
+
+def test_fused_indexer_keys_match_sglang_cuda_kernel(target):
+    """The fused indexer's keys as SGLang's ``fused_k_indexer_norm_rope_store`` writes them: LayerNorm
+    and rope in fp32 on the raw (strided) projection, one bf16 rounding, fp32 scales, same pages."""
+    if not target.gpu:
+        pytest.skip("SGLang's fused key kernel is CUDA-only")
+    pytest.importorskip("sglang.srt")
+    from sglang.kernels.ops.attention.dsa.indexer_k import fused_k_indexer_norm_rope_store
+
+    tokens, gen = 4096, torch.Generator().manual_seed(13)
+    projection = (torch.randn(tokens, 128 + 32, generator=gen) * 2 + 0.5).bfloat16().to(target.device)
+    key = projection[:, :128]
+    weight = (1 + 0.2 * torch.randn(128, generator=gen)).to(target.device)
+    bias = (0.1 * torch.randn(128, generator=gen)).to(target.device)
+    rope = _glm5_rope(tokens, target.device)
+    loc = torch.randperm(80 * PAGE, generator=gen)[:tokens].to(target.device)
+    ours = torch.zeros(80, PAGE * ROW, dtype=torch.uint8, device=target.device)
+    theirs = torch.zeros_like(ours)
+    norm = IndexNorm(weight, bias, 1e-6)
+    dispatch.quantize_index_keys(ours, loc, key, rotate=False, scale_format="fp32", rope=rope, norm=norm)
+    fused_k_indexer_norm_rope_store(key, theirs, loc, weight, bias, 1e-6, rope.cos_sin_cache, rope.positions, PAGE)
+    ours_k, ours_s = dispatch.gather_index_k(ours, loc)
+    theirs_k, theirs_s = dispatch.gather_index_k(theirs, loc)
+    same = ours_s == theirs_s  # a LayerNorm summed in another order may round a row's maximum apart
+    assert same.float().mean().item() > 0.99
+    _assert_nearly_equal_codes(ours_k[same], theirs_k[same])
 
 
 def test_fp8_rows_scales(target):

@@ -19,15 +19,17 @@ from dsa_layer import StubIndexer, check_topk_row, index_scores
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.backend.indexer import (
     SparseIndexer,
+    index_inputs,
     project,
     query_weight_factors,
+    sglang_fuses_norm_and_rope,
     sglang_rotates,
     sglang_scale_formats,
 )
 from sglang_sparse_mla.backend.metadata import build_paged, build_ragged
-from sglang_sparse_mla.kernels import quantize_index_queries, quantize_kv_fp8
+from sglang_sparse_mla.kernels import quantize_kv_fp8
 from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs
-from sglang_sparse_mla.kernels.reference import sparse_mla_reference
+from sglang_sparse_mla.kernels.reference import index_fp8_quant_reference, sparse_mla_reference
 
 PAGE = 64
 CPU = dict(topk=16, index_heads=32, heads=8, prompts=(90, 7), check_every=1)
@@ -155,39 +157,47 @@ def test_request_alone_or_batched_gives_the_same_bits(target, rng, index_heads, 
         assert first == batch_slots.shape[0]
 
 
-def test_index_keys_rotated_as_sglang_writes_them(target):
-    """SGLang's fused ``Indexer`` writes unrotated index keys, its unfused one Hadamard-rotated keys,
-    both with fp32 scales (its CUDA writers'): the index-K pages follow the module, the projections
-    agree before the rotation, and the scores (``q . k``) are the same either way. Queries take
-    UE8M0 scales unfused (``act_quant``), fp32 scales and one weight factor fused."""
+def test_index_keys_as_sglang_writes_them(target):
+    """SGLang's unfused ``Indexer`` (DeepSeek-V3.2) writes keys normalized and roped by its modules,
+    Hadamard-rotated; its fused one (GLM-5 on CUDA) normalizes and ropes the raw projection inside
+    its CUDA kernel (fp32, one bf16 rounding), unrotated; both with fp32 scales (its CUDA writers').
+    The index-K pages follow the module, and the scores (``q . k``) are the same rotated or not.
+    Queries take UE8M0 scales unfused (``act_quant``), fp32 scales and one weight factor fused."""
     n = 40
     x = torch.randn(n, 64, generator=torch.Generator().manual_seed(3)).bfloat16().to(target.device)
     q_lora = torch.randn(n, 32, generator=torch.Generator().manual_seed(4)).bfloat16().to(target.device)
-    positions = torch.arange(n, device=target.device)
+    positions = torch.arange(n, device=target.device) * 97  # spread over the rope's angles
     plain, fused = (StubIndexer(64, 32, 8, target.device, fused=f) for f in (False, True))
     assert sglang_rotates(plain) and not sglang_rotates(fused)
+    assert not sglang_fuses_norm_and_rope(plain) and sglang_fuses_norm_and_rope(fused)
     assert sglang_scale_formats(plain) == ("ue8m0", "fp32") and sglang_scale_formats(fused) == ("fp32", "fp32")
     assert query_weight_factors(plain) == (8**-0.5, 128**-0.5)
     assert query_weight_factors(fused) == (128**-0.5 * 8**-0.5, 1.0)
-    (q, k, gate_plain), (q_f, k_f, gate) = (project(m, x, q_lora, positions) for m in (plain, fused))
-    assert torch.equal(q_f, q) and torch.equal(k_f, k)
+    q, k, gate_plain = project(plain, x, q_lora, positions)
+    raw = index_inputs(fused, x, q_lora, positions)
+    assert torch.equal(raw.query, plain.wq_b(q_lora)[0].view(n, 8, 128))  # the raw projections agree
+    torch.testing.assert_close(raw.key.float(), plain.wk(x)[0].float(), rtol=1e-2, atol=1e-2)
     # On CUDA the unfused gate stays fp32, the fused layer's is bf16 (as in SGLang).
-    torch.testing.assert_close(gate.float(), gate_plain.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(raw.gate.float(), gate_plain.float(), rtol=1e-2, atol=1e-2)
 
     req_to_token = torch.arange(PAGE, dtype=torch.int32, device=target.device).view(1, PAGE)
     kv_total = torch.tensor([n], dtype=torch.int32, device=target.device)
     md = build_ragged(req_to_token, torch.tensor([0], device=target.device), kv_total, kv_total, [n], [n], 2**27)
     loc = torch.arange(n, device=target.device)
-    ones = torch.ones(n, 1, device=target.device)
-    for indexer in (plain, fused):
-        pages = torch.zeros(1, PAGE * 132, dtype=torch.uint8, device=target.device)
-        SparseIndexer(16, req_to_token)(indexer, x, q_lora, positions, loc, pages, md, return_indices=False)
-        k_fp8, k_scale = dispatch.gather_index_k(pages, loc)
-        expected, expected_scale, _ = quantize_index_queries(
-            k.unsqueeze(1), ones, 1.0, 1.0, rotate=sglang_rotates(indexer), scale_format="fp32"
-        )
-        assert torch.equal(k_fp8.view(torch.uint8), expected[:, 0].view(torch.uint8))
-        assert torch.equal(k_scale, expected_scale[:, 0])
+    pages = {}
+    for name, indexer in (("plain", plain), ("fused", fused)):
+        pages[name] = torch.zeros(1, PAGE * 132, dtype=torch.uint8, device=target.device)
+        SparseIndexer(16, req_to_token)(indexer, x, q_lora, positions, loc, pages[name], md, return_indices=False)
+    k_fp8, k_scale = dispatch.gather_index_k(pages["plain"], loc)
+    expected, expected_scale = index_fp8_quant_reference(k, rotate=True, scale_format="fp32")
+    assert (k_fp8.view(torch.uint8) != expected.view(torch.uint8)).float().mean() < 1e-3
+    assert torch.equal(k_scale, expected_scale)
+    k_fp8, k_scale = dispatch.gather_index_k(pages["fused"], loc)
+    expected, expected_scale = index_fp8_quant_reference(
+        raw.key, rotate=False, scale_format="fp32", rope=raw.rope, norm=raw.norm, round_bf16=True
+    )
+    assert (k_fp8.view(torch.uint8) != expected.view(torch.uint8)).float().mean() < 1e-2
+    torch.testing.assert_close(k_scale, expected_scale, rtol=1e-2, atol=0)
     # The rotation (bf16 out, as the kernel's) leaves the scores unchanged.
     rotation = hadamard_signs(128, torch.float64, target.device) * 128**-0.5
     q_r, k_r = ((t.double() @ rotation).bfloat16() for t in (q, k))

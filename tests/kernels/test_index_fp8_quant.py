@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_sparse_mla.kernels import quantize_index_keys_to_cache, quantize_index_queries
+from sglang_sparse_mla.kernels import IndexNorm, IndexRope, quantize_index_keys_to_cache, quantize_index_queries
 from sglang_sparse_mla.kernels.index_fp8_quant import _e4m3_codes
 from sglang_sparse_mla.kernels.reference import index_fp8_quant_reference
 
@@ -83,6 +83,78 @@ def test_keys_written_at_their_slots_only(target, rng, rotate, loc_dtype, scale_
     assert (keys_view[untouched] == 0xAB).all() and (scales_view[untouched] == 0xAB).all()
 
 
+def interleaved_rope(rng, device, tokens: int, dtype=torch.float32, max_position: int = 4096) -> IndexRope:
+    """A rope cache ``[max_position, 64] = [cos | sin]`` of 32 angles per position and random positions."""
+    inv_freq = 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq
+    cache = torch.cat([angles.cos(), angles.sin()], dim=-1).to(device, dtype)
+    positions = torch.randint(0, max_position, (tokens,), generator=rng, device=device)
+    return IndexRope(cache, positions)
+
+
+def assert_close_codes(codes: torch.Tensor, ref: torch.Tensor, share: float = 2e-3) -> None:
+    """fp32 arithmetic (kernel) vs fp64 (reference) before the rounding: rare neighbouring codes."""
+    a, b = codes.view(torch.uint8).reshape(-1).int(), ref.view(torch.uint8).reshape(-1).int()
+    differ = a != b
+    assert differ.float().mean().item() < share, f"{differ.float().mean().item():.2e} of the codes differ"
+    assert ((a - b).abs()[differ] == 1).all(), "only neighbouring codes may differ"
+
+
+@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_roped_queries_match_reference(target, rng, scale_format, cache_dtype):
+    """SGLang's fused indexer's queries: rope in fp32 on the raw projection, quantized unrounded."""
+    tokens, heads = target.pick(cpu=(11, 32), gpu=(257, 64))
+    q = index_rows(rng, target.device, tokens, heads)
+    gate = torch.randn(tokens, 128 + heads, generator=rng, device=target.device).bfloat16()[:, 128:]
+    rope = interleaved_rope(rng, target.device, tokens, cache_dtype)
+    codes, scales, weights = quantize_index_queries(
+        q, gate, 0.125, 1.0, rotate=False, scale_format=scale_format, rope=rope
+    )
+    ref_codes, ref_scales = index_fp8_quant_reference(q, rotate=False, scale_format=scale_format, rope=rope)
+    torch.testing.assert_close(scales, ref_scales, rtol=2e-7 if scale_format == "fp32" else 0, atol=0)
+    assert_close_codes(codes, ref_codes)
+    assert torch.equal(weights, gate.float() * 0.125 * scales)
+    # At position 0 the rope is the identity: the same bits as quantizing the rows as they are.
+    at_zero = IndexRope(rope.cos_sin_cache, torch.zeros_like(rope.positions))
+    identity = quantize_index_queries(q, gate, 0.125, 1.0, rotate=False, scale_format=scale_format, rope=at_zero)
+    plain = quantize_index_queries(q, gate, 0.125, 1.0, rotate=False, scale_format=scale_format)
+    for a, b in zip(identity, plain, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
+def test_normed_roped_keys_match_reference(target, rng, scale_format):
+    """SGLang's fused indexer's keys: LayerNorm and rope in fp32 on the raw projection (here the key
+    columns of a fused projection, strided rows), one bf16 rounding, then quantized and stored."""
+    tokens, pages = target.pick(cpu=(37, 3), gpu=(3000, 60))
+    fused_out = torch.randn(tokens, 128 + 32, generator=rng, device=target.device) * 3 + 1
+    k = fused_out.bfloat16()[:, :128]
+    gen = torch.Generator().manual_seed(5)
+    norm = IndexNorm(
+        (1 + 0.3 * torch.randn(128, generator=gen)).to(target.device),
+        (0.1 * torch.randn(128, generator=gen)).to(target.device),
+        1e-6,
+    )
+    rope = interleaved_rope(rng, target.device, tokens)
+    cache = torch.zeros(pages, PAGE, 1, ROW, dtype=torch.uint8, device=target.device)
+    loc = torch.randperm(pages * PAGE, generator=rng, device=target.device)[:tokens]
+    quantize_index_keys_to_cache(k, loc, cache, rotate=False, scale_format=scale_format, rope=rope, norm=norm)
+
+    ref_codes, ref_scales = index_fp8_quant_reference(
+        k, rotate=False, scale_format=scale_format, rope=rope, norm=norm, round_bf16=True
+    )
+    flat = cache.view(pages, PAGE * ROW)
+    page, offset = loc // PAGE, loc % PAGE
+    key_bytes = flat[:, : PAGE * 128].view(pages, PAGE, 128)[page, offset]
+    scale_bytes = flat[:, PAGE * 128 :].contiguous().view(torch.float32).view(pages, PAGE)[page, offset]
+    # A bf16 rounding of the row maximum may land on the neighbour: the scale then moves by one bf16 step.
+    torch.testing.assert_close(scale_bytes, ref_scales, rtol=1e-2, atol=0)
+    assert (scale_bytes == ref_scales).float().mean().item() > 0.95
+    same_scale = scale_bytes == ref_scales
+    assert_close_codes(key_bytes[same_scale], ref_codes[same_scale])
+
+
 @triton.jit
 def _codes_kernel(y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -147,3 +219,18 @@ def test_bad_inputs_are_refused(target):
         quantize_index_keys_to_cache(q[:, 0], loc, cache[:, :, :, :128], **quant)
     with pytest.raises(ValueError, match="scale_format must be one of"):
         quantize_index_queries(q, gate, 1.0, 1.0, rotate=False, scale_format="e8m0")
+    rope = IndexRope(torch.zeros(16, 64, device=dev), torch.zeros(4, dtype=torch.int64, device=dev))
+    norm = IndexNorm(torch.ones(128, device=dev), torch.zeros(128, device=dev), 1e-6)
+    with pytest.raises(ValueError, match="rope and rotate exclude each other"):
+        quantize_index_queries(q, gate, 1.0, 1.0, rotate=True, scale_format="fp32", rope=rope)
+    with pytest.raises(ValueError, match="norm is applied only together with rope"):
+        quantize_index_keys_to_cache(q[:, 0], loc, cache, norm=norm, **quant)
+    with pytest.raises(ValueError, match="cos and sin of 32 angles"):
+        quantize_index_queries(
+            q, gate, 1.0, 1.0, rope=IndexRope(torch.zeros(16, 128, device=dev), rope.positions), **quant
+        )
+    with pytest.raises(ValueError, match="one position per token"):
+        quantize_index_queries(q, gate, 1.0, 1.0, rope=IndexRope(rope.cos_sin_cache, rope.positions[:3]), **quant)
+    with pytest.raises(ValueError, match="norm.weight must be torch.float32"):
+        bad = IndexNorm(norm.weight.bfloat16(), norm.bias, 1e-6)
+        quantize_index_keys_to_cache(q[:, 0], loc, cache, rope=rope, norm=bad, **quant)

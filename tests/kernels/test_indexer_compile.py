@@ -134,6 +134,21 @@ def _index_fp8_jobs(target, capability):
                               D=module.HEAD_DIM)  # fmt: skip
             yield Job(target, "index_fp8", f"paged={paged} gate={gate} rotate={rotate} ue8m0={ue8m0}", INDEX_FP8,
                       "_index_fp8_kernel", signature, constexprs, capability, module.NUM_WARPS, 1, aligned)  # fmt: skip
+    # The fused indexer's variant: queries (rope, bf16 gate slice), keys (LayerNorm + rope, paged store).
+    aligned = ("x_ptr", "cos_sin_ptr", "codes_ptr", "scales_ptr", "weights_ptr")
+    for paged, cache in ((False, "*fp32"), (False, "*bf16"), (True, "*fp32")):
+        signature = dict(
+            x_ptr="*bf16", stride_xt="i32", stride_xh="i32", num_rows="i32", heads="i32", positions_ptr="*i64",
+            cos_sin_ptr=cache, stride_cs="i32", norm_weight_ptr="*fp32", norm_bias_ptr="*fp32", eps="fp32",
+            codes_ptr="*u8", scales_ptr="*fp32", loc_ptr="*i64" if paged else "*fp32", page_size="i32",
+            gate_ptr="*fp32" if paged else "*bf16", stride_gt="i32", head_scale="fp32", softmax_scale="fp32",
+            weights_ptr="*fp32",
+        )  # fmt: skip
+        for ue8m0 in (False, True):
+            constexprs = dict(NORM=paged, ROUND_BF16=paged, UE8M0=ue8m0, PAGED=paged, HAS_GATE=not paged,
+                              BLOCK_R=module.BLOCK_ROWS, D=module.HEAD_DIM, PAIRS=module.ROPE_DIM // 2)  # fmt: skip
+            yield Job(target, "index_fp8", f"rope paged={paged} cache={cache} ue8m0={ue8m0}", INDEX_FP8,
+                      "_index_fp8_rope_kernel", signature, constexprs, capability, module.NUM_WARPS, 1, aligned)  # fmt: skip
 
 
 def compile_jobs() -> list[Job]:

@@ -107,19 +107,27 @@ def _gate(indexer, x: torch.Tensor) -> torch.Tensor:
     return indexer.weights_proj(x)[0]
 
 
-def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor):
-    """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` of the indexer, rope applied; the Hadamard
-    rotation (where :func:`sglang_rotates`) is left to the FP8 quantization kernels."""
+def _raw_projections(indexer, x, q_lora: torch.Tensor):
+    """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` straight from the projections (the fused
+    layer's key and gate are column slices of its output)."""
     x = _hidden(x)
-    n_heads, head_dim, rope_dim = indexer.n_heads, indexer.head_dim, indexer.rope_head_dim
+    n_heads, head_dim = indexer.n_heads, indexer.head_dim
     query = indexer.wq_b(q_lora)[0].view(-1, n_heads, head_dim)
     if getattr(indexer, "use_dsa_indexer_fusion", False):
         key, gate = indexer.wk_weights_proj(x)[0].split([head_dim, n_heads], dim=-1)
-        # SGLang's CUDA LayerNorm (FlashInfer) ignores a view's row stride: give it dense rows.
-        key = key.contiguous()
     else:
         key, gate = indexer.wk(x)[0], _gate(indexer, x)
-    key = indexer.k_norm(key).to(query.dtype)
+    return query, key, gate
+
+
+def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor):
+    """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` of the indexer, normalized and roped by its
+    modules; the Hadamard rotation (where :func:`sglang_rotates`) is left to the FP8 quantization
+    kernels."""
+    query, key, gate = _raw_projections(indexer, x, q_lora)
+    n_heads, rope_dim = indexer.n_heads, indexer.rope_head_dim
+    # SGLang's CUDA LayerNorm (FlashInfer) ignores a view's row stride: give it dense rows.
+    key = indexer.k_norm(key.contiguous()).to(query.dtype)
     q_rope, k_rope = indexer.rotary_emb(positions, query[..., :rope_dim], key[..., :rope_dim])
     query = torch.cat([q_rope.view(query.shape[0], n_heads, rope_dim), query[..., rope_dim:]], dim=-1)
     key = torch.cat([k_rope.view(key.shape[0], rope_dim), key[..., rope_dim:]], dim=-1)
@@ -157,9 +165,7 @@ def index_inputs(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor) -> I
     :func:`sglang_fuses_norm_and_rope`, else :func:`project`."""
     if not sglang_fuses_norm_and_rope(indexer):
         return IndexInputs(*project(indexer, x, q_lora, positions))
-    n_heads, head_dim = indexer.n_heads, indexer.head_dim
-    query = indexer.wq_b(q_lora)[0].view(-1, n_heads, head_dim)
-    key, gate = indexer.wk_weights_proj(_hidden(x))[0].split([head_dim, n_heads], dim=-1)
+    query, key, gate = _raw_projections(indexer, x, q_lora)
     k_norm = indexer.k_norm
     norm = IndexNorm(k_norm.weight.float(), k_norm.bias.float(), float(k_norm.variance_epsilon))
     rope = IndexRope(indexer.rotary_emb.cos_sin_cache, positions[: key.shape[0]])

@@ -351,7 +351,7 @@ def _launch(
         return
     cache = rope.cos_sin_cache
     _index_fp8_rope_kernel[grid](
-        x, stride_xt, stride_xh, rows, heads, rope.positions, cache, cache.stride(0),
+        x, stride_xt, stride_xh, rows, heads, rope.positions.contiguous(), cache, cache.stride(0),
         norm.weight if norm is not None else cache, norm.bias if norm is not None else cache,
         norm.eps if norm is not None else 0.0, *outputs,
         NORM=norm is not None, ROUND_BF16=round_bf16, PAIRS=ROPE_DIM // 2, num_warps=NUM_WARPS, **common,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_fp8_codes_match
 
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.kernels import IndexNorm, IndexRope, quantize_kv_fp8
@@ -105,13 +106,6 @@ def _glm5_rope(tokens: int, device) -> IndexRope:
     return IndexRope(rope.cos_sin_cache.float().contiguous(), positions)
 
 
-def _assert_nearly_equal_codes(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    """Bit-equal but for rare neighbouring codes (fp32 multiply-adds contracted differently)."""
-    a, b = ours.view(torch.uint8).reshape(-1).int(), theirs.view(torch.uint8).reshape(-1).int()
-    differ = a != b
-    assert differ.float().mean().item() < 1e-4 and ((a - b).abs()[differ] == 1).all()
-
-
 def test_fused_indexer_queries_match_sglang_cuda_kernel(target):
     """The fused indexer's queries and weights as SGLang's ``fused_q_indexer_rope_first_quant`` makes
     them: rope in fp32 on the raw projection, fp32 scales, one fp32 weight factor."""
@@ -131,7 +125,7 @@ def test_fused_indexer_queries_match_sglang_cuda_kernel(target):
     ours_q, ours_w = dispatch.quantize_index_queries(
         q, gate, softmax_scale * heads**-0.5, 1.0, rotate=False, scale_format="fp32", rope=rope
     )
-    _assert_nearly_equal_codes(ours_q, theirs_q)
+    assert_fp8_codes_match(ours_q, theirs_q, 1e-4)  # fp32 multiply-adds contracted differently
     assert (ours_w == theirs_w.view(tokens, heads)).float().mean().item() > 0.999
 
 
@@ -159,7 +153,7 @@ def test_fused_indexer_keys_match_sglang_cuda_kernel(target):
     theirs_k, theirs_s = dispatch.gather_index_k(theirs, loc)
     same = ours_s == theirs_s  # a LayerNorm summed in another order may round a row's maximum apart
     assert same.float().mean().item() > 0.99
-    _assert_nearly_equal_codes(ours_k[same], theirs_k[same])
+    assert_fp8_codes_match(ours_k[same], theirs_k[same], 1e-4)
 
 
 def test_fp8_rows_scales(target):

@@ -243,8 +243,10 @@ def _index_fp8_rope_kernel(
     pair = tl.arange(0, PAIRS)
     cos = tl.load(cs_rows[:, None] + pair[None, :], mask=ok[:, None], other=1.0).to(tl.float32)
     sin = tl.load(cs_rows[:, None] + (PAIRS + pair)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    re = xe * cos - xo * sin
-    ro = xe * sin + xo * cos
+    # The products contracted as nvcc contracts SGLang's ``x * c - y * s`` and ``x * s + y * c``
+    # (the first one fused); left to itself Triton's LLVM fuses the second of the sum.
+    re = tl.fma(xe, cos, -(xo * sin))
+    ro = tl.fma(xe, sin, xo * cos)
     if ROUND_BF16:
         re, ro, xr = _round_to_bf16(re), _round_to_bf16(ro), _round_to_bf16(xr)
 

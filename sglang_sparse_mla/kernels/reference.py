@@ -243,9 +243,9 @@ def index_fp8_quant_reference(
         mantissa, exponent = torch.frexp(scales)
         scales = torch.where(mantissa == 0.5, scales, torch.ldexp(torch.ones_like(scales), exponent))
         scaled = values.float() / scales.unsqueeze(-1)
-    elif scale_format == "fp32":
-        scales = amax / torch.tensor(448.0, dtype=torch.float32)
-        scaled = values.float() * (1.0 / scales).unsqueeze(-1)
+    elif scale_format == "fp32":  # tensor / tensor: CUDA divides a tensor by a scalar as a reciprocal product
+        scales = amax / torch.full_like(amax, 448.0)
+        scaled = values.float() * (torch.ones_like(scales) / scales).unsqueeze(-1)
     else:
         raise ValueError(f"unknown scale_format {scale_format!r}")
     return scaled.clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scales

@@ -95,8 +95,10 @@ def test_roped_queries_match_reference(target, rng, scale_format, cache_dtype):
         q, gate, 0.125, 1.0, rotate=False, scale_format=scale_format, rope=rope
     )
     ref_codes, ref_scales = index_fp8_quant_reference(q, rotate=False, scale_format=scale_format, rope=rope)
-    torch.testing.assert_close(scales, ref_scales, rtol=2e-7 if scale_format == "fp32" else 0, atol=0)
-    assert_fp8_codes_match(codes, ref_codes, 2e-3)  # fp32 rope (kernel) vs fp64 (reference)
+    # fp32 rope (kernel: one rounded product, one fma) vs fp64 (reference): the row maximum may move by
+    # up to two fp32 steps, the fp32 scale with it (2.04e-7 seen); a power-of-two scale rarely moves.
+    torch.testing.assert_close(scales, ref_scales, rtol=3.6e-7 if scale_format == "fp32" else 0, atol=0)
+    assert_fp8_codes_match(codes, ref_codes, 2e-3)
     assert torch.equal(weights, gate.float() * 0.125 * scales)
     # At position 0 the rope is the identity: the same bits as quantizing the rows as they are.
     at_zero = IndexRope(rope.cos_sin_cache, torch.zeros_like(rope.positions))

@@ -4,7 +4,9 @@
 Decode: T = 1..128 query tokens, H = 16/32/64/128 heads, top-k 2048 random
 slots of a cache of 2^20 slots (1.2 GB BF16, 0.69 GB FP8), so gathers miss L2.
 Prefill: T = 4096 tokens, each attending top-k 2048 of its causal prefix in an
-8K..12K-token context spread over the same cache.
+8K..12K-token context spread over the same cache; and "prefill-fresh", the first
+4096 tokens of a new prompt (token t has min(t + 1, 2048) valid entries, then
+-1), with our whole-row pass beside the default that stops after them.
 
 FLOPs count 2*(576+512) per (token, head, valid index); bytes count the
 gathered KV rows (1152 B BF16, 656 B FP8) plus q and the output. Prefill rows
@@ -76,6 +78,27 @@ def prefill_inputs(tokens, heads, sets, gen):
     return qs, idxs
 
 
+def fresh_prompt_inputs(tokens, heads, sets, gen):
+    """The first chunk of a new prompt: token t sees positions 0..t (random
+    cache slots) and attends min(t + 1, 2048) of them, listed first in its
+    row as top-k writes them, then -1."""
+    qs, idxs = [], []
+    for _ in range(sets):
+        slots = torch.randperm(NUM_SLOTS, device="cuda", generator=gen)[:tokens].to(torch.int32)
+        visible = torch.arange(tokens, device="cuda")[None, :] <= torch.arange(tokens, device="cuda")[:, None]
+        keys = torch.rand(tokens, tokens, device="cuda", generator=gen).masked_fill(~visible, 2.0)
+        pos = keys.topk(min(TOPK, tokens), dim=1, largest=False).indices.sort(dim=1).values
+        idx = torch.where(keys.gather(1, pos) < 2.0, slots[pos], -1)
+        idx = torch.nn.functional.pad(idx, (0, TOPK - idx.shape[1]), value=-1)
+        idx = idx.gather(1, torch.sort((idx < 0).to(torch.int8), dim=1, stable=True).indices)  # valid first
+        idxs.append(idx.contiguous())
+        qs.append(torch.randn(tokens, heads, 576, device="cuda", generator=gen).bfloat16())
+    return qs, idxs
+
+
+INPUTS = {"decode": decode_inputs, "prefill": prefill_inputs, "prefill-fresh": fresh_prompt_inputs}
+
+
 def config_label(cfg):
     return "auto" if cfg is None else f"h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}"
 
@@ -126,33 +149,38 @@ def baseline_calls(phase, tokens, kv_format, heads, kv, qs, idxs):
             fn, why = sglang_baselines.sparse_mla_prefill()
             calls = [(lambda q=q, i=i: fn(q, kv, i, SM_SCALE, 512)) for q, i in zip(qs, idxs)]
         yield "sglang-triton", calls if fn is not None else why
-    if phase == "prefill" and kv_format == "bf16":
+    if phase != "decode" and kv_format == "bf16":
         yield "flashmla", flash_mla_prefill_calls(kv, qs, idxs)
     if phase == "decode" and kv_format == "bf16" and heads <= 32:
         yield "torch-gather", [(lambda q=q, i=i: torch_gather_attention(q, kv, i)) for q, i in zip(qs, idxs)]
 
 
 def run_case(phase, tokens, heads, kv_format, caches, ceilings, gen, configs, split_options, baselines):
-    bytes_per_call = tokens * TOPK * ROW_BYTES[kv_format]
-    sets = min(rotation_count(bytes_per_call), 32) if phase == "decode" else 2
-    make = decode_inputs if phase == "decode" else prefill_inputs
-    qs, idxs = make(tokens, heads, sets, gen)
+    sets = min(rotation_count(tokens * TOPK * ROW_BYTES[kv_format]), 32) if phase == "decode" else 2
+    qs, idxs = INPUTS[phase](tokens, heads, sets, gen)
     kv = caches[kv_format]
-    flops = 2 * tokens * heads * TOPK * (576 + 512)
-    bytes_ = bytes_per_call + tokens * heads * (576 + 512) * 2
+    valid = (idxs[0] >= 0).sum().item()  # per call (every set has the same count)
+    flops = 2 * valid * heads * (576 + 512)
+    bytes_ = valid * ROW_BYTES[kv_format] + tokens * heads * (576 + 512) * 2
     shape = dict(phase=phase, tokens=tokens, heads=heads, kv=kv_format, topk=TOPK)
     rows = []
-    for cfg in configs:
-        for splits in split_options:
-            name = "ours" if cfg is None and splits is None else f"ours[{config_label(cfg)} s={splits}]"
-            calls = [
-                (lambda q=q, i=i: sparse_mla_forward(q, kv, i, SM_SCALE, num_kv_splits=splits, config=cfg))
-                for q, i in zip(qs, idxs)
-            ]
-            try:
-                rows.append(measure(name, calls, flops, bytes_, ceilings, shape))
-            except Exception as err:  # a sweep config that does not fit this GPU
-                rows.append(dict(shape, impl=name, error=f"{type(err).__name__}: {err}"[:200]))
+    # Prefill stops each row after its last valid entry (as sparse_mla_prefill does); "whole rows" beside.
+    skip_options = [True, False] if phase == "prefill-fresh" else [phase != "decode"]
+    for cfg, splits, skip in ((c, s, k) for c in configs for s in split_options for k in skip_options):
+        name = "ours" if cfg is None and splits is None else f"ours[{config_label(cfg)} s={splits}]"
+        name += "" if skip or phase == "decode" else "[whole rows]"
+        calls = [
+            (
+                lambda q=q, i=i, splits=splits, cfg=cfg, skip=skip: sparse_mla_forward(
+                    q, kv, i, SM_SCALE, num_kv_splits=splits, config=cfg, skip_invalid_tail=skip
+                )
+            )
+            for q, i in zip(qs, idxs)
+        ]
+        try:
+            rows.append(measure(name, calls, flops, bytes_, ceilings, shape))
+        except Exception as err:  # a sweep config that does not fit this GPU
+            rows.append(dict(shape, impl=name, error=f"{type(err).__name__}: {err}"[:200]))
     if not baselines:
         return rows
     for label, calls in baseline_calls(phase, tokens, kv_format, heads, kv, qs, idxs):
@@ -200,6 +228,7 @@ def full_table(caches, ceilings, gen, quick, baselines):
             for tokens in decode_tokens:
                 rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, [None], [None], baselines)
             rows += run_case("prefill", 4096, heads, kv_format, caches, ceilings, gen, [None], [None], baselines)
+            rows += run_case("prefill-fresh", 4096, heads, kv_format, caches, ceilings, gen, [None], [None], baselines)
             torch.cuda.empty_cache()
     return rows
 
@@ -238,9 +267,9 @@ def print_table(result):
     c = result["ceilings"]
     print(f"# {result['device']}  torch {result['torch']}  triton {result['triton']}  sglang {result['sglang']}")
     print(f"# ceilings: copy {c['copy_gbs']:.0f} GB/s, bf16 matmul {c['bf16_tflops']:.0f} TFLOP/s")
-    print(f"{'phase':8}{'kv':5}{'H':>4}{'T':>6}  {'impl':44}{'us':>9}{'TFLOP/s':>9}{'GB/s':>8}{'%bw':>6}{'%mma':>6}")
+    print(f"{'phase':14}{'kv':5}{'H':>4}{'T':>6}  {'impl':44}{'us':>9}{'TFLOP/s':>9}{'GB/s':>8}{'%bw':>6}{'%mma':>6}")
     for r in result["rows"]:
-        head = f"{r['phase']:8}{r['kv']:5}{r['heads']:>4}{r['tokens']:>6}  {r['impl'][:43]:44}"
+        head = f"{r['phase']:14}{r['kv']:5}{r['heads']:>4}{r['tokens']:>6}  {r['impl'][:43]:44}"
         if "error" in r:
             print(head + "  n/a: " + r["error"][:90])
         else:

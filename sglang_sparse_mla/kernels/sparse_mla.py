@@ -96,6 +96,7 @@ def _sparse_mla_bf16_kernel(
     q_ptr,
     kv_ptr,
     idx_ptr,
+    ends_ptr,
     out_ptr,
     lse_ptr,
     num_heads,
@@ -116,6 +117,7 @@ def _sparse_mla_bf16_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_OUTPUT: tl.constexpr,
+    SKIP_INVALID_TAIL: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """BF16 cache: one ``[BLOCK_N, 512]`` tile per step is K (with its rope
@@ -124,6 +126,11 @@ def _sparse_mla_bf16_kernel(
     split = tl.program_id(2)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_mask = heads < num_heads
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, topk)
+    idx_row = idx_ptr + t * stride_it
+    if SKIP_INVALID_TAIL:
+        end = tl.minimum(end, tl.load(ends_ptr + t))
     q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
     d_latent = tl.arange(0, 512)
     d_rope = tl.arange(0, 64)
@@ -133,9 +140,6 @@ def _sparse_mla_bf16_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, 512], tl.float32)
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, topk)
-    idx_row = idx_ptr + t * stride_it
     for n0 in range(start, end, BLOCK_N):
         slot, valid = _slots(idx_row, n0, end, num_slots, BLOCK_N)
         rows = kv_ptr + slot * stride_kv
@@ -180,6 +184,7 @@ def _sparse_mla_fp8_kernel(
     words_ptr,
     rope_ptr,
     idx_ptr,
+    ends_ptr,
     out_ptr,
     lse_ptr,
     num_heads,
@@ -203,6 +208,7 @@ def _sparse_mla_fp8_kernel(
     FP8_NATIVE: tl.constexpr,
     FP8_FACTOR: tl.constexpr,
     SPLIT_OUTPUT: tl.constexpr,
+    SKIP_INVALID_TAIL: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """FP8 cache (656-byte rows), read as 32-bit words so that Triton streams
@@ -216,6 +222,11 @@ def _sparse_mla_fp8_kernel(
     split = tl.program_id(2)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_mask = heads < num_heads
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, topk)
+    idx_row = idx_ptr + t * stride_it
+    if SKIP_INVALID_TAIL:
+        end = tl.minimum(end, tl.load(ends_ptr + t))
     q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
     plane_cols = 4 * tl.arange(0, 128)
     q0 = tl.load(q_rows + plane_cols[None, :], mask=head_mask[:, None], other=0.0)
@@ -231,9 +242,6 @@ def _sparse_mla_fp8_kernel(
     acc1 = tl.zeros([BLOCK_H, 128], tl.float32)
     acc2 = tl.zeros([BLOCK_H, 128], tl.float32)
     acc3 = tl.zeros([BLOCK_H, 128], tl.float32)
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, topk)
-    idx_row = idx_ptr + t * stride_it
     for n0 in range(start, end, BLOCK_N):
         slot, valid = _slots(idx_row, n0, end, num_slots, BLOCK_N)
         word_rows = words_ptr + slot * stride_words
@@ -265,6 +273,21 @@ def _sparse_mla_fp8_kernel(
     _store_out(out_rows, acc1, l_i, plane_cols + 1, head_mask)
     _store_out(out_rows, acc2, l_i, plane_cols + 2, head_mask)
     _store_out(out_rows, acc3, l_i, plane_cols + 3, head_mask)
+
+
+@triton.jit
+def _valid_ends_kernel(idx_ptr, ends_ptr, topk, num_slots, stride_it, SCAN: tl.constexpr):
+    """``ends[t]``: one past the last valid entry of top-k row ``t`` (0 if none).
+    The tiles after it hold no valid entry and would add exactly nothing
+    (``p = 0``, ``alpha = 1``): stopping there changes no bit of the result."""
+    t = tl.program_id(0).to(tl.int64)
+    row = idx_ptr + t * stride_it
+    last = tl.full([SCAN], -1, tl.int32)
+    for j in range(0, topk, SCAN):
+        offs = j + tl.arange(0, SCAN)
+        entry = tl.load(row + offs, mask=offs < topk, other=-1)
+        last = tl.maximum(last, tl.where((entry >= 0) & (entry < num_slots), offs, -1))
+    tl.store(ends_ptr + t, tl.max(last, 0) + 1)
 
 
 @triton.jit
@@ -352,10 +375,16 @@ def sparse_mla_forward(
     lse: torch.Tensor | None = None,
     config: SparseMLAConfig | None = None,
     batch_invariant: bool = False,
+    skip_invalid_tail: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA attention; see :func:`sparse_mla_decode` for the contract.
 
     ``config`` overrides the tile configuration (benchmarks and tests only).
+    ``skip_invalid_tail``: a first launch finds the last valid entry of each
+    top-k row and the attention stops there; the result is bit-identical. It
+    pays where rows end in ``-1`` padding (prefill: a token at position
+    ``p < topk`` has ``p + 1`` entries, which top-k lists first) and costs one
+    read of the indices.
     """
     rows = _validate(q, kv_cache, indices, d_v)
     num_tokens, num_heads, _ = q.shape
@@ -387,6 +416,12 @@ def sparse_mla_forward(
         part_lse = torch.empty(num_tokens, num_heads, num_kv_splits, dtype=torch.float32, device=q.device)
         stride_os, stride_ls = part_out.stride(2), part_lse.stride(2)
 
+    ends = indices  # unread unless skip_invalid_tail
+    if skip_invalid_tail:
+        ends = torch.empty(num_tokens, dtype=torch.int32, device=q.device)
+        _valid_ends_kernel[(num_tokens,)](
+            indices, ends, topk, rows.num_slots, indices.stride(0), SCAN=1024, num_warps=4
+        )  # fmt: skip
     grid = (num_tokens, head_blocks, num_kv_splits)
     shape_args = (num_heads, rows.num_slots, topk, keys_per_split, sm_scale * _LOG2E, q.stride(0), q.stride(1))
     out_args = (
@@ -402,13 +437,14 @@ def sparse_mla_forward(
         BLOCK_H=cfg.block_h,
         BLOCK_N=cfg.block_n,
         SPLIT_OUTPUT=num_kv_splits > 1,
+        SKIP_INVALID_TAIL=skip_invalid_tail,
         UPCAST=is_interpreter(),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     if rows.is_fp8:
         _sparse_mla_fp8_kernel[grid](
-            q, rows.words, rows.rope, indices, part_out, part_lse,
+            q, rows.words, rows.rope, indices, ends, part_out, part_lse,
             *shape_args,
             rows.words.stride(0), rows.rope.stride(0),
             *out_args,
@@ -418,7 +454,7 @@ def sparse_mla_forward(
         )  # fmt: skip
     else:
         _sparse_mla_bf16_kernel[grid](
-            q, rows.latent, indices, part_out, part_lse,
+            q, rows.latent, indices, ends, part_out, part_lse,
             *shape_args,
             rows.latent.stride(0),
             *out_args,
@@ -502,6 +538,10 @@ def sparse_mla_prefill(
     number of extend tokens; causality is encoded in ``indices`` (a token's
     top-k only lists slots it may see). Large ``T`` runs the single pass; a
     short extend is split across the top-k list like a decode batch, unless
-    ``batch_invariant`` fixes the split by the top-k width.
+    ``batch_invariant`` fixes the split by the top-k width. Tiles after a
+    row's last valid entry are skipped (early tokens of a prompt see fewer
+    than top-k positions), with the same result bits.
     """
-    return sparse_mla_forward(q, kv_cache, indices, sm_scale, d_v, None, out, lse, batch_invariant=batch_invariant)
+    return sparse_mla_forward(
+        q, kv_cache, indices, sm_scale, d_v, None, out, lse, batch_invariant=batch_invariant, skip_invalid_tail=True
+    )

@@ -9,6 +9,7 @@ from conftest import relative_error
 from sglang_sparse_mla.kernels import quantize_kv_fp8, sparse_mla_decode, sparse_mla_prefill
 from sglang_sparse_mla.kernels.device_info import device_info
 from sglang_sparse_mla.kernels.reference import sparse_mla_reference
+from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_forward
 from sglang_sparse_mla.kernels.sparse_mla_configs import choose_num_kv_splits, select_config
 
 SM_SCALE = 576**-0.5
@@ -104,6 +105,28 @@ def test_prefill_matches_reference(target, rng, kv_format, heads):
     idx = make_indices(target, rng, tokens, topk, num_slots)
     out, lse = sparse_mla_prefill(q, kv, idx, SM_SCALE)
     assert_matches_reference(out, lse, q, kv, idx)
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_skipping_the_invalid_tail_changes_no_bit(target, rng, kv_format, num_kv_splits):
+    """Rows as top-k writes them for the first tokens of a prompt: the valid entries first (holes and
+    out-of-range slots among them here), then ``-1``, with the valid count on and around tile and scan
+    edges. Stopping after a row's last valid entry gives the bits of the whole-row pass."""
+    tokens, heads = target.pick(cpu=12, gpu=400), 16
+    topk = target.pick(cpu=128, gpu=2048)
+    num_slots = target.pick(cpu=500, gpu=1 << 16)
+    kv = make_cache(target, rng, num_slots, kv_format)
+    q = make_q(target, rng, tokens, heads)
+    idx = make_indices(target, rng, tokens, topk, num_slots)
+    edges = [0, 1, 31, 32, 33, 63, 64, 65, topk - 1, topk, 1023, 1024, 1025]
+    counts = torch.randint(0, topk + 1, (tokens,), generator=rng, device=target.device)
+    counts[: len(edges)] = torch.tensor([min(e, topk) for e in edges], device=target.device)[:tokens]
+    idx[torch.arange(topk, device=target.device)[None, :] >= counts[:, None]] = -1
+    whole = sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits)
+    skipped = sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, skip_invalid_tail=True)
+    assert torch.equal(skipped[0], whole[0]) and torch.equal(skipped[1], whole[1])
+    assert_matches_reference(*skipped, q, kv, idx)
 
 
 @pytest.mark.parametrize("kv_format", ["bf16", "fp8"])

@@ -27,7 +27,7 @@ def kernel_signature(fp8: bool, split: bool) -> tuple[dict[str, str], tuple[str,
     else:
         sig |= {"kv_ptr": "*bf16"}
         strides = ["stride_kv"]
-    sig |= {"idx_ptr": "*i32", "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32"}
+    sig |= {"idx_ptr": "*i32", "ends_ptr": "*i32", "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32"}
     sig |= {name: "i32" for name in _SHAPE_ARGS} | {"qk_scale_log2": "fp32"}
     sig |= {name: "i32" for name in _STRIDES[:2] + strides + _STRIDES[2:]}
     aligned = tuple(n for n in sig if n.endswith("_ptr")) + ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_os")
@@ -42,17 +42,23 @@ def _cases():
     for capability, limit in SHARED_MEMORY_LIMIT.items():
         info = DeviceInfo((capability // 10, capability % 10), limit, 132)
         for fp8, config in all_configs(info):
-            for split in (False, True):
+            # Decode launches (split or not) and prefill launches (single pass, scanning for the valid tail).
+            for split, skip_tail in ((False, False), (True, False), (False, True)):
                 sig, aligned = kernel_signature(fp8, split)
-                constexprs = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, SPLIT_OUTPUT=split, UPCAST=False)
+                constexprs = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, SPLIT_OUTPUT=split,
+                                  SKIP_INVALID_TAIL=skip_tail, UPCAST=False)  # fmt: skip
                 if fp8:
                     constexprs |= dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else 256.0)
                 kernel = "_sparse_mla_fp8_kernel" if fp8 else "_sparse_mla_bf16_kernel"
-                label = f"sm{capability}-{'fp8' if fp8 else 'bf16'}-{config}-{'split' if split else 'single'}"
+                mode = "split" if split else "single-skip-tail" if skip_tail else "single"
+                label = f"sm{capability}-{'fp8' if fp8 else 'bf16'}-{config}-{mode}"
                 yield label, limit, CompileJob(f"{_MODULE}:{kernel}", sig, constexprs, capability, config.num_warps, config.num_stages, aligned)
     for capability, limit in SHARED_MEMORY_LIMIT.items():
         sig = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32", "num_splits": "i32"}
         sig |= {n: "i32" for n in ["stride_pt", "stride_ph", "stride_ps", "stride_plt", "stride_plh", "stride_pls", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]}
+        ends_sig = {"idx_ptr": "*i32", "ends_ptr": "*i32", "topk": "i32", "num_slots": "i32", "stride_it": "i32"}
+        job = CompileJob(f"{_MODULE}:_valid_ends_kernel", ends_sig, dict(SCAN=1024), capability, 4, 2, ("idx_ptr",))
+        yield f"sm{capability}-valid-ends", limit, job
         for splits in (2, 64):
             job = CompileJob(f"{_MODULE}:_merge_splits_kernel", sig, dict(SPLITS=splits, BLOCK_D=min(512, 4096 // splits)), capability, 4, 2, ("part_out_ptr", "out_ptr"))
             yield f"sm{capability}-merge-{splits}", limit, job

@@ -16,7 +16,9 @@ selected rows through an online softmax and writes either the final bf16
 output (single pass) or a normalized fp32 partial with its log-sum-exp, which
 a second kernel merges (split-KV). A gathered tile of latent rows serves as K
 (with the rope part) and as V; FP8 rows are dequantized to bf16 in registers
-and both products run on bf16 tensor cores.
+and both products run on bf16 tensor cores. Prefill first finds each row's
+last valid entry (a small scan kernel) so that programs stop there: the first
+top-k tokens of a prompt have fewer entries than top-k.
 """
 
 from __future__ import annotations

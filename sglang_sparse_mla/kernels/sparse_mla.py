@@ -286,9 +286,8 @@ def _valid_ends_kernel(idx_ptr, ends_ptr, topk, num_slots, stride_it, SCAN: tl.c
     row = idx_ptr + t * stride_it
     last = tl.full([SCAN], -1, tl.int32)
     for j in range(0, topk, SCAN):
-        offs = j + tl.arange(0, SCAN)
-        entry = tl.load(row + offs, mask=offs < topk, other=-1)
-        last = tl.maximum(last, tl.where((entry >= 0) & (entry < num_slots), offs, -1))
+        _, valid = _slots(row, j, topk, num_slots, SCAN)
+        last = tl.maximum(last, tl.where(valid, j + tl.arange(0, SCAN), -1))
     tl.store(ends_ptr + t, tl.max(last, 0) + 1)
 
 

@@ -1,5 +1,5 @@
 """Sparse MLA decode and prefill: ours vs SGLang 0.5.23's Triton kernels, FlashMLA
-(prefill, where it loads) and torch.
+(prefill) and FA3 (decode) as its ``dsa`` backend calls them, where they load, and torch.
 
 Decode: T = 1..128 query tokens, H = 16/32/64/128 heads, top-k 2048 random
 slots of a cache of 2^20 slots (1.2 GB BF16, 0.69 GB FP8), so gathers miss L2.
@@ -135,6 +135,30 @@ def flash_mla_prefill_calls(kv, qs, idxs):
     return [(lambda q=q, i=i: fn(q, kv3, i.unsqueeze(1), SM_SCALE, 512)) for q, i in zip(padded, idxs, strict=True)]
 
 
+def fa3_decode_calls(kv, qs, idxs):
+    """FA3's paged decode as SGLang's ``dsa`` backend runs it over a BF16 cache: one-token
+    sequences, page size 1, the top-k slots as page table, the valid count as the cache length
+    (all of a decode row's entries are valid here)."""
+    fn, why = sglang_baselines.fa3_sparse_decode()
+    if fn is None:
+        return why
+    pages = kv.view(-1, 1, 1, 576)
+    rope_cache, latent_cache = pages[..., 512:], pages[..., :512]
+    calls = []
+    for q, i in zip(qs, idxs, strict=True):
+        lengths = (i >= 0).sum(1, dtype=torch.int32)
+        cu_k = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+        calls.append(
+            lambda q=q, i=i, lengths=lengths, cu_k=cu_k, cu_q=cu_q: fn(
+                q=q[..., 512:], k_cache=rope_cache, v_cache=latent_cache, qv=q[..., :512], page_table=i,
+                cache_seqlens=lengths, cu_seqlens_q=cu_q, cu_seqlens_k_new=cu_k, max_seqlen_q=1,
+                softmax_scale=SM_SCALE, causal=True, num_splits=0,
+            )
+        )  # fmt: skip
+    return calls
+
+
 def baseline_calls(phase, tokens, kv_format, heads, kv, qs, idxs):
     """(label, calls or the reason it is unavailable) for each baseline."""
     if kv_format == "bf16":
@@ -151,6 +175,8 @@ def baseline_calls(phase, tokens, kv_format, heads, kv, qs, idxs):
         yield "sglang-triton", calls if fn is not None else why
     if phase != "decode" and kv_format == "bf16":
         yield "flashmla", flash_mla_prefill_calls(kv, qs, idxs)
+    if phase == "decode" and kv_format == "bf16":
+        yield "fa3 (dsa decode)", fa3_decode_calls(kv, qs, idxs)
     if phase == "decode" and kv_format == "bf16" and heads <= 32:
         yield "torch-gather", [(lambda q=q, i=i: torch_gather_attention(q, kv, i)) for q, i in zip(qs, idxs)]
 

@@ -1,6 +1,6 @@
 """SGLang 0.5.23's own DSA kernels, loaded for side-by-side timing.
 
-Its SM90 kernels (FlashMLA's sparse prefill, DeepGEMM's MQA logits) come from
+Its SM90 kernels (FlashMLA's sparse prefill, FA3's paged decode, DeepGEMM's MQA logits) come from
 the packages SGLang's ``dsa`` backend calls; they load only under the staged
 SGLang runtime (``benchmarks/e2e``, torch 2.14.1), not on the image's torch.
 
@@ -55,6 +55,14 @@ def flash_mla_sparse_prefill() -> tuple[Callable | None, str | None]:
     legacy kernel (the only one on SM90; FlashMLA's current ``sparse_prefill_fwd`` is SM100 only),
     H a multiple of 64 on SM90 (``dsa`` pads the heads)."""
     return _load("sglang.kernels.ops.attention.flash_mla_interface", "flash_mla_sparse_fwd")
+
+
+def fa3_sparse_decode() -> tuple[Callable | None, str | None]:
+    """FlashAttention-3 as SGLang's ``dsa`` backend decodes over a BF16 KV cache on SM90 (its log:
+    "prefill=flashmla_sparse, decode=fa3"): each query token a one-token sequence whose page table
+    (page size 1) is its top-k slots, ``flash_attn_with_kvcache(q=q_rope, k_cache=rope part,
+    v_cache=latent, qv=q_nope, page_table, cache_seqlens=valid counts, ...)``."""
+    return _load("sglang.kernels.ops.attention.flash_attention", "flash_attn_with_kvcache")
 
 
 def deep_gemm_mqa_logits() -> tuple[Callable | None, str | None]:

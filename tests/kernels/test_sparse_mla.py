@@ -42,6 +42,12 @@ def make_q(target, rng, tokens: int, heads: int) -> torch.Tensor:
     return (2 * torch.randn(tokens, heads, 576, generator=rng, device=target.device)).bfloat16()
 
 
+def make_inputs(target, rng, tokens: int, heads: int, topk: int, num_slots: int, kv_format: str):
+    """``(kv cache, q, indices)`` drawn in that order (see the three makers above)."""
+    kv = make_cache(target, rng, num_slots, kv_format)
+    return kv, make_q(target, rng, tokens, heads), make_indices(target, rng, tokens, topk, num_slots)
+
+
 def assert_matches_reference(out, lse, q, kv, idx):
     ref_out, ref_lse = sparse_mla_reference(q, kv, idx, SM_SCALE)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
@@ -66,9 +72,7 @@ def test_decode_matches_reference(target, rng, arch_path, kv_format, heads, num_
     tokens = target.pick(cpu=5, gpu=37)
     topk = target.pick(cpu=96, gpu=2048)
     num_slots = target.pick(cpu=700, gpu=1 << 20)
-    kv = make_cache(target, rng, num_slots, kv_format)
-    q = make_q(target, rng, tokens, heads)
-    idx = make_indices(target, rng, tokens, topk, num_slots)
+    kv, q, idx = make_inputs(target, rng, tokens, heads, topk, num_slots, kv_format)
     out = poisoned((tokens, heads, 512), torch.bfloat16, target.device)
     lse = poisoned((tokens, heads), torch.float32, target.device)
     sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, out=out, lse=lse)
@@ -85,9 +89,7 @@ def test_few_token_decode_uses_small_head_blocks(target, rng, arch_path, heads, 
     assert select_config(heads, True, info, tokens) == select_config(heads, True, info)
     topk = target.pick(cpu=96, gpu=2048)
     num_slots = target.pick(cpu=700, gpu=1 << 20)
-    kv = make_cache(target, rng, num_slots, "bf16")
-    q = make_q(target, rng, tokens, heads)
-    idx = make_indices(target, rng, tokens, topk, num_slots)
+    kv, q, idx = make_inputs(target, rng, tokens, heads, topk, num_slots, "bf16")
     out = poisoned((tokens, heads, 512), torch.bfloat16, target.device)
     lse = poisoned((tokens, heads), torch.float32, target.device)
     sparse_mla_decode(q, kv, idx, SM_SCALE, out=out, lse=lse)
@@ -100,9 +102,7 @@ def test_prefill_matches_reference(target, rng, kv_format, heads):
     tokens = target.pick(cpu=6, gpu=300)
     topk = target.pick(cpu=128, gpu=2048)
     num_slots = target.pick(cpu=500, gpu=1 << 16)
-    kv = make_cache(target, rng, num_slots, kv_format)
-    q = make_q(target, rng, tokens, heads)
-    idx = make_indices(target, rng, tokens, topk, num_slots)
+    kv, q, idx = make_inputs(target, rng, tokens, heads, topk, num_slots, kv_format)
     out, lse = sparse_mla_prefill(q, kv, idx, SM_SCALE)
     assert_matches_reference(out, lse, q, kv, idx)
 
@@ -116,9 +116,7 @@ def test_skipping_the_invalid_tail_changes_no_bit(target, rng, kv_format, num_kv
     tokens, heads = target.pick(cpu=12, gpu=400), 16
     topk = target.pick(cpu=128, gpu=2048)
     num_slots = target.pick(cpu=500, gpu=1 << 16)
-    kv = make_cache(target, rng, num_slots, kv_format)
-    q = make_q(target, rng, tokens, heads)
-    idx = make_indices(target, rng, tokens, topk, num_slots)
+    kv, q, idx = make_inputs(target, rng, tokens, heads, topk, num_slots, kv_format)
     edges = [0, 1, 31, 32, 33, 63, 64, 65, topk - 1, topk, 1023, 1024, 1025]
     counts = torch.randint(0, topk + 1, (tokens,), generator=rng, device=target.device)
     counts[: len(edges)] = torch.tensor([min(e, topk) for e in edges], device=target.device)[:tokens]
@@ -134,9 +132,7 @@ def test_split_and_single_pass_agree(target, rng, kv_format):
     tokens, heads = target.pick(cpu=3, gpu=16), 16
     topk = target.pick(cpu=256, gpu=2048)
     num_slots = target.pick(cpu=600, gpu=1 << 18)
-    kv = make_cache(target, rng, num_slots, kv_format)
-    q = make_q(target, rng, tokens, heads)
-    idx = make_indices(target, rng, tokens, topk, num_slots)
+    kv, q, idx = make_inputs(target, rng, tokens, heads, topk, num_slots, kv_format)
     single, single_lse = sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=1)
     for splits in (2, 4, 7):
         split, split_lse = sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=splits)
@@ -157,9 +153,7 @@ def test_rows_are_batch_invariant(target, rng, mode, kv_format):
     tokens, heads = target.pick(cpu=6, gpu=64), 16
     topk = target.pick(cpu=1024, gpu=2048)
     num_slots = target.pick(cpu=1500, gpu=1 << 18)
-    kv = make_cache(target, rng, num_slots, kv_format)
-    q = make_q(target, rng, tokens, heads)
-    idx = make_indices(target, rng, tokens, topk, num_slots)
+    kv, q, idx = make_inputs(target, rng, tokens, heads, topk, num_slots, kv_format)
     info = device_info(target.device)
     cfg = select_config(heads, kv_format == "fp8", info)
     blocks = -(-heads // cfg.block_h)
@@ -180,9 +174,7 @@ def test_rows_are_batch_invariant(target, rng, mode, kv_format):
 @pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
 def test_paged_and_slot_views_agree(target, rng, kv_format):
     page_size, pages = 64, target.pick(cpu=8, gpu=512)
-    kv = make_cache(target, rng, page_size * pages, kv_format)
-    q = make_q(target, rng, 3, 16)
-    idx = make_indices(target, rng, 3, 64, page_size * pages)
+    kv, q, idx = make_inputs(target, rng, 3, 16, 64, page_size * pages, kv_format)
     flat, flat_lse = sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=1)
     for view in (kv.view(pages, page_size, 1, kv.shape[-1]), kv.view(-1, 1, kv.shape[-1])):
         paged, paged_lse = sparse_mla_decode(q, view, idx, SM_SCALE, num_kv_splits=1)

@@ -248,11 +248,14 @@ def test_stream_generate_times_first_token(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Streamer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    first_tokens = []
     try:
-        timing = stream_generate(f"http://127.0.0.1:{server.server_port}", [1, 2, 3], 3)
+        timing = stream_generate(
+            f"http://127.0.0.1:{server.server_port}", [1, 2, 3], 3, on_first_token=lambda: first_tokens.append(1)
+        )
     finally:
         server.shutdown()
-    assert timing.output_tokens == 3
+    assert timing.output_tokens == 3 and first_tokens == [1]
     assert 0.05 <= timing.ttft_s < timing.total_s and timing.total_s >= 0.15
     assert timing.decode_tok_per_s == pytest.approx(2 / (timing.total_s - timing.ttft_s))
 
@@ -280,3 +283,74 @@ def test_e2e_work_selects_steps_of_each_configuration(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as exit_info:
         run_e2e.main()
     assert exit_info.value.code == 2 and "unknown work ['warmup']" in capsys.readouterr().err
+
+
+def _trace(*events):
+    return {"traceEvents": [{"ph": "X", "cat": c, "name": n, "ts": t, "dur": d} for c, n, t, d in events]}
+
+
+def test_kernel_table_sums_device_work_per_step():
+    from sglang_sparse_mla.serving.decode_profile import kernel_table
+
+    trace = _trace(
+        ("kernel", "attn", 0.0, 30.0),
+        ("kernel", "topk", 30.0, 10.0),
+        ("cpu_op", "aten::mm", 0.0, 500.0),  # host work: not device time
+        ("kernel", "attn", 50.0, 30.0),
+        ("gpu_memcpy", "Memcpy DtoD", 80.0, 5.0),
+        ("kernel", "topk", 90.0, 10.0),
+    )
+    table = kernel_table(trace, steps=2, top=2)
+    assert table["device_us_per_step"] == pytest.approx(42.5) and table["span_us_per_step"] == pytest.approx(50.0)
+    assert [k["name"] for k in table["kernels"]] == ["attn", "topk"]
+    attn = table["kernels"][0]
+    assert attn["calls_per_step"] == 1 and attn["us_per_step"] == 30 and attn["share"] == pytest.approx(60 / 85)
+    with pytest.raises(ValueError, match="no device work"):
+        kernel_table(_trace(("cpu_op", "aten::mm", 0.0, 1.0)), steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        kernel_table(trace, steps=0)
+
+
+def test_profile_decode_starts_the_profile_once_every_request_decodes(tmp_path):
+    """profile_decode against a stub server: ``/start_profile`` comes after every first token
+    and the trace the server writes is read back."""
+    import gzip
+    import http.server
+    import json
+    import threading
+    import time
+
+    from sglang_sparse_mla.serving.decode_profile import profile_decode
+
+    events = []
+
+    class Stub(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.end_headers()
+            if self.path == "/start_profile":
+                events.append("profile")
+                trace = _trace(("kernel", "attn", 0.0, 40.0 * body["num_steps"]))
+                with gzip.open(Path(body["output_dir"]) / "x-TP-0.trace.json.gz", "wt") as handle:
+                    json.dump(trace, handle)
+                self.wfile.write(b"Start profiling.\n")
+                return
+            time.sleep(0.05 * body["input_ids"][0])  # staggered prefill
+            events.append("first")
+            self.wfile.write(b'data: {"meta_info": {"completion_tokens": 1}}\n\n')
+            self.wfile.flush()
+            time.sleep(0.5)
+            self.wfile.write(b'data: {"meta_info": {"completion_tokens": 2}}\n\ndata: [DONE]\n\n')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = profile_decode(f"http://127.0.0.1:{server.server_port}", [[1], [2], [3]], 2, steps=4, timeout=30)
+    finally:
+        server.shutdown()
+    assert events[:4] == ["first"] * 3 + ["profile"]
+    assert result["batch"] == 3 and result["device_us_per_step"] == pytest.approx(40.0)

@@ -42,6 +42,8 @@ Work (WORK; lengths of the small shape, the released one's in WORKLOADS):
   soak        32 requests x 3000 decode steps (ignore EOS): every logprob finite
   throughput  concurrency 1, 8, 32: 4 x concurrency (>= 8) streamed requests of 1024 + 256
               tokens: output tokens/s, TTFT p50/p90, per-request decode tokens/s
+  profile     batches of 1 and 32 throughput-length requests decoding: GPU kernel time of
+              20 decode steps, by kernel (SGLang's torch profiler; serving/decode_profile.py)
 
 Comparisons (summary): radix batch vs the same backend's no-radix one by one
 (greedy agreement, near-tie rule of sglang_sparse_mla.serving.workload, and the
@@ -70,6 +72,7 @@ from pathlib import Path
 import torch
 
 from sglang_sparse_mla.serving.client import Completion, flush_cache, generate, stream_generate
+from sglang_sparse_mla.serving.decode_profile import profile_decode
 from sglang_sparse_mla.serving.server import Server, ServerError
 from sglang_sparse_mla.serving.workload import (
     DEFAULT_TIE_MARGIN,
@@ -122,11 +125,11 @@ def make_configs(index_topk: int) -> dict[str, Config]:
     """The configurations of the module docstring for a model's ``index_topk``."""
     dsa, dsa_env = dsa_launch(index_topk)
     return {
-        "ours": Config(OURS, ("radix", "teacher", "greedy", "soak", "throughput")),
+        "ours": Config(OURS, ("radix", "teacher", "greedy", "soak", "throughput", "profile")),
         "ours-no-radix": Config((*OURS, *NO_RADIX), ("one_by_one",)),
         "ours-det": Config((*OURS, *DETERMINISTIC), ("radix",)),
         "ours-det-no-radix": Config((*OURS, *DETERMINISTIC, *NO_RADIX), ("one_by_one",)),
-        "ours-fp8": Config((*OURS, *FP8), ("teacher", "greedy", "throughput")),
+        "ours-fp8": Config((*OURS, *FP8), ("teacher", "greedy", "throughput", "profile")),
         # FlashInfer's all-reduce fusion (auto-enabled for DeepSeek at TP > 1, unrelated to attention)
         # is off: the first TP-2 start stalled right after setting up its workspaces.
         "ours-tp2": Config(
@@ -135,12 +138,14 @@ def make_configs(index_topk: int) -> dict[str, Config]:
             env=NO_MULTICAST,
             gpus=2,
         ),
-        "dsa": Config(dsa, ("radix", "teacher", "greedy", "throughput"), env=dsa_env, modules=("flash_mla",)),
+        "dsa": Config(
+            dsa, ("radix", "teacher", "greedy", "throughput", "profile"), env=dsa_env, modules=("flash_mla",)
+        ),
         "dsa-no-radix": Config((*dsa, *NO_RADIX), ("one_by_one",), env=dsa_env, modules=("flash_mla",)),
         "dsa-fp8": Config((*dsa, *FP8), ("teacher", "greedy"), env=dsa_env, modules=("flash_mla",)),
         "fallback": Config(
             (*dsa, "--dsa-prefill-backend", "tilelang", "--dsa-decode-backend", "tilelang"),
-            ("teacher", "greedy", "throughput"),
+            ("teacher", "greedy", "throughput", "profile"),
             env={**dsa_env, "SGLANG_FP8_PAGED_MQA_LOGITS_TORCH": "1"},
             modules=("tilelang",),
         ),
@@ -174,6 +179,10 @@ RADIX_PAIRS = (("ours", False), ("dsa", False), ("ours-det", True))
 RADIX_TOKENS = 48
 SOAK_REQUESTS, SOAK_STEPS = 32, 3000
 CONCURRENCY = (1, 8, 32)
+PROFILE_BATCHES, PROFILE_STEPS = (1, 32), 20
+# Decode tokens per profiled request: the batch must still be whole when the profile starts
+# (after the last request's first token) and ends.
+PROFILE_DECODE_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -281,6 +290,15 @@ def run_throughput(url: str, workload: Workload) -> dict:
     return {"levels": levels}
 
 
+def run_profile(url: str, workload: Workload) -> dict:
+    levels = []
+    for batch in PROFILE_BATCHES:
+        prompts = token_prompts([workload.input_tokens] * batch, seed=40 + batch)
+        flush_cache(url)
+        levels.append(profile_decode(url, prompts, PROFILE_DECODE_TOKENS, PROFILE_STEPS))
+    return {"levels": levels}
+
+
 WORK = {
     "radix": run_radix,
     "one_by_one": run_one_by_one,
@@ -288,6 +306,7 @@ WORK = {
     "greedy": run_greedy,
     "soak": run_soak,
     "throughput": run_throughput,
+    "profile": run_profile,
 }
 
 
@@ -427,6 +446,10 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
                 summary.setdefault("decode_tok_per_s_per_request_p50", {})[name] = {
                     str(level["concurrency"]): round(level["decode_tok_per_s_per_request_p50"], 1) for level in levels
                 }
+        for level in (result.get("profile") or {}).get("levels", []):
+            summary.setdefault("decode_step_device_us", {}).setdefault(name, {})[str(level["batch"])] = round(
+                level["device_us_per_step"], 1
+            )
         if "error" in result or "skipped" in result:
             summary.setdefault("not_run", {})[name] = result.get("error", result.get("skipped"))[-400:]
     return summary
@@ -436,6 +459,7 @@ TABLE_TITLES = {
     "throughput_output_tok_per_s": "throughput (output tokens/s, prefill included)",
     "decode_tok_per_s_per_request_p50": "decode rate per request (tokens/s after the first, p50)",
     "ttft_p50_ms": "TTFT p50 (ms)",
+    "decode_step_device_us": "GPU time of one decode step (us, profiled)",
 }
 
 

@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 def post_json(url: str, payload: dict, timeout: float = 600.0) -> Any:
@@ -115,12 +115,19 @@ class StreamTiming:
 
 
 def stream_generate(
-    base_url: str, input_ids: list[int], max_new_tokens: int, *, ignore_eos: bool = True, timeout: float = 900.0
+    base_url: str,
+    input_ids: list[int],
+    max_new_tokens: int,
+    *,
+    ignore_eos: bool = True,
+    timeout: float = 900.0,
+    on_first_token: Callable[[], None] | None = None,
 ) -> StreamTiming:
     """One greedy request streamed from ``/generate`` (server-sent ``data:`` events), timed.
 
     Each event carries the cumulative ``meta_info.completion_tokens``; the
-    first event with one or more is the first token.
+    first event with one or more is the first token, when ``on_first_token``
+    (if given) is called.
     """
     payload = {
         "input_ids": input_ids,
@@ -143,6 +150,8 @@ def stream_generate(
             tokens = json.loads(line[len("data:") :]).get("meta_info", {}).get("completion_tokens", tokens)
             if first is None and tokens >= 1:
                 first = time.perf_counter() - start
+                if on_first_token is not None:
+                    on_first_token()
     total = time.perf_counter() - start
     if first is None:
         raise RuntimeError(f"{base_url}/generate streamed no token")

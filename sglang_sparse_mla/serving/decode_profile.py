@@ -1,0 +1,119 @@
+"""Where a served model's decode step spends its GPU time, from SGLang's torch profiler.
+
+:func:`profile_decode` fills the server's running batch with ``len(prompts)``
+streamed requests, waits until every one has its first token (all prefill is
+done, every step from then on is a decode step of that batch), asks the
+server for a GPU-only profile of ``steps`` forward steps (``/start_profile``,
+which stops by itself) and reads the Chrome trace it writes.
+:func:`kernel_table` turns such a trace into per-step kernel times: the
+kernels of CUDA-graph replays are recorded one by one, so a decode step's
+attention, indexer, top-k and MoE kernels show up under their own names.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .client import stream_generate
+
+# Chrome-trace categories of device work (torch profiler / Kineto).
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def kernel_table(trace: dict, steps: int, top: int = 30) -> dict:
+    """Per-step device time of a Chrome trace's kernels, the ``top`` longest first.
+
+    Returns ``{"steps", "device_us_per_step", "span_us_per_step", "kernels": [{"name",
+    "calls_per_step", "us_per_step", "share"}, ...]}``: ``device_us_per_step`` sums
+    the device work, ``span_us_per_step`` is first start to last end over
+    ``steps`` (device time plus the gaps between), ``share`` is of the device time.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    calls: dict[str, int] = defaultdict(int)
+    micros: dict[str, float] = defaultdict(float)
+    first, last = float("inf"), float("-inf")
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") == "X" and event.get("cat") in DEVICE_CATEGORIES:
+            duration = float(event.get("dur", 0.0))
+            calls[event["name"]] += 1
+            micros[event["name"]] += duration
+            first, last = min(first, float(event["ts"])), max(last, float(event["ts"]) + duration)
+    if not calls:
+        raise ValueError("the trace holds no device work (was the GPU activity recorded?)")
+    total = sum(micros.values())
+    ordered = sorted(micros, key=micros.get, reverse=True)
+    return {
+        "steps": steps,
+        "device_us_per_step": total / steps,
+        "span_us_per_step": (last - first) / steps,
+        "kernels": [
+            {
+                "name": name,
+                "calls_per_step": calls[name] / steps,
+                "us_per_step": micros[name] / steps,
+                "share": micros[name] / total,
+            }
+            for name in ordered[:top]
+        ],
+    }
+
+
+def read_trace(path: Path) -> dict:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        return json.load(handle)
+
+
+def _wait_for_trace(directory: Path, timeout: float) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        traces = sorted(directory.glob("*.trace.json*"))
+        if traces:
+            size = traces[0].stat().st_size
+            time.sleep(1.0)  # still being written while it grows
+            if size > 0 and traces[0].stat().st_size == size:
+                return traces[0]
+        time.sleep(0.5)
+    raise TimeoutError(f"no profiler trace in {directory} after {timeout:.0f} s")
+
+
+def profile_decode(url: str, prompts: list[list[int]], decode_tokens: int, steps: int, timeout: float = 600.0) -> dict:
+    """Kernel table (:func:`kernel_table`) of ``steps`` decode steps of a batch of ``prompts``.
+
+    ``decode_tokens`` per request must outlast the profile; the requests
+    ignore EOS.
+    """
+    started = threading.Semaphore(0)
+    with tempfile.TemporaryDirectory(prefix="decode-profile-") as directory, ThreadPoolExecutor(len(prompts)) as pool:
+        requests = [
+            pool.submit(stream_generate, url, p, decode_tokens, on_first_token=started.release, timeout=timeout)
+            for p in prompts
+        ]
+        deadline = time.monotonic() + timeout
+        for _ in prompts:
+            if not started.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                failed = [r.exception() for r in requests if r.done() and r.exception() is not None]
+                raise TimeoutError(f"not every request reached its first token; failures: {failed[:1]}")
+        _start_profile(url, {"output_dir": directory, "num_steps": steps, "activities": ["GPU"],
+                             "with_stack": False, "record_shapes": False})  # fmt: skip
+        table = kernel_table(read_trace(_wait_for_trace(Path(directory), timeout)), steps)
+        for r in requests:
+            r.result()
+    return {"batch": len(prompts), **table}
+
+
+def _start_profile(url: str, request: dict) -> None:
+    """``POST /start_profile`` (it answers in plain text)."""
+    body = json.dumps(request).encode()
+    headers = {"Content-Type": "application/json"}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/start_profile", body, headers), timeout=60) as reply:
+        reply.read()

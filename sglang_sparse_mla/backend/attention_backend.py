@@ -195,19 +195,29 @@ class TritonSparseMLABackend(AttentionBackend):
         *,
         decode: bool,
         topk_indices: torch.Tensor | None = None,
+        q_rope: torch.Tensor | None = None,
+        k_rope: torch.Tensor | None = None,
         **_,
     ) -> torch.Tensor:
-        """``q`` ``[T, H * 576]`` and ``k`` ``[T, 1, 576]``: the model concatenates rope and latent."""
+        """Absorbed MLA over the indexer's slots. SGLang's absorbed-MLA path (ours is listed
+        among its absorb-core backends, :mod:`..scheduler_hooks.model_hooks`) passes the
+        parts apart: ``q [T, H, 512]`` with ``q_rope [T, H, 64]`` and ``k [T, 1, 512]`` with
+        ``k_rope [T, 1, 64]``, read in place; other callers pass ``q [T, H * 576]`` and
+        ``k [T, 1, 576]`` whole."""
         if topk_indices is None:
             raise RuntimeError(
                 f"{spec.BACKEND_NAME} attends to the DSA indexer's top-k slots, but layer "
                 f"{layer.layer_id} passed none (is the model a DSA model?)"
             )
         num_heads = layer.tp_q_head_num
-        q = q.reshape(-1, num_heads, layer.head_dim)
+        if q_rope is None:
+            q = q.reshape(-1, num_heads, layer.head_dim)
+        else:
+            q = q.view(-1, num_heads, layer.v_head_dim)
+            q_rope = q_rope.view(q.shape[0], num_heads, layer.head_dim - layer.v_head_dim).to(torch.bfloat16)
         kv_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         if save_kv_cache and k is not None:
-            dispatch.store_kv(kv_buffer, forward_batch.out_cache_loc, k)
+            dispatch.store_kv(kv_buffer, forward_batch.out_cache_loc, k, k_rope)
         out = dispatch.sparse_attention(
             q.to(torch.bfloat16),
             kv_buffer,
@@ -215,5 +225,6 @@ class TritonSparseMLABackend(AttentionBackend):
             layer.scaling,
             decode=decode,
             batch_invariant=self.batch_invariant,
+            q_rope=q_rope,
         )
         return out.to(q.dtype).view(-1, num_heads * layer.v_head_dim)

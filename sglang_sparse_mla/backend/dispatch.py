@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..kernels.kv_cache_layout import D_QK, quantize_kv_fp8
 from .spec import INDEX_HEAD_DIM, INDEX_ROW_BYTES, PAGE_SIZE
 
 # Bytes of index logits materialised at once by a ragged extend; larger
@@ -26,18 +25,13 @@ RAGGED_LOGITS_BUDGET_BYTES = 512 * 1024 * 1024
 # --- latent KV cache -------------------------------------------------------
 
 
-def store_kv(kv_buffer: torch.Tensor, loc: torch.Tensor, k_rows: torch.Tensor) -> None:
-    """Write the new tokens' latent rows ``k_rows [T, 576]`` at slots ``loc``.
-
-    A bf16 cache takes the rows as they are; any other cache dtype is the
-    656-byte FP8 layout, filled by :func:`quantize_kv_fp8`.
-    """
-    rows = kv_buffer.view(kv_buffer.shape[0], -1)
-    k_rows = k_rows.reshape(-1, D_QK)
-    if rows.dtype == torch.bfloat16:
-        rows[loc] = k_rows.to(torch.bfloat16)
-    else:
-        rows.view(torch.uint8)[loc] = quantize_kv_fp8(k_rows.to(torch.bfloat16).contiguous())
+def store_kv(
+    kv_buffer: torch.Tensor, loc: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor | None = None
+) -> None:
+    """Write the new tokens' latent rows at slots ``loc``: ``k_nope [T, 1, 512]`` and ``k_rope
+    [T, 1, 64]`` as SGLang's absorbed MLA holds them, or whole ``[T, 1, 576]`` rows with
+    ``k_rope=None``, in the cache's BF16 or FP8 layout (:func:`kernels.store_latent_rows`)."""
+    kernels.store_latent_rows(kv_buffer, loc, k_nope, k_rope)
 
 
 def sparse_attention(
@@ -48,8 +42,10 @@ def sparse_attention(
     *,
     decode: bool,
     batch_invariant: bool = False,
+    q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[T, H, 512]`` bf16 attention of ``q [T, H, 576]`` over its top-k slots.
+    """``[T, H, 512]`` bf16 attention of ``q [T, H, 576]`` (or ``q [T, H, 512]`` and ``q_rope
+    [T, H, 64]``, read in place) over its top-k slots.
 
     ``batch_invariant``: each token's result independent of the batch (SGLang's
     ``--enable-deterministic-inference``).
@@ -58,7 +54,7 @@ def sparse_attention(
     if rows.dtype not in (torch.bfloat16, torch.uint8):
         rows = rows.view(torch.uint8)
     fn = kernels.sparse_mla_decode if decode else kernels.sparse_mla_prefill
-    out, _ = fn(q, rows, topk_slots, sm_scale, batch_invariant=batch_invariant)
+    out, _ = fn(q, rows, topk_slots, sm_scale, batch_invariant=batch_invariant, q_rope=q_rope)
     return out
 
 

@@ -4,6 +4,7 @@ from .fp8_mqa_logits import fp8_mqa_logits
 from .fp8_paged_mqa_logits import fp8_paged_mqa_logits
 from .index_fp8_quant import IndexNorm, IndexRope, quantize_index_keys_to_cache, quantize_index_queries
 from .kv_cache_layout import dequantize_kv_fp8, quantize_kv_fp8
+from .kv_cache_store import store_latent_rows
 from .sparse_mla import sparse_mla_decode, sparse_mla_prefill
 from .topk import topk_indices
 from .topk_to_kv_slots import topk_to_kv_slots
@@ -19,6 +20,7 @@ __all__ = [
     "quantize_kv_fp8",
     "sparse_mla_decode",
     "sparse_mla_prefill",
+    "store_latent_rows",
     "topk_indices",
     "topk_to_kv_slots",
 ]

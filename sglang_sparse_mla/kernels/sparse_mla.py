@@ -96,6 +96,7 @@ def _store_out(out_rows, acc, l_i, cols, head_mask):
 @triton.jit
 def _sparse_mla_bf16_kernel(
     q_ptr,
+    qr_ptr,
     kv_ptr,
     idx_ptr,
     ends_ptr,
@@ -108,6 +109,8 @@ def _sparse_mla_bf16_kernel(
     qk_scale_log2,
     stride_qt,
     stride_qh,
+    stride_qrt,
+    stride_qrh,
     stride_kv,
     stride_it,
     stride_ot,
@@ -137,7 +140,8 @@ def _sparse_mla_bf16_kernel(
     d_latent = tl.arange(0, 512)
     d_rope = tl.arange(0, 64)
     q_nope = tl.load(q_rows + d_latent[None, :], mask=head_mask[:, None], other=0.0)
-    q_rope = tl.load(q_rows + (d_rope + 512)[None, :], mask=head_mask[:, None], other=0.0)
+    qr_rows = qr_ptr + t * stride_qrt + heads[:, None] * stride_qrh
+    q_rope = tl.load(qr_rows + d_rope[None, :], mask=head_mask[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -183,6 +187,7 @@ def _fp8_plane(
 @triton.jit
 def _sparse_mla_fp8_kernel(
     q_ptr,
+    qr_ptr,
     words_ptr,
     rope_ptr,
     idx_ptr,
@@ -196,6 +201,8 @@ def _sparse_mla_fp8_kernel(
     qk_scale_log2,
     stride_qt,
     stride_qh,
+    stride_qrt,
+    stride_qrh,
     stride_words,
     stride_rope,
     stride_it,
@@ -236,7 +243,8 @@ def _sparse_mla_fp8_kernel(
     q2 = tl.load(q_rows + (plane_cols + 2)[None, :], mask=head_mask[:, None], other=0.0)
     q3 = tl.load(q_rows + (plane_cols + 3)[None, :], mask=head_mask[:, None], other=0.0)
     d_rope = tl.arange(0, 64)
-    q_rope = tl.load(q_rows + (d_rope + 512)[None, :], mask=head_mask[:, None], other=0.0)
+    qr_rows = qr_ptr + t * stride_qrt + heads[:, None] * stride_qrh
+    q_rope = tl.load(qr_rows + d_rope[None, :], mask=head_mask[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -332,11 +340,29 @@ def _merge_splits_kernel(
         tl.store(lse_ptr + t * stride_lt + h * stride_lh, lse)
 
 
-def _validate(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, d_v: int):
+def _query_parts(q: torch.Tensor, q_rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_nope [T, H, 512], q_rope [T, H, 64])`` views of a whole or split query."""
     check_dtype("q", q, torch.bfloat16)
-    check_ndim("q", q, 3, f"[tokens, heads, {D_QK}]")
-    check_dim("q", q, 2, D_QK, f"latent {D_LATENT} + rope {D_ROPE}")
+    if q_rope is None:
+        check_ndim("q", q, 3, f"[tokens, heads, {D_QK}]")
+        check_dim("q", q, 2, D_QK, f"latent {D_LATENT} + rope {D_ROPE}")
+        check_last_dim_contiguous("q", q)
+        return q[..., :D_LATENT], q[..., D_LATENT:]
+    check_ndim("q", q, 3, f"[tokens, heads, {D_LATENT}] (q_nope, q_rope given apart)")
+    check_dim("q", q, 2, D_LATENT, "latent; q_rope holds the rope part")
     check_last_dim_contiguous("q", q)
+    check_dtype("q_rope", q_rope, torch.bfloat16)
+    check_ndim("q_rope", q_rope, 3, f"[tokens, heads, {D_ROPE}]")
+    check_dim("q_rope", q_rope, 2, D_ROPE, "rope")
+    check_last_dim_contiguous("q_rope", q_rope)
+    if q_rope.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"q_rope is {tuple(q_rope.shape)} but q is {tuple(q.shape)}; tokens and heads must match"
+        )
+    return q, q_rope
+
+
+def _validate(q: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, d_v: int):
     check_dtype("indices", indices, torch.int32)
     check_ndim("indices", indices, 2, "[tokens, topk]")
     check_last_dim_contiguous("indices", indices)
@@ -349,7 +375,7 @@ def _validate(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, d_
         raise ValueError(f"d_v must be {D_LATENT} (V is the MLA latent), got {d_v}")
     if q.shape[1] == 0:
         raise ValueError("q must have at least one head")
-    check_same_device([("q", q), ("kv_cache", kv_cache), ("indices", indices)])
+    check_same_device([("q", q), ("q_rope", q_rope), ("kv_cache", kv_cache), ("indices", indices)])
     return as_slot_rows(kv_cache)
 
 
@@ -377,6 +403,7 @@ def sparse_mla_forward(
     config: SparseMLAConfig | None = None,
     batch_invariant: bool = False,
     skip_invalid_tail: bool = False,
+    q_rope: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA attention; see :func:`sparse_mla_decode` for the contract.
 
@@ -387,7 +414,8 @@ def sparse_mla_forward(
     ``p < topk`` has ``p + 1`` entries, which top-k lists first) and costs one
     read of the indices.
     """
-    rows = _validate(q, kv_cache, indices, d_v)
+    q, q_rope = _query_parts(q, q_rope)
+    rows = _validate(q, q_rope, kv_cache, indices, d_v)
     num_tokens, num_heads, _ = q.shape
     topk = indices.shape[1]
     out = _output_buffer("out", out, (num_tokens, num_heads, d_v), torch.bfloat16, q.device)
@@ -424,7 +452,8 @@ def sparse_mla_forward(
             indices, ends, topk, rows.num_slots, indices.stride(0), SCAN=1024, num_warps=4
         )  # fmt: skip
     grid = (num_tokens, head_blocks, num_kv_splits)
-    shape_args = (num_heads, rows.num_slots, topk, keys_per_split, sm_scale * _LOG2E, q.stride(0), q.stride(1))
+    q_strides = (*q.stride()[:2], *q_rope.stride()[:2])
+    shape_args = (num_heads, rows.num_slots, topk, keys_per_split, sm_scale * _LOG2E, *q_strides)
     out_args = (
         indices.stride(0),
         part_out.stride(0),
@@ -445,7 +474,7 @@ def sparse_mla_forward(
     )
     if rows.is_fp8:
         _sparse_mla_fp8_kernel[grid](
-            q, rows.words, rows.rope, indices, ends, part_out, part_lse,
+            q, q_rope, rows.words, rows.rope, indices, ends, part_out, part_lse,
             *shape_args,
             rows.words.stride(0), rows.rope.stride(0),
             *out_args,
@@ -455,7 +484,7 @@ def sparse_mla_forward(
         )  # fmt: skip
     else:
         _sparse_mla_bf16_kernel[grid](
-            q, rows.latent, indices, ends, part_out, part_lse,
+            q, q_rope, rows.latent, indices, ends, part_out, part_lse,
             *shape_args,
             rows.latent.stride(0),
             *out_args,
@@ -485,12 +514,15 @@ def sparse_mla_decode(
     batch_invariant: bool = False,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    q_rope: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA decode: each query token attends to its own top-k KV slots.
 
     Args:
         q: ``[T, H, 576]`` bfloat16, absorbed ``q_nope (512) ‖ q_rope (64)``;
-            T is the batch (one token per request) or, for MTP, tokens.
+            T is the batch (one token per request) or, for MTP, tokens. With
+            ``q_rope`` given, ``[T, H, 512]``: the latent part alone. Token and
+            head strides are free; the last dimension must be contiguous.
         kv_cache: ``[num_slots, 576]`` bfloat16, or ``[num_slots, 656]`` uint8 in
             the FP8 layout of :mod:`.kv_cache_layout`; ``[num_slots, 1, D]`` and
             paged ``[num_pages, page_size, 1, D]`` views are accepted.
@@ -510,6 +542,9 @@ def sparse_mla_decode(
             ``--enable-deterministic-inference`` needs.
         out, lse: optional preallocated results (``[T, H, 512]`` bf16, ``[T, H]``
             float32, last dim contiguous), e.g. the layer's attention output.
+        q_rope: optional ``[T, H, 64]`` bfloat16 rope part of the query, when
+            the caller holds it apart from ``q`` (SGLang's absorbed MLA does):
+            no concatenated copy of the query is made.
 
     Returns:
         ``(out, lse)``: ``out`` ``[T, H, 512]`` bfloat16, the softmax-weighted sum
@@ -518,7 +553,7 @@ def sparse_mla_decode(
         ``lse = -inf`` (never NaN).
     """
     return sparse_mla_forward(
-        q, kv_cache, indices, sm_scale, d_v, num_kv_splits, out, lse, batch_invariant=batch_invariant
+        q, kv_cache, indices, sm_scale, d_v, num_kv_splits, out, lse, batch_invariant=batch_invariant, q_rope=q_rope
     )
 
 
@@ -532,10 +567,11 @@ def sparse_mla_prefill(
     batch_invariant: bool = False,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    q_rope: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA prefill/extend: every token of a chunk over its own top-k slots.
 
-    Same arguments and results as :func:`sparse_mla_decode` with ``T`` the
+    Same arguments (``q_rope`` included) and results as :func:`sparse_mla_decode` with ``T`` the
     number of extend tokens; causality is encoded in ``indices`` (a token's
     top-k only lists slots it may see). Large ``T`` runs the single pass; a
     short extend is split across the top-k list like a decode batch, unless
@@ -544,5 +580,6 @@ def sparse_mla_prefill(
     than top-k positions), with the same result bits.
     """
     return sparse_mla_forward(
-        q, kv_cache, indices, sm_scale, d_v, None, out, lse, batch_invariant=batch_invariant, skip_invalid_tail=True
+        q, kv_cache, indices, sm_scale, d_v, None, out, lse, batch_invariant=batch_invariant, skip_invalid_tail=True,
+        q_rope=q_rope,
     )

@@ -18,6 +18,10 @@ untouched.
   indexer and the model carries the previous layer's slots forward.
 * ``DraftBackendFactory``: MTP draft backends are chosen from a fixed table;
   ours builds :class:`TritonSparseMLABackend` / the multi-step container.
+* ``FORWARD_ABSORB_CORE_ATTENTION_BACKENDS``: the backends to which the absorbed
+  MLA passes ``q_nope``/``q_rope`` and ``k_nope``/``k_rope`` apart (FA3, FlashMLA,
+  ``dsa``...); for any other it concatenates both per layer first. Ours reads the
+  parts in place, so it is listed (a name in a list, no patch).
 """
 
 from __future__ import annotations
@@ -110,9 +114,12 @@ def install() -> None:
     if _installed:
         return
     from sglang.srt.models.deepseek_common.attention_backend_handler import AttentionBackendRegistry
+    from sglang.srt.models.deepseek_common.utils import FORWARD_ABSORB_CORE_ATTENTION_BACKENDS
     from sglang.srt.plugins.hook_registry import HookRegistry, HookSource, HookType
 
     AttentionBackendRegistry.register(spec.BACKEND_NAME, absorbed_mla_method)
+    if spec.BACKEND_NAME not in FORWARD_ABSORB_CORE_ATTENTION_BACKENDS:
+        FORWARD_ABSORB_CORE_ATTENTION_BACKENDS.append(spec.BACKEND_NAME)
     source = HookSource(plugin_name=spec.BACKEND_NAME, dist_name="sglang-sparse-mla")
     HookRegistry.register(_INDEXER, route_indexer, HookType.AROUND, source=source)
     HookRegistry.register(_DRAFT_DECODE, draft_decode_backend, HookType.AROUND, source=source)

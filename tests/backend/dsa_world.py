@@ -324,16 +324,28 @@ class DSAWorld:
                 t += 1
         return out.to(self.device)
 
-    def attend(self, fb: ForwardBatch, q: torch.Tensor, k_rows: torch.Tensor, topk_slots: torch.Tensor, layer: int = 0):
-        """The model's call: ``RadixAttention(q, k, v, topk_indices=...)`` through the forward context."""
+    def attend(
+        self, fb: ForwardBatch, q: torch.Tensor, k_rows: torch.Tensor, topk_slots: torch.Tensor, layer: int = 0,
+        split: bool = False,
+    ):  # fmt: skip
+        """The model's call: ``RadixAttention(q, k, v, topk_indices=...)`` through the forward context.
+
+        ``split``: as SGLang's absorbed MLA calls a backend it lists among its absorb-core ones,
+        the rope parts apart and strided like its tensors: ``q_nope`` the transposed per-head
+        product, ``q_rope`` and ``k_rope`` slices of wider rows.
+        """
+        k_nope = k_rows[:, :512].reshape(-1, 1, 512)
         with forward_context(ForwardContext(attn_backend=self.backend)):
-            out = self.layers[layer](
-                q.view(q.shape[0], -1),
-                k_rows.view(-1, 1, D_QK),
-                k_rows[:, :512].reshape(-1, 1, 512),
-                fb,
-                topk_indices=topk_slots,
-            )
+            if split:
+                q_nope = q[..., :512].transpose(0, 1).contiguous().transpose(0, 1)
+                q_rope, k_rope = q[..., 512:], k_rows[:, 512:].unsqueeze(1)
+                out = self.layers[layer](
+                    q_nope, k_nope, k_nope, fb, q_rope=q_rope, k_rope=k_rope, topk_indices=topk_slots
+                )
+            else:
+                out = self.layers[layer](
+                    q.view(q.shape[0], -1), k_rows.view(-1, 1, D_QK), k_nope, fb, topk_indices=topk_slots
+                )
         return out.view(q.shape[0], self.num_heads, 512)
 
     def reference(self, reqs: list[Request], counts: list[int], q: torch.Tensor, positions: list[torch.Tensor]):

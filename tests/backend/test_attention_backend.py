@@ -20,34 +20,56 @@ HEADS = 8
 TOL = {False: 1e-2, True: 2e-2}  # bf16 output rounding; fp8 cache adds its own
 
 
-def run(world: DSAWorld, fb, reqs, q, k_rows):
+def run(world: DSAWorld, fb, reqs, q, k_rows, split: bool = False):
     world.backend.init_forward_metadata(fb)
     counts = world.counts(fb)
     positions = world.reference_positions(reqs, counts)
-    out = world.attend(fb, q, k_rows, world.slots_of(reqs, counts, positions))
+    out = world.attend(fb, q, k_rows, world.slots_of(reqs, counts, positions), split=split)
     return out, world.reference(reqs, counts, q, positions)
 
 
+# The model's two calling conventions: q and k whole, or their rope parts apart (absorb core).
+CALLS = pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+
+
+@CALLS
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_extend_without_prefix(sglang_config, fp8):
+def test_extend_without_prefix(sglang_config, fp8, split):
     world = DSAWorld(num_heads=HEADS, fp8=fp8)
     reqs = [world.new_request(), world.new_request()]
     rows = [world.random(70, 576), world.random(9, 576)]
     fb = world.extend_batch(reqs, rows)
-    out, ref = run(world, fb, reqs, world.random(79, HEADS, 576), torch.cat(rows))
+    out, ref = run(world, fb, reqs, world.random(79, HEADS, 576), torch.cat(rows), split)
     assert relative_error(out, ref) < TOL[fp8]
 
 
+@CALLS
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_decode(sglang_config, fp8):
+def test_decode(sglang_config, fp8, split):
     world = DSAWorld(num_heads=HEADS, fp8=fp8)
     reqs = [world.new_request() for _ in range(3)]
     for req, n in zip(reqs, (66, 3, 40), strict=True):
         world.cache(req, world.random(n, 576))
     rows = [world.random(1, 576) for _ in reqs]
     fb = world.decode_batch(reqs, rows)
-    out, ref = run(world, fb, reqs, world.random(3, HEADS, 576), torch.cat(rows))
+    out, ref = run(world, fb, reqs, world.random(3, HEADS, 576), torch.cat(rows), split)
     assert relative_error(out, ref) < TOL[fp8]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_split_call_matches_whole_call_bit_for_bit(sglang_config, fp8):
+    """Rope parts apart (read in place) or concatenated: the same cache bytes and output bits."""
+    results = []
+    for split in (False, True):
+        world = DSAWorld(num_heads=HEADS, fp8=fp8)
+        reqs = [world.new_request() for _ in range(2)]
+        for req, n in zip(reqs, (50, 7), strict=True):
+            world.cache(req, world.random(n, 576))
+        rows = [world.random(1, 576) for _ in reqs]
+        fb = world.decode_batch(reqs, rows)
+        out, _ = run(world, fb, reqs, world.random(2, HEADS, 576), torch.cat(rows), split)
+        results.append((out, torch.cat([world.kv_bytes(r.slots) for r in reqs])))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])

@@ -208,9 +208,27 @@ def test_non_contiguous_q_rows(target, rng):
     assert_matches_reference(out, lse, q, kv, idx)
 
 
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_rope_part_apart_gives_the_same_bits(target, rng, kv_format, prefill):
+    """``q [T, H, 512]`` with ``q_rope [T, H, 64]``, both strided like SGLang's absorbed MLA tensors
+    (the per-head product transposed, a slice of wider rows), equals the concatenated query."""
+    kv, q, idx = make_inputs(target, rng, 4, 16, 96, 400, kv_format)
+    q_nope = q[..., :512].transpose(0, 1).contiguous().transpose(0, 1)
+    q_rope = torch.cat([q[..., 512:], q[..., 512:]], dim=-1)[..., :64]
+    fn = sparse_mla_prefill if prefill else sparse_mla_decode
+    whole = fn(q, kv, idx, SM_SCALE)
+    apart = fn(q_nope, kv, idx, SM_SCALE, q_rope=q_rope)
+    assert all(torch.equal(a, b) for a, b in zip(whole, apart, strict=True))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
+        (lambda a: a.update(q=a["q"][..., :512], q_rope=a["q"][..., :32]), "q_rope.shape\\[2\\]"),
+        (lambda a: a.update(q=a["q"][..., :512], q_rope=a["q"][:1, :, :64]), "tokens and heads must match"),
+        (lambda a: a.update(q_rope=a["q"][..., :64]), "q.shape\\[2\\] \\(latent; q_rope holds"),
+        (lambda a: a.update(q=a["q"][..., :512], q_rope=a["q"][..., :64].half()), "q_rope must be torch.bfloat16"),
         (lambda a: a.update(q=a["q"].half()), "q must be torch.bfloat16"),
         (lambda a: a.update(q=a["q"][..., :512]), "q.shape\\[2\\]"),
         (lambda a: a.update(q=a["q"][0]), "q must be \\[tokens, heads, 576\\]"),

@@ -14,13 +14,16 @@ from sglang_sparse_mla.kernels.device_info import DeviceInfo
 from sglang_sparse_mla.kernels.sparse_mla_configs import all_configs
 
 _SHAPE_ARGS = ["num_heads", "num_slots", "topk", "keys_per_split"]
-_STRIDES = ["stride_qt", "stride_qh", "stride_it", "stride_ot", "stride_oh", "stride_os", "stride_lt", "stride_lh", "stride_ls"]
+_STRIDES = [
+    "stride_qt", "stride_qh", "stride_qrt", "stride_qrh",
+    "stride_it", "stride_ot", "stride_oh", "stride_os", "stride_lt", "stride_lh", "stride_ls",
+]  # fmt: skip
 
 
 def kernel_signature(fp8: bool, split: bool) -> tuple[dict[str, str], tuple[str, ...]]:
     """Argument types of the forward kernel, and the arguments a real launch
     sees as 16-divisible (aligned base pointers and row strides)."""
-    sig = {"q_ptr": "*bf16"}
+    sig = {"q_ptr": "*bf16", "qr_ptr": "*bf16"}
     if fp8:
         sig |= {"words_ptr": "*i32", "rope_ptr": "*bf16"}
         strides = ["stride_words", "stride_rope"]
@@ -29,8 +32,9 @@ def kernel_signature(fp8: bool, split: bool) -> tuple[dict[str, str], tuple[str,
         strides = ["stride_kv"]
     sig |= {"idx_ptr": "*i32", "ends_ptr": "*i32", "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32"}
     sig |= {name: "i32" for name in _SHAPE_ARGS} | {"qk_scale_log2": "fp32"}
-    sig |= {name: "i32" for name in _STRIDES[:2] + strides + _STRIDES[2:]}
-    aligned = tuple(n for n in sig if n.endswith("_ptr")) + ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_os")
+    sig |= {name: "i32" for name in _STRIDES[:4] + strides + _STRIDES[4:]}
+    aligned = tuple(n for n in sig if n.endswith("_ptr"))
+    aligned += ("stride_qt", "stride_qh", "stride_qrt", "stride_qrh", "stride_ot", "stride_oh", "stride_os")
     aligned += tuple(s for s in strides if not (fp8 and s == "stride_words"))
     return sig, aligned
 

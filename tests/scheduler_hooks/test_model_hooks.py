@@ -42,6 +42,16 @@ def test_hooks_are_applied_once():
     assert hasattr(DraftBackendFactory.create_decode_backend, "__wrapped__")
 
 
+def test_absorbed_mla_passes_the_rope_parts_apart():
+    """Listed once among SGLang's absorb-core backends: the model hands q_nope/q_rope and
+    k_nope/k_rope over as they are instead of concatenating them per layer."""
+    from sglang.srt.models.deepseek_common.attention_forward_methods import forward_mla
+    from sglang.srt.models.deepseek_common.utils import FORWARD_ABSORB_CORE_ATTENTION_BACKENDS
+
+    assert FORWARD_ABSORB_CORE_ATTENTION_BACKENDS.count(BACKEND_NAME) == 1
+    assert forward_mla.FORWARD_ABSORB_CORE_ATTENTION_BACKENDS is FORWARD_ABSORB_CORE_ATTENTION_BACKENDS
+
+
 def test_deepseek_attention_takes_the_absorbed_sparse_path():
     """Unregistered names fall back to the ``triton`` handler (dense MHA prefill); ours is MLA."""
     handler = AttentionBackendRegistry.get_handler(BACKEND_NAME)

@@ -8,9 +8,9 @@ Algorithm (one program per row, a persistent grid over rows). Floats are
 compared as order-preserving uint32 keys. The result is fixed by the
 threshold key ``tau`` (the k-th largest): every key above it is selected,
 plus the lowest-position keys equal to it until there are ``k``. ``tau`` is
-found by a bitwise search (up to 32 halvings, "is #(keys >= candidate) >=
-k?", skipping the bits a known range ``[lo, hi]`` fixes) over a candidate
-set held in registers:
+found by a radix select over a candidate set held in registers: 8 rounds,
+each a 16-bin histogram of the next 4 key bits of the keys that share the
+prefix found so far (the count of keys above that prefix carried along):
 
 * Rows of at most ``CAP`` entries are the candidate set themselves.
 * Longer rows are first cut down by two streaming passes. Pass 1 takes the
@@ -24,8 +24,8 @@ set held in registers:
   default ``CHUNKS = 2k``), whatever the row length and distribution;
   ``CAP = 2k`` holds them.
 * If ties or a pathological distribution leave more than ``CAP``
-  candidates, the search counts over the whole row instead (slower, same
-  result).
+  candidates, a bitwise search (32 halvings, "is #(keys >= candidate) >=
+  k?") counts over the whole row in memory instead (slower, same result).
 
 A last pass over the candidates writes the selected positions in increasing
 position order; the row is padded with ``-1`` up to ``k``. The result is
@@ -82,9 +82,9 @@ def sweep_configs(k: int) -> list[TopKConfig]:
 _PROGRAMS_PER_SM = 4
 _EMIT_BLOCK = 1024
 # Leading key bits the lower-bound search resolves (sign, exponent, 11 mantissa
-# bits): its last 12 halvings would only tighten the bound by < 2**-11 of the
-# value, letting through about that fraction more candidates, and cost ~40%
-# of a one-row selection on an H200.
+# bits; a multiple of the radix select's 4): the last 12 bits would only
+# tighten the bound by < 2**-11 of the value, letting through about that
+# fraction more candidates.
 _BOUND_BITS = tl.constexpr(20)
 
 
@@ -101,7 +101,7 @@ def _ordered_key(x):
 
 @triton.jit
 def _search_step(ans, step, lo, hi):
-    """Next candidate of the bitwise search and whether it still needs counting.
+    """Next candidate of the in-memory bitwise search and whether it still needs counting.
 
     The answer lies in ``[lo, hi]``: a candidate ``<= lo`` is known to pass,
     one ``> hi`` to fail.
@@ -111,21 +111,31 @@ def _search_step(ans, step, lo, hi):
 
 
 @triton.jit
-def _kth_largest_key(keys, k, lo, hi, BITS: tl.constexpr):
-    """Largest ``t`` with ``#(keys >= t) >= k`` over a register tensor of keys
-    (the k-th largest key), given ``#(keys >= lo) >= k`` and ``hi`` = max key.
+def _kth_largest_key(keys, valid, k, BITS: tl.constexpr):
+    """The k-th largest of the ``valid`` keys of a register tensor, given at
+    least ``k`` of them: a most-significant-digit radix select, 4 bits a round.
 
-    With ``BITS < 32`` only the leading ``BITS`` bits are searched: the result,
-    the k-th largest key with its low bits cleared, is a lower bound of it.
+    Each round bins the keys that share the prefix found so far by their next
+    digit (``tl.histogram``; the others go to bin 16) and keeps the largest
+    digit with at least ``k`` keys at or above it. With ``BITS < 32`` only the
+    leading ``BITS`` bits are found: the result, the k-th largest key with its
+    low bits cleared, is a lower bound of it (at least ``k`` keys reach it).
     """
+    bins = tl.arange(0, 32)
+    is_digit = bins < 16
     ans = tl.zeros([], tl.uint32)
-    step = tl.full([], 0x80000000, tl.uint32)
-    for _ in range(BITS):
-        cand, take, count = _search_step(ans, step, lo, hi)
-        if count:
-            take = tl.sum((keys >= cand).to(tl.int32), 0) >= k
-        ans = tl.where(take, cand, ans)
-        step = step >> 1
+    above = tl.zeros([], tl.int32)  # keys whose resolved prefix is above ans's
+    for r in tl.static_range(BITS // 4):
+        shift = 28 - 4 * r
+        in_window = valid
+        if r > 0:
+            in_window = valid & ((keys >> (shift + 4)) == (ans >> (shift + 4)))
+        digit = tl.where(in_window, ((keys >> shift) & 15).to(tl.int32), 16)
+        counts = tl.where(is_digit, tl.histogram(digit, 32), 0)
+        at_least = above + tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts  # keys with digit >= bin
+        d = tl.max(tl.where(is_digit & (at_least >= k), bins, 0), 0)
+        above += tl.sum(tl.where(bins > d, counts, 0), 0)
+        ans = ans | (d.to(tl.uint32) << shift)
     return ans
 
 
@@ -210,7 +220,7 @@ def _lower_bound_and_candidates(
         chunk_max = tl.maximum(chunk_max, x)
     chunk_keys = _ordered_key(chunk_max)
     hi = tl.max(chunk_keys, 0)
-    lo = _kth_largest_key(chunk_keys, k, tl.min(chunk_keys, 0), hi, BOUND_BITS)
+    lo = _kth_largest_key(chunk_keys, chunk_keys > 0, k, BOUND_BITS)
 
     tl.debug_barrier()  # the previous row's readers of the scratch row are done
     count = tl.zeros([], tl.int32)
@@ -281,7 +291,7 @@ def _topk_kernel(
         if in_registers:
             keys, _, ok = _source_block(row_ptr, scratch_row, 0, count, from_scratch, CAP)
             if count >= k:
-                tau = _kth_largest_key(keys, k, tl.min(tl.where(ok, keys, 0xFFFFFFFF), 0), tl.max(keys, 0), 32)
+                tau = _kth_largest_key(keys, ok, k, 32)
             ties_wanted = k - tl.sum((keys > tau).to(tl.int32), 0)
         else:
             # More candidates than registers (heavy ties): count over the row.

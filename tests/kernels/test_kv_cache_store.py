@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from target_compile import SHARED_MEMORY_LIMIT, CompileJob, compile_many
 
 from sglang_sparse_mla.kernels import quantize_kv_fp8, store_latent_rows
 
@@ -67,3 +68,16 @@ def test_bad_input_is_refused(target, change, message):
     change(args)
     with pytest.raises(ValueError, match=message):
         store_latent_rows(**args)
+
+
+@pytest.mark.parametrize("loc_type", ["*i32", "*i64"])
+def test_store_kernel_compiles_for_every_architecture(loc_type):
+    signature = {"rows_ptr": "*bf16", "loc_ptr": loc_type, "nope_ptr": "*bf16", "rope_ptr": "*bf16"}
+    signature |= {name: "i32" for name in ("num_slots", "stride_row", "stride_nope", "stride_rope")}
+    kernel = "sglang_sparse_mla.kernels.kv_cache_store:_store_bf16_rows_kernel"
+    jobs = [
+        CompileJob(kernel, signature, dict(D_NOPE=512, D_PE=64), capability, 2, 2, ("rows_ptr", "nope_ptr"))
+        for capability in SHARED_MEMORY_LIMIT
+    ]
+    for capability, report in zip(SHARED_MEMORY_LIMIT, compile_many(jobs), strict=True):
+        assert report.error is None and report.spill_bytes == 0, (capability, report)

@@ -354,3 +354,28 @@ def test_profile_decode_starts_the_profile_once_every_request_decodes(tmp_path):
         server.shutdown()
     assert events[:4] == ["first"] * 3 + ["profile"]
     assert result["batch"] == 3 and result["device_us_per_step"] == pytest.approx(40.0)
+
+
+def test_profile_decode_fails_fast_when_a_request_fails():
+    """A request that errors out ends the wait at once, with the failure in the message."""
+    import http.server
+    import threading
+
+    from sglang_sparse_mla.serving.decode_profile import profile_decode
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError, match="2 of 2 requests have no first token; first failure: HTTPError"):
+            profile_decode(f"http://127.0.0.1:{server.server_port}", [[1], [2]], 2, steps=4, timeout=300)
+    finally:
+        server.shutdown()

@@ -98,11 +98,15 @@ def profile_decode(url: str, prompts: list[list[int]], decode_tokens: int, steps
             pool.submit(stream_generate, url, p, decode_tokens, on_first_token=started.release, timeout=timeout)
             for p in prompts
         ]
-        deadline = time.monotonic() + timeout
-        for _ in prompts:
-            if not started.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                failed = [r.exception() for r in requests if r.done() and r.exception() is not None]
-                raise TimeoutError(f"not every request reached its first token; failures: {failed[:1]}")
+        deadline, waiting = time.monotonic() + timeout, len(prompts)
+        while waiting:
+            if started.acquire(timeout=1.0):
+                waiting -= 1
+                continue
+            failed = [r.exception() for r in requests if r.done() and r.exception() is not None]
+            if failed or time.monotonic() > deadline:
+                first = f"{type(failed[0]).__name__}: {failed[0]}" if failed else "none, timed out"
+                raise RuntimeError(f"{waiting} of {len(prompts)} requests have no first token; first failure: {first}")
         _start_profile(url, {"output_dir": directory, "num_steps": steps, "activities": ["GPU"],
                              "with_stack": False, "record_shapes": False})  # fmt: skip
         table = kernel_table(read_trace(_wait_for_trace(Path(directory), timeout)), steps)

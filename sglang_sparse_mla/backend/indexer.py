@@ -120,17 +120,25 @@ def _raw_projections(indexer, x, q_lora: torch.Tensor):
     return query, key, gate
 
 
+def _write_rope(dst: torch.Tensor, roped: torch.Tensor) -> None:
+    """Put the rotary embedding's result into the rope columns ``dst``. SGLang's CUDA rope
+    rotates those columns in place (its result is a view of them: nothing to do); its torch
+    path returns new tensors."""
+    if roped.data_ptr() != dst.data_ptr():
+        dst.copy_(roped.reshape(dst.shape))
+
+
 def project(indexer, x, q_lora: torch.Tensor, positions: torch.Tensor):
     """``(q [T, Hi, 128], k [T, 128], gate [T, Hi])`` of the indexer, normalized and roped by its
-    modules; the Hadamard rotation (where :func:`sglang_rotates`) is left to the FP8 quantization
-    kernels."""
+    modules (the rope columns rotated in place, as SGLang's indexer does); the Hadamard rotation
+    (where :func:`sglang_rotates`) is left to the FP8 quantization kernels."""
     query, key, gate = _raw_projections(indexer, x, q_lora)
-    n_heads, rope_dim = indexer.n_heads, indexer.rope_head_dim
+    rope_dim = indexer.rope_head_dim
     # SGLang's CUDA LayerNorm (FlashInfer) ignores a view's row stride: give it dense rows.
     key = indexer.k_norm(key.contiguous()).to(query.dtype)
     q_rope, k_rope = indexer.rotary_emb(positions, query[..., :rope_dim], key[..., :rope_dim])
-    query = torch.cat([q_rope.view(query.shape[0], n_heads, rope_dim), query[..., rope_dim:]], dim=-1)
-    key = torch.cat([k_rope.view(key.shape[0], rope_dim), key[..., rope_dim:]], dim=-1)
+    _write_rope(query[..., :rope_dim], q_rope)
+    _write_rope(key[..., :rope_dim], k_rope)
     return query, key, gate
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import relative_error
-from dsa_layer import StubIndexer, check_topk_row, index_scores
+from dsa_layer import NeoxRope, StubIndexer, check_topk_row, index_scores
 
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.backend.indexer import (
@@ -204,3 +204,34 @@ def test_index_keys_as_sglang_writes_them(target):
     scores = torch.einsum("thd,nd->thn", q.double(), k.double())
     rotated = torch.einsum("thd,nd->thn", q_r.double(), k_r.double())
     assert relative_error(rotated, scores) < 1e-2
+
+
+class InPlaceNeoxRope(NeoxRope):
+    """SGLang's CUDA rope: rotates the columns it is given in place and returns views of them."""
+
+    def forward(self, positions, q, k):
+        roped_q, roped_k = super().forward(positions, q, k)
+        q.copy_(roped_q)
+        k.copy_(roped_k)
+        return q, k
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["torch-rope", "in-place-rope"])
+def test_projection_ropes_only_the_rope_columns(target, in_place):
+    """``project`` returns the queries and normalized keys with their first 64 columns turned by
+    the indexer's rotary embedding and the rest as projected, whether the embedding returns new
+    tensors (SGLang's torch path) or rotates in place (its CUDA kernel)."""
+    n, heads = 12, 4
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(5)).bfloat16().to(target.device)
+    q_lora = torch.randn(n, 32, generator=torch.Generator().manual_seed(6)).bfloat16().to(target.device)
+    positions = torch.arange(n, device=target.device) * 31 + 1
+    indexer = StubIndexer(64, 32, heads, target.device)
+    if in_place:
+        indexer.rotary_emb = InPlaceNeoxRope()
+    query, key, _ = project(indexer, x, q_lora, positions)
+    raw_q = indexer.wq_b(q_lora)[0].view(n, heads, 128)
+    raw_k = indexer.k_norm(indexer.wk(x)[0].contiguous())
+    roped_q, roped_k = NeoxRope()(positions, raw_q[..., :64], raw_k[..., :64])
+    assert not torch.equal(roped_q, raw_q[..., :64])  # the rotation is not the identity here
+    assert torch.equal(query[..., :64], roped_q) and torch.equal(query[..., 64:], raw_q[..., 64:])
+    assert torch.equal(key[:, :64], roped_k) and torch.equal(key[:, 64:], raw_k[:, 64:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import random
@@ -286,7 +287,13 @@ def test_e2e_work_selects_steps_of_each_configuration(tmp_path, monkeypatch, cap
 
 
 def _trace(*events):
-    return {"traceEvents": [{"ph": "X", "cat": c, "name": n, "ts": t, "dur": d} for c, n, t, d in events]}
+    """Chrome-trace events from ``(category, name, start, duration[, stream])``."""
+    return {
+        "traceEvents": [
+            {"ph": "X", "cat": c, "name": n, "ts": t, "dur": d, "args": {"stream": rest[0] if rest else 7}}
+            for c, n, t, d, *rest in events
+        ]
+    }
 
 
 def test_kernel_table_sums_device_work_per_step():
@@ -295,34 +302,37 @@ def test_kernel_table_sums_device_work_per_step():
     trace = _trace(
         ("kernel", "attn", 0.0, 30.0),
         ("kernel", "topk", 30.0, 10.0),
+        ("kernel", "gemm", 20.0, 15.0, 9),  # on another stream, overlapping attn and topk
         ("cpu_op", "aten::mm", 0.0, 500.0),  # host work: not device time
         ("kernel", "attn", 50.0, 30.0),
         ("gpu_memcpy", "Memcpy DtoD", 80.0, 5.0),
         ("kernel", "topk", 90.0, 10.0),
     )
     table = kernel_table(trace, steps=2, top=2)
-    assert table["device_us_per_step"] == pytest.approx(42.5) and table["span_us_per_step"] == pytest.approx(50.0)
+    assert table["device_us_per_step"] == pytest.approx(50.0) and table["span_us_per_step"] == pytest.approx(50.0)
+    # Busy: [0, 40] and [50, 100] less the idle [85, 90].
+    assert table["busy_us_per_step"] == pytest.approx(42.5)
+    assert table["stream_us_per_step"] == {"7": pytest.approx(42.5), "9": pytest.approx(7.5)}
     assert [k["name"] for k in table["kernels"]] == ["attn", "topk"]
     attn = table["kernels"][0]
-    assert attn["calls_per_step"] == 1 and attn["us_per_step"] == 30 and attn["share"] == pytest.approx(60 / 85)
+    assert attn["calls_per_step"] == 1 and attn["us_per_step"] == 30 and attn["share"] == pytest.approx(60 / 100)
     with pytest.raises(ValueError, match="no device work"):
         kernel_table(_trace(("cpu_op", "aten::mm", 0.0, 1.0)), steps=1)
     with pytest.raises(ValueError, match="steps"):
         kernel_table(trace, steps=0)
 
 
-def test_profile_decode_starts_the_profile_once_every_request_decodes(tmp_path):
-    """profile_decode against a stub server: ``/start_profile`` comes after every first token
-    and the trace the server writes is read back."""
+@contextlib.contextmanager
+def _profiling_stub_server(events: list):
+    """A stand-in for SGLang's HTTP server: ``/start_profile`` writes a trace of
+    ``num_steps`` 40 us steps into its ``output_dir``; ``/generate`` streams two
+    tokens, the first after a delay of ``0.05 s * input_ids[0]``. ``events``
+    records the order of profile starts and first tokens."""
     import gzip
     import http.server
     import json
     import threading
     import time
-
-    from sglang_sparse_mla.serving.decode_profile import profile_decode
-
-    events = []
 
     class Stub(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's naming)
@@ -349,11 +359,35 @@ def test_profile_decode_starts_the_profile_once_every_request_decodes(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        result = profile_decode(f"http://127.0.0.1:{server.server_port}", [[1], [2], [3]], 2, steps=4, timeout=30)
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+def test_profile_decode_starts_the_profile_once_every_request_decodes(tmp_path):
+    """profile_decode against a stub server: ``/start_profile`` comes after every first token
+    and the trace the server writes is read back (and kept where asked)."""
+    from sglang_sparse_mla.serving.decode_profile import profile_decode
+
+    events = []
+    keep = tmp_path / "traces" / "decode.trace.json.gz"
+    with _profiling_stub_server(events) as url:
+        result = profile_decode(url, [[1], [2], [3]], 2, steps=4, timeout=30, keep_trace=keep)
     assert events[:4] == ["first"] * 3 + ["profile"]
     assert result["batch"] == 3 and result["device_us_per_step"] == pytest.approx(40.0)
+    assert keep.stat().st_size > 0
+
+
+def test_profile_prefill_profiles_the_prompt_sent_after_the_start(tmp_path):
+    from sglang_sparse_mla.serving.decode_profile import profile_prefill
+
+    events = []
+    keep = tmp_path / "prefill.trace.json.gz"
+    with _profiling_stub_server(events) as url:
+        result = profile_prefill(url, [1, 5, 5], steps=2, timeout=30, keep_trace=keep)
+    assert events == ["profile", "first"]
+    assert result["prompt_tokens"] == 3 and result["busy_us_per_step"] == pytest.approx(40.0)
+    assert keep.stat().st_size > 0
 
 
 def test_profile_decode_fails_fast_when_a_request_fails():

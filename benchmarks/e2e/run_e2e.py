@@ -43,7 +43,9 @@ Work (WORK; lengths of the small shape, the released one's in WORKLOADS):
   throughput  concurrency 1, 8, 32: 4 x concurrency (>= 8) streamed requests of 1024 + 256
               tokens: output tokens/s, TTFT p50/p90, per-request decode tokens/s
   profile     batches of 1 and 32 throughput-length requests decoding: GPU kernel time of
-              20 decode steps, by kernel (SGLang's torch profiler; serving/decode_profile.py)
+              20 decode steps, by kernel and by stream, busy time and span; then one
+              throughput-length prompt's prefill (SGLang's torch profiler;
+              serving/decode_profile.py); traces kept in DIR/traces/CONFIG/
 
 Comparisons (summary): radix batch vs the same backend's no-radix one by one
 (greedy agreement, near-tie rule of sglang_sparse_mla.serving.workload, and the
@@ -72,7 +74,7 @@ from pathlib import Path
 import torch
 
 from sglang_sparse_mla.serving.client import Completion, flush_cache, generate, stream_generate
-from sglang_sparse_mla.serving.decode_profile import profile_decode
+from sglang_sparse_mla.serving.decode_profile import profile_decode, profile_prefill
 from sglang_sparse_mla.serving.server import Server, ServerError
 from sglang_sparse_mla.serving.workload import (
     DEFAULT_TIE_MARGIN,
@@ -290,13 +292,18 @@ def run_throughput(url: str, workload: Workload) -> dict:
     return {"levels": levels}
 
 
-def run_profile(url: str, workload: Workload) -> dict:
+def run_profile(url: str, workload: Workload, trace_dir: Path | None = None) -> dict:
+    """Decode steps at each profiled batch, then one prompt's prefill; the traces go to ``trace_dir``."""
     levels = []
     for batch in PROFILE_BATCHES:
         prompts = token_prompts([workload.input_tokens] * batch, seed=40 + batch)
         flush_cache(url)
-        levels.append(profile_decode(url, prompts, PROFILE_DECODE_TOKENS, PROFILE_STEPS))
-    return {"levels": levels}
+        keep = trace_dir / f"decode-b{batch}.trace.json.gz" if trace_dir else None
+        levels.append(profile_decode(url, prompts, PROFILE_DECODE_TOKENS, PROFILE_STEPS, keep_trace=keep))
+    flush_cache(url)
+    (prompt,) = token_prompts([workload.input_tokens], seed=39)
+    keep = trace_dir / "prefill.trace.json.gz" if trace_dir else None
+    return {"levels": levels, "prefill": profile_prefill(url, prompt, keep_trace=keep)}
 
 
 WORK = {
@@ -331,7 +338,8 @@ def run_config(name: str, config: Config, workload: Workload, model: Path, out: 
             result["startup_s"] = time.perf_counter() - start
             for step in config.work:
                 try:
-                    result[step] = WORK[step](server.url, workload)
+                    extra = {"trace_dir": out / "traces" / name} if step == "profile" else {}
+                    result[step] = WORK[step](server.url, workload, **extra)
                 except Exception as err:  # one step's failure must not hide the others' results
                     result[step] = {"error": f"{type(err).__name__}: {err}"}
     except ServerError as err:
@@ -447,9 +455,16 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
                     str(level["concurrency"]): round(level["decode_tok_per_s_per_request_p50"], 1) for level in levels
                 }
         for level in (result.get("profile") or {}).get("levels", []):
-            summary.setdefault("decode_step_device_us", {}).setdefault(name, {})[str(level["batch"])] = round(
-                level["device_us_per_step"], 1
-            )
+            for key in ("device", "busy", "span"):
+                if f"{key}_us_per_step" in level:
+                    summary.setdefault(f"decode_step_{key}_us", {}).setdefault(name, {})[str(level["batch"])] = round(
+                        level[f"{key}_us_per_step"], 1
+                    )
+        prefill = (result.get("profile") or {}).get("prefill")
+        if isinstance(prefill, dict) and "busy_us_per_step" in prefill:
+            summary.setdefault("prefill_busy_us", {})[name] = {
+                str(prefill["prompt_tokens"]): round(prefill["busy_us_per_step"] * prefill["steps"], 1)
+            }
         if "error" in result or "skipped" in result:
             summary.setdefault("not_run", {})[name] = result.get("error", result.get("skipped"))[-400:]
     return summary
@@ -459,16 +474,20 @@ TABLE_TITLES = {
     "throughput_output_tok_per_s": "throughput (output tokens/s, prefill included)",
     "decode_tok_per_s_per_request_p50": "decode rate per request (tokens/s after the first, p50)",
     "ttft_p50_ms": "TTFT p50 (ms)",
-    "decode_step_device_us": "GPU time of one decode step (us, profiled)",
+    "decode_step_device_us": "GPU time of one decode step (us, profiled; overlapping kernels count in full)",
+    "decode_step_busy_us": "time a decode step keeps the GPU busy (us, profiled)",
+    "decode_step_span_us": "decode step, first kernel start to last end (us, profiled)",
+    "prefill_busy_us": "time one prompt's prefill keeps the GPU busy (us, profiled)",
 }
 
 
 def print_summary(summary: dict) -> None:
     for key, value in summary.items():
         if key in TABLE_TITLES:
-            print(TABLE_TITLES[key], "by concurrency:")
+            by = "prompt tokens" if key.startswith("prefill") else "concurrency"
+            print(TABLE_TITLES[key], f"by {by}:")
             for name, levels in value.items():
-                print(f"  {name:14s} " + "  ".join(f"c={c}: {v:9.1f}" for c, v in levels.items()))
+                print(f"  {name:14s} " + "  ".join(f"{by[0]}={c}: {v:9.1f}" for c, v in levels.items()))
         elif key == "not_run":
             for name, why in value.items():
                 print(f"not run: {name}: {why.splitlines()[0] if why else ''}")

@@ -15,7 +15,8 @@
 # (output in lane-gpuN.txt, its tail printed at the end); the call waits for every
 # lane. run_e2e.py results accumulate in $E2E_WORK (default /tmp/e2e) over calls
 # of a warm machine and over concurrent jobs; each call copies results.json,
-# summary.json and the server logs (logs.tgz) to the results folder. Servers left
+# summary.json, the server logs (logs.tgz) and the profiler traces (traces.tar) to
+# the results folder. Servers left
 # running by an earlier call that ran out of time are stopped first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -71,6 +72,7 @@ done
 if [ -f "$WORK/results.json" ]; then
     cp "$WORK/results.json" "$WORK/summary.json" "$RESULTS/"
     tar czf "$RESULTS/logs.tgz" -C "$WORK" logs
+    [ -d "$WORK/traces" ] && tar cf "$RESULTS/traces.tar" -C "$WORK" traces # already gzipped
 fi
 if [ -n "${OUT:-}" ]; then # the device returns at most 8 files: the text outputs travel as one archive
     (cd "$RESULTS" && tar czf text.tgz --remove-files -- *.txt *.log 2>/dev/null)

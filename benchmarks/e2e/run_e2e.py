@@ -303,7 +303,7 @@ def run_profile(url: str, workload: Workload, trace_dir: Path | None = None) -> 
     flush_cache(url)
     (prompt,) = token_prompts([workload.input_tokens], seed=39)
     keep = trace_dir / "prefill.trace.json.gz" if trace_dir else None
-    return {"levels": levels, "prefill": profile_prefill(url, prompt, keep_trace=keep)}
+    return {"levels": levels, "prefill": profile_prefill(url, prompt, timeout=180.0, keep_trace=keep)}
 
 
 WORK = {

@@ -159,10 +159,14 @@ def profile_prefill(
     url: str, prompt: list[int], steps: int = 1, timeout: float = 600.0, keep_trace: Path | None = None
 ) -> dict:
     """Kernel table of the first ``steps`` forward steps of one prompt sent to an idle server:
-    its prefill (one step unless the server chunks the prompt)."""
+    its prefill (one step unless the server chunks the prompt).
+
+    SGLang stops a profile at the first batch after the last profiled one, so the
+    request decodes a few tokens past them (a decode step is ~1% of a long prefill).
+    """
     with tempfile.TemporaryDirectory(prefix="prefill-profile-") as directory:
         _start_profile(url, _profile_request(directory, steps))
-        stream_generate(url, prompt, 1, timeout=timeout)
+        stream_generate(url, prompt, steps + 3, timeout=timeout)
         table = kernel_table(_read_and_keep(Path(directory), timeout, keep_trace), steps)
     return {"prompt_tokens": len(prompt), **table}
 

@@ -413,3 +413,26 @@ def test_profile_decode_fails_fast_when_a_request_fails():
             profile_decode(f"http://127.0.0.1:{server.server_port}", [[1], [2]], 2, steps=4, timeout=300)
     finally:
         server.shutdown()
+
+
+def test_layer_timeline_medians_of_the_typical_layer():
+    """Periods start at the anchor; the most common kernel sequence wins, the odd period
+    (an extra kernel) is left out; starts are relative to the anchor, medians over periods."""
+    from sglang_sparse_mla.serving.layer_timeline import format_timeline, layer_timeline
+
+    events = []
+    for layer, t0 in enumerate((0.0, 100.0, 200.0, 300.0)):
+        jitter = (0.0, 2.0, 4.0, 6.0)[layer]
+        events += [("kernel", "attn", t0, 40.0), ("kernel", "gemm", t0 + 10.0 + jitter, 20.0, 9)]
+        events.append(("kernel", "topk", t0 + 50.0, 10.0 + jitter))
+        if layer == 2:
+            events.append(("kernel", "stray", t0 + 70.0, 1.0))
+    events.append(("kernel", "attn", 400.0, 40.0))
+    timeline = layer_timeline(_trace(*events), anchor="attn")
+    assert (timeline.layers, timeline.periods, timeline.period_us) == (3, 4, 100.0)
+    assert [(e.name, e.stream) for e in timeline.entries] == [("attn", "7"), ("gemm", "9"), ("topk", "7")]
+    assert [e.start_us for e in timeline.entries] == [0.0, 12.0, 50.0]
+    assert [e.duration_us for e in timeline.entries] == [40.0, 20.0, 12.0]
+    assert "3 of 4 periods" in format_timeline(timeline)
+    with pytest.raises(ValueError, match="need two or more"):
+        layer_timeline(_trace(("kernel", "attn", 0.0, 1.0)), anchor="attn")

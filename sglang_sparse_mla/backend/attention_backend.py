@@ -175,7 +175,30 @@ class TritonSparseMLABackend(AttentionBackend):
             self.token_to_kv_pool.get_index_k_with_scale_buffer(layer_id),
             metadata,
             return_indices,
+            side_stream=self._q_b_proj_stream(indexer, forward_batch),
         )
+
+    @staticmethod
+    def _q_b_proj_stream(indexer, forward_batch) -> torch.cuda.Stream | None:
+        """The stream SGLang runs the layer's ``q_b_proj`` on beside the indexer, where it does.
+
+        In captured decode graphs (``forward_mla``: "overlap q_b_proj and indexer during
+        decode") SGLang forks its alternate stream before calling the indexer and queues
+        ``q_b_proj`` there after it, joining both after. Nothing else orders that GEMM, so at
+        replay it starts at the fork and holds the SMs while the indexer's small projections and
+        quantization wait (run 6 profile, 16 layers: at batch 1 the ``wk`` GEMM took 12 us beside
+        it instead of 3; at batch 32 the indexer stalled ~16 us a layer). SGLang's own indexer
+        queues its key path on that stream first, which holds the GEMM back until then; ours
+        makes the stream wait for its quantized queries, so the GEMM runs beside the logits
+        and top-k. The conditions are SGLang's for that branch (its DCP variant never runs
+        with this backend, which refuses DCP).
+        """
+        from sglang.srt.model_executor.runner import get_is_capture_mode
+
+        stream = getattr(indexer, "alt_stream", None)
+        if stream is None or not get_is_capture_mode() or not forward_batch.forward_mode.is_decode_or_idle():
+            return None
+        return stream
 
     # --- attention --------------------------------------------------------
 

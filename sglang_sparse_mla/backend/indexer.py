@@ -223,7 +223,12 @@ class SparseIndexer:
         index_buffer: torch.Tensor,
         metadata: SparseMLAMetadata | None,
         return_indices: bool = True,
+        side_stream: torch.cuda.Stream | None = None,
     ) -> torch.Tensor | None:
+        """``side_stream``: a stream whose next work must not start before the index queries are
+        quantized (waited on once they are, before the logits): the caller's way to keep a large
+        GEMM queued there off the SMs the indexer's small kernels need, and beside its logits and
+        top-k kernels instead."""
         num_tokens = q_lora.shape[0]
         if metadata is None or num_tokens == 0:
             if not return_indices:
@@ -247,6 +252,8 @@ class SparseIndexer:
             rows_in.query[:rows], rows_in.gate[:rows], *query_weight_factors(indexer),
             rotate=rotate, scale_format=query_format, rope=rope,
         )  # fmt: skip
+        if side_stream is not None:
+            side_stream.wait_stream(torch.cuda.current_stream())
         slots = self._topk_slots(indexer, q_fp8, weights, index_buffer, metadata)
         if rows < num_tokens:  # padded rows of a data-parallel batch
             slots = torch.cat([slots, slots.new_full((num_tokens - rows, slots.shape[1]), -1)])

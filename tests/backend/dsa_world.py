@@ -389,9 +389,13 @@ class TinyDSALayer:
         self.x[req.pool_index] = self.x[donor.pool_index][:prefix_len].clone()
         self.q_lora[req.pool_index] = self.q_lora[donor.pool_index][:prefix_len].clone()
 
-    def forward(self, fb, x, q_lora, q, k_rows):
+    def select(self, fb, x, q_lora):
+        """The indexer's call alone: top-k slots of the batch (new index keys stored)."""
         with forward_context(ForwardContext(attn_backend=self.world.backend)):
-            slots = self.indexer.forward_cuda(x=x, q_lora=q_lora, positions=fb.positions, forward_batch=fb, layer_id=0)
+            return self.indexer.forward_cuda(x=x, q_lora=q_lora, positions=fb.positions, forward_batch=fb, layer_id=0)
+
+    def forward(self, fb, x, q_lora, q, k_rows):
+        slots = self.select(fb, x, q_lora)
         return slots, self.world.attend(fb, q, k_rows, slots)
 
     def check_topk(self, reqs, counts, slots) -> list[torch.Tensor]:

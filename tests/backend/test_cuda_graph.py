@@ -129,3 +129,45 @@ def test_replay_smaller_batches_equals_eager(sglang_config, monkeypatch, mode):
         graph_slots, graph_out = layer.forward(graph_fb, x, q_lora, q, k_rows)
         assert torch.equal(graph_slots[: rows_live * n], eager_slots)
         assert relative_error(graph_out[: rows_live * n], eager_out) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph")
+def test_captured_decode_with_q_b_proj_beside_the_indexer(sglang_config, monkeypatch):
+    """SGLang's captured decode layer: its alternate stream forked before the indexer, a GEMM
+    queued there after it (q_b_proj), both joined. The indexer makes that stream wait for its
+    quantized queries; the graph must capture and replay to the eager slots and product."""
+    import sglang.srt.model_executor.runner as runner
+
+    world = DSAWorld(num_heads=HEADS)
+    layer = TinyDSALayer(world, make_indexer(monkeypatch))
+    reqs = [world.new_request() for _ in range(2)]
+    for req, length in zip(reqs, (70, 130), strict=True):
+        x, q_lora = layer.tokens(req, length)
+        rows = world.random(length, 576)
+        fb = world.extend_batch([req], [rows])
+        world.backend.init_forward_metadata(fb)
+        layer.forward(fb, x, q_lora, world.random(length, HEADS, 576), rows)
+    inputs = [layer.tokens(r, 1) for r in reqs]
+    x, q_lora = torch.cat([i[0] for i in inputs]), torch.cat([i[1] for i in inputs])
+    fb = world.decode_batch(reqs, [world.random(1, 576) for _ in reqs])
+    world.backend.init_forward_metadata(fb)
+    eager_slots = layer.select(fb, x, q_lora)  # also compiles every kernel before the capture
+    weight = world.random(q_lora.shape[1], 4096)
+
+    alt = torch.cuda.Stream()
+    layer.indexer.alt_stream = alt
+    monkeypatch.setattr(runner, "get_is_capture_mode", lambda: True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        current = torch.cuda.current_stream()
+        alt.wait_stream(current)
+        slots = layer.select(fb, x, q_lora)
+        with torch.cuda.stream(alt):
+            q_b = q_lora @ weight
+        current.wait_stream(alt)
+    slots.fill_(-7)
+    q_b.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(slots, eager_slots)
+    assert torch.equal(q_b, q_lora @ weight)

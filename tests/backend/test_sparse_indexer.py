@@ -107,6 +107,59 @@ def test_paged_modes_select_topk(layer, mode):
     assert relative_error(out, w.reference(reqs, [n, n], q, positions)) < 1e-2
 
 
+class RecordingStream:
+    """Stands in for SGLang's alternate CUDA stream: records when it is made to wait."""
+
+    def __init__(self, events: list):
+        self.events = events
+
+    def wait_stream(self, stream):
+        assert stream is not self
+        self.events.append("alt stream waits")
+
+
+@pytest.mark.parametrize(
+    ("mode", "capture", "waits"),
+    [("decode", True, True), ("decode", False, False), ("extend", True, False)],
+    ids=["captured-decode", "eager-decode", "extend"],
+)
+def test_q_b_proj_stream_waits_for_the_index_queries(layer, monkeypatch, mode, capture, waits):
+    """Where SGLang queues q_b_proj on its alternate stream beside the indexer (captured decode),
+    that stream is made to wait once the index queries are quantized, before the logits."""
+    import sglang.srt.model_executor.runner as runner
+
+    w = layer.world
+    reqs = [w.new_request() for _ in range(2)]
+    extend(layer, reqs, [40, 12])
+    events = []
+    layer.indexer.alt_stream = RecordingStream(events)
+    monkeypatch.setattr(runner, "get_is_capture_mode", lambda: capture)
+    if not torch.cuda.is_available():  # the stream the indexer runs on, asked for by the wait
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "current stream")
+    for name in ("quantize_index_queries", "paged_index_logits", "ragged_index_logits"):
+        original = getattr(dispatch, name)
+
+        def recorded(*args, _name=name, _original=original, **kwargs):
+            events.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(dispatch, name, recorded)
+    if mode == "decode":
+        inputs = [layer.tokens(r, 1) for r in reqs]
+        rows = [w.random(1, 576) for _ in reqs]
+        fb = w.decode_batch(reqs, rows)
+        w.backend.init_forward_metadata(fb)
+        x, q_lora = torch.cat([i[0] for i in inputs]), torch.cat([i[1] for i in inputs])
+        slots, _ = layer.forward(fb, x, q_lora, w.random(2, HEADS, 576), torch.cat(rows))
+        layer.check_topk(reqs, [1, 1], slots)
+        logits = "paged_index_logits"
+    else:
+        extend(layer, reqs, [30, 3])
+        logits = "ragged_index_logits"
+    expected = ["quantize_index_queries", "alt stream waits", logits] if waits else ["quantize_index_queries", logits]
+    assert events == expected
+
+
 def test_index_share_layer_reuses_previous_topk(sglang_config, monkeypatch):
     """GLM-5.2 IndexShare: a ``shared`` layer has no indexer (nor index-K pages) and attends
     with the previous full layer's slots, carried by SGLang's ``IndexTopKShareState``."""

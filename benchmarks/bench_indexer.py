@@ -66,7 +66,7 @@ PAGED_SHAPES = [(b, ctx) for b in (1, 8, 32, 128) for ctx in (4096, 32768, 13107
 PAGED_MTP_SHAPES = [(32, 32768, 2)]  # (batch, context, next_n): ours only, SGLang's fallback has no next_n > 1
 PREFILL_SHAPES = [(4096, n) for n in (4096, 16384, 65536)]
 # Decode rows (one per request, context ~8k-64k) first, then prefill-sized batches.
-TOPK_SHAPES = [(1, 8192), (32, 8192), (32, 65536)]
+TOPK_SHAPES = [(1, 8192), (32, 8192), (1, 8448), (32, 8448), (32, 16384), (32, 65536)]
 TOPK_SHAPES += [(64, c) for c in (32768, 65536, 131072, 163840)] + [(128, 131072), (4096, 8192)]
 
 

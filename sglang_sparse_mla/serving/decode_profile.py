@@ -30,6 +30,12 @@ from .client import stream_generate
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+def device_events(trace: dict) -> list[dict]:
+    """A Chrome trace's device work (kernels, copies, memsets), in start order."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES]
+    return sorted(events, key=lambda e: float(e["ts"]))
+
+
 def _busy_time(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of ``(start, end)`` intervals."""
     busy, reach = 0.0, float("-inf")
@@ -57,13 +63,12 @@ def kernel_table(trace: dict, steps: int, top: int = 30) -> dict:
     micros: dict[str, float] = defaultdict(float)
     by_stream: dict[str, float] = defaultdict(float)
     intervals = []
-    for event in trace.get("traceEvents", []):
-        if event.get("ph") == "X" and event.get("cat") in DEVICE_CATEGORIES:
-            duration = float(event.get("dur", 0.0))
-            calls[event["name"]] += 1
-            micros[event["name"]] += duration
-            by_stream[str((event.get("args") or {}).get("stream", "?"))] += duration
-            intervals.append((float(event["ts"]), float(event["ts"]) + duration))
+    for event in device_events(trace):
+        duration = float(event.get("dur", 0.0))
+        calls[event["name"]] += 1
+        micros[event["name"]] += duration
+        by_stream[str((event.get("args") or {}).get("stream", "?"))] += duration
+        intervals.append((float(event["ts"]), float(event["ts"]) + duration))
     if not calls:
         raise ValueError("the trace holds no device work (was the GPU activity recorded?)")
     total = sum(micros.values())

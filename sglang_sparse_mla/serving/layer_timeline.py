@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .decode_profile import DEVICE_CATEGORIES, read_trace
+from .decode_profile import device_events, read_trace
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,9 @@ class LayerTimeline:
     entries: list[TimelineEntry]
 
 
-def _device_events(trace: dict) -> list[dict]:
-    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES]
-    return sorted(events, key=lambda e: float(e["ts"]))
-
-
 def layer_timeline(trace: dict, anchor: str) -> LayerTimeline:
     """The typical layer of ``trace``: periods start at each kernel whose name contains ``anchor``."""
-    events = _device_events(trace)
+    events = device_events(trace)
     starts = [i for i, e in enumerate(events) if anchor in e["name"]]
     if len(starts) < 2:
         raise ValueError(f"{len(starts)} launches of a kernel named like {anchor!r}: need two or more")

@@ -156,6 +156,17 @@ def test_e2e_summary_of_recorded_results():
             },
         },
         "ours-no-radix": {"one_by_one": completions([[1, 2, 3], [4, 6]])},
+        "ours-fp8": {
+            "profile": {
+                "levels": [
+                    {"batch": 32, "device_us_per_step": 410.04, "busy_us_per_step": 380.0, "span_us_per_step": 400.0,
+                     "layer": {"anchor": "attn", "period_us": 98.76}},
+                    {"batch": 1, "device_us_per_step": 210.0, "busy_us_per_step": 200.0, "span_us_per_step": 300.0,
+                     "layer": None},
+                ],
+                "prefill": {"prompt_tokens": 8192, "steps": 1, "busy_us_per_step": 1234.5},
+            }
+        },
         "ours-det": {"radix": completions(same)},
         "ours-det-no-radix": {"one_by_one": completions(same)},
         # ours is 0.01 from dsa everywhere; fallback is 0.01 (dense) and 0.04 (sparse) from dsa.
@@ -182,6 +193,10 @@ def test_e2e_summary_of_recorded_results():
     assert summary["ttft_p50_ms"] == {"ours": {"1": 25.1}}
     assert summary["decode_tok_per_s_per_request_p50"] == {"ours": {"1": 901.0}}
     assert "NCCL" in summary["not_run"]["ours-tp2"]
+    assert summary["decode_step_busy_us"] == {"ours-fp8": {"32": 380.0, "1": 200.0}}
+    assert summary["decode_step_device_us"] == {"ours-fp8": {"32": 410.0, "1": 210.0}}
+    assert summary["decode_layer_us"] == {"ours-fp8": {"32": 98.8}}  # batch 1 had no once-a-layer kernel
+    assert summary["prefill_busy_us"] == {"ours-fp8": {"8192": 1234.5}}
 
     results["ours"]["teacher"] = completions(same, 0.0, teacher, sparse_shift=0.1)  # 0.09 sparse: 2.25x spread
     results["ours"]["soak"]["non_finite"] = 3
@@ -418,7 +433,7 @@ def test_profile_decode_fails_fast_when_a_request_fails():
 def test_layer_timeline_medians_of_the_typical_layer():
     """Periods start at the anchor; the most common kernel sequence wins, the odd period
     (an extra kernel) is left out; starts are relative to the anchor, medians over periods."""
-    from sglang_sparse_mla.serving.layer_timeline import format_timeline, layer_timeline
+    from sglang_sparse_mla.serving.layer_timeline import format_timeline, layer_timeline, per_layer_anchor
 
     events = []
     for layer, t0 in enumerate((0.0, 100.0, 200.0, 300.0)):
@@ -434,5 +449,30 @@ def test_layer_timeline_medians_of_the_typical_layer():
     assert [e.start_us for e in timeline.entries] == [0.0, 12.0, 50.0]
     assert [e.duration_us for e in timeline.entries] == [40.0, 20.0, 12.0]
     assert "3 of 4 periods" in format_timeline(timeline)
+    table = [{"name": "moe", "calls_per_step": 8.0}, {"name": "attn", "calls_per_step": 4.0}]
+    assert per_layer_anchor(table, layers=4) == "attn" and per_layer_anchor(table, layers=3) is None
     with pytest.raises(ValueError, match="need two or more"):
         layer_timeline(_trace(("kernel", "attn", 0.0, 1.0)), anchor="attn")
+
+
+def test_e2e_typical_layer_of_a_kept_trace(tmp_path):
+    """run_e2e cuts a kept decode trace at its longest once-a-layer kernel (not the twice-a-layer one)."""
+    import gzip
+    import json
+
+    from sglang_sparse_mla.serving.decode_profile import kernel_table
+
+    run_e2e = _load("run_e2e")
+    events = []
+    for layer in range(4):  # one step of 4 layers: moe twice a layer (longer in total), attn once
+        t0 = 100.0 * layer
+        events += [("kernel", "attn", t0, 30.0), ("kernel", "moe", t0 + 40.0, 20.0), ("kernel", "moe", t0 + 70.0, 20.0)]
+    trace = _trace(*events)
+    path = tmp_path / "decode-b1.trace.json.gz"
+    with gzip.open(path, "wt") as handle:
+        json.dump(trace, handle)
+    kernels = kernel_table(trace, steps=1)["kernels"]
+    assert kernels[0]["name"] == "moe"
+    layer = run_e2e.typical_layer(path, kernels, layers=4)
+    assert layer["anchor"] == "attn" and layer["period_us"] == 100.0 and layer["layers"] == 3
+    assert run_e2e.typical_layer(path, kernels, layers=5) is None

@@ -43,7 +43,8 @@ Work (WORK; lengths of the small shape, the released one's in WORKLOADS):
   throughput  concurrency 1, 8, 32: 4 x concurrency (>= 8) streamed requests of 1024 + 256
               tokens: output tokens/s, TTFT p50/p90, per-request decode tokens/s
   profile     batches of 1 and 32 throughput-length requests decoding: GPU kernel time of
-              20 decode steps, by kernel and by stream, busy time and span; then one
+              20 decode steps, by kernel and by stream, busy time and span, the typical
+              layer's timeline (serving/layer_timeline.py); then one
               throughput-length prompt's prefill (SGLang's torch profiler;
               serving/decode_profile.py); traces kept in DIR/traces/CONFIG/
 
@@ -68,13 +69,14 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from sglang_sparse_mla.serving.client import Completion, flush_cache, generate, stream_generate
-from sglang_sparse_mla.serving.decode_profile import profile_decode, profile_prefill
+from sglang_sparse_mla.serving.decode_profile import profile_decode, profile_prefill, read_trace
+from sglang_sparse_mla.serving.layer_timeline import layer_timeline, per_layer_anchor
 from sglang_sparse_mla.serving.server import Server, ServerError
 from sglang_sparse_mla.serving.workload import (
     DEFAULT_TIE_MARGIN,
@@ -292,14 +294,26 @@ def run_throughput(url: str, workload: Workload) -> dict:
     return {"levels": levels}
 
 
-def run_profile(url: str, workload: Workload, trace_dir: Path | None = None) -> dict:
-    """Decode steps at each profiled batch, then one prompt's prefill; the traces go to ``trace_dir``."""
+def typical_layer(trace_path: Path, kernels: list[dict], layers: int) -> dict | None:
+    """:func:`layer_timeline` of a kept decode trace, cut at its longest once-a-layer kernel."""
+    anchor = per_layer_anchor(kernels, layers)
+    if anchor is None:
+        return None
+    return {"anchor": anchor, **asdict(layer_timeline(read_trace(trace_path), anchor))}
+
+
+def run_profile(url: str, workload: Workload, trace_dir: Path | None = None, layers: int | None = None) -> dict:
+    """Decode steps at each profiled batch (with the typical layer's timeline where the model's
+    ``layers`` are known), then one prompt's prefill; the traces go to ``trace_dir``."""
     levels = []
     for batch in PROFILE_BATCHES:
         prompts = token_prompts([workload.input_tokens] * batch, seed=40 + batch)
         flush_cache(url)
         keep = trace_dir / f"decode-b{batch}.trace.json.gz" if trace_dir else None
-        levels.append(profile_decode(url, prompts, PROFILE_DECODE_TOKENS, PROFILE_STEPS, keep_trace=keep))
+        level = profile_decode(url, prompts, PROFILE_DECODE_TOKENS, PROFILE_STEPS, keep_trace=keep)
+        if keep is not None and layers:
+            level["layer"] = typical_layer(keep, level["kernels"], layers)
+        levels.append(level)
     flush_cache(url)
     (prompt,) = token_prompts([workload.input_tokens], seed=39)
     keep = trace_dir / "prefill.trace.json.gz" if trace_dir else None
@@ -324,6 +338,10 @@ def skip_reason(config: Config) -> str | None:
     return f"module(s) {', '.join(missing)} not installed (baselines tier)" if missing else None
 
 
+def _num_layers(model: Path) -> int:
+    return json.loads((model / "config.json").read_text())["num_hidden_layers"]
+
+
 def run_config(name: str, config: Config, workload: Workload, model: Path, out: Path, startup_timeout: float) -> dict:
     """Launch one configuration, run its work (each step's failure recorded), stop it."""
     reason = skip_reason(config)
@@ -338,7 +356,9 @@ def run_config(name: str, config: Config, workload: Workload, model: Path, out: 
             result["startup_s"] = time.perf_counter() - start
             for step in config.work:
                 try:
-                    extra = {"trace_dir": out / "traces" / name} if step == "profile" else {}
+                    extra = {}
+                    if step == "profile":
+                        extra = {"trace_dir": out / "traces" / name, "layers": _num_layers(model)}
                     result[step] = WORK[step](server.url, workload, **extra)
                 except Exception as err:  # one step's failure must not hide the others' results
                     result[step] = {"error": f"{type(err).__name__}: {err}"}
@@ -455,6 +475,10 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
                     str(level["concurrency"]): round(level["decode_tok_per_s_per_request_p50"], 1) for level in levels
                 }
         for level in (result.get("profile") or {}).get("levels", []):
+            if level.get("layer"):
+                summary.setdefault("decode_layer_us", {}).setdefault(name, {})[str(level["batch"])] = round(
+                    level["layer"]["period_us"], 1
+                )
             for key in ("device", "busy", "span"):
                 if f"{key}_us_per_step" in level:
                     summary.setdefault(f"decode_step_{key}_us", {}).setdefault(name, {})[str(level["batch"])] = round(
@@ -478,6 +502,7 @@ TABLE_TITLES = {
     "decode_step_busy_us": "time a decode step keeps the GPU busy (us, profiled)",
     "decode_step_span_us": "decode step, first kernel start to last end (us, profiled)",
     "prefill_busy_us": "time one prompt's prefill keeps the GPU busy (us, profiled)",
+    "decode_layer_us": "one decode layer, median launch-to-launch of its longest once-a-layer kernel (us, profiled)",
 }
 
 

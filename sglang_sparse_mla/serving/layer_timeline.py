@@ -66,6 +66,15 @@ def layer_timeline(trace: dict, anchor: str) -> LayerTimeline:
     return LayerTimeline(period_us, len(kept), len(periods), entries)
 
 
+def per_layer_anchor(kernels: list[dict], layers: int) -> str | None:
+    """The name of the longest kernel of a :func:`~.decode_profile.kernel_table` that runs once
+    a layer (``calls_per_step == layers``), or None."""
+    for kernel in kernels:  # longest first
+        if round(kernel["calls_per_step"]) == layers:
+            return kernel["name"]
+    return None
+
+
 def format_timeline(timeline: LayerTimeline, width: int = 90) -> str:
     lines = [
         f"typical layer: {timeline.period_us:.1f} us anchor to anchor "

@@ -160,6 +160,30 @@ def test_q_b_proj_stream_waits_for_the_index_queries(layer, monkeypatch, mode, c
     assert events == expected
 
 
+def test_sglang_queues_q_b_proj_beside_the_indexer_as_the_backend_assumes():
+    """``TritonSparseMLABackend._q_b_proj_stream`` relies on SGLang's captured-decode branch
+    (pinned version): fork the alternate stream, call the indexer, queue ``q_b_proj`` there, join.
+    A new SGLang that reorders it must fail here, not at graph capture."""
+    import inspect
+
+    from sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla import DeepseekMLAForwardMixin
+
+    source = inspect.getsource(DeepseekMLAForwardMixin.forward_absorb_prepare)
+    start = source.index("# overlap q_b_proj and indexer during decode")
+    condition = source[start : source.index("):", start)]
+    for term in ("self.alt_stream is not None", "get_is_capture_mode()", "is_decode_or_idle()"):
+        assert term in condition
+    steps = (
+        "self.alt_stream.wait_stream(current_stream)",
+        "self.indexer(",
+        "with torch.cuda.stream(self.alt_stream):",
+        "self.q_b_proj_forward(q)",
+        "current_stream.wait_stream(self.alt_stream)",
+    )
+    positions = [source.index(step, start) for step in steps]  # first of each after the condition
+    assert positions == sorted(positions)
+
+
 def test_index_share_layer_reuses_previous_topk(sglang_config, monkeypatch):
     """GLM-5.2 IndexShare: a ``shared`` layer has no indexer (nor index-K pages) and attends
     with the previous full layer's slots, carried by SGLang's ``IndexTopKShareState``."""

@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -32,8 +32,9 @@ import sglang_baselines  # noqa: E402
 from timing import Ceilings, measure_ceilings, rotation_count, time_launches  # noqa: E402
 
 from sglang_sparse_mla.kernels import quantize_kv_fp8  # noqa: E402
+from sglang_sparse_mla.kernels.device_info import device_info  # noqa: E402
 from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_forward  # noqa: E402
-from sglang_sparse_mla.kernels.sparse_mla_configs import SparseMLAConfig  # noqa: E402
+from sglang_sparse_mla.kernels.sparse_mla_configs import SparseMLAConfig, select_config  # noqa: E402
 
 TOPK = 2048
 NUM_SLOTS = 1 << 20
@@ -100,7 +101,9 @@ INPUTS = {"decode": decode_inputs, "prefill": prefill_inputs, "prefill-fresh": f
 
 
 def config_label(cfg):
-    return "auto" if cfg is None else f"h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}"
+    if cfg is None:
+        return "auto"
+    return f"{'ws ' if cfg.warp_specialized else ''}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}"
 
 
 def measure(label, calls, flops, bytes_, ceilings: Ceilings, shape):
@@ -225,7 +228,7 @@ SWEEP_CONFIGS = {
     ("fp8", 16): [(16, 16, 4, 2), (16, 32, 4, 2), (16, 32, 8, 2), (16, 32, 4, 3)],
     ("bf16", 32): [(32, 64, 8, 2), (32, 32, 8, 2)],
     ("fp8", 32): [(32, 32, 8, 2), (32, 64, 8, 2), (32, 16, 8, 2)],
-    ("bf16", 128): [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 8, 5), (32, 64, 8, 2)],
+    ("bf16", 128): [(64, 64, 8, 2, True), (64, 64, 8, 3), (64, 32, 8, 3), (32, 64, 8, 2)],
     ("fp8", 128): [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2)],
 }
 
@@ -237,8 +240,10 @@ def sweep_cases(caches, ceilings, gen, kv_formats):
     for kv_format in kv_formats:
         for heads in (16, 32, 128):
             configs = [SparseMLAConfig(*c) for c in SWEEP_CONFIGS[kv_format, heads]]
-            for tokens in (32, 128):
-                rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, configs, [None], False)
+            for tokens in (2, 4, 8, 32, 128) if (kv_format, heads) == ("bf16", 128) else (32, 128):
+                few = [SparseMLAConfig(16, 64, 4, 2)] if tokens < 32 else []
+                candidates = configs + few
+                rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, candidates, [None], False)
                 rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, [None], [1, 2, 4, 8], False)
             rows += run_case("prefill", 4096, heads, kv_format, caches, ceilings, gen, configs, [None], False)
             torch.cuda.empty_cache()
@@ -247,13 +252,17 @@ def sweep_cases(caches, ceilings, gen, kv_formats):
 
 def full_table(caches, ceilings, gen, quick, baselines):
     rows = []
+    info = device_info(torch.device("cuda"))
     decode_tokens = [1, 32, 128] if quick else [1, 8, 32, 64, 128]
     heads_list = [16, 128] if quick else [16, 32, 64, 128]
     for kv_format in ("bf16", "fp8"):
         for heads in heads_list:
+            # Where the dispatcher takes the warp-specialized kernel, the Triton one beside it.
+            triton_cfg = select_config(heads, kv_format == "fp8", replace(info, warp_specialized=False))
+            configs = [None] + ([triton_cfg] if select_config(heads, kv_format == "fp8", info).warp_specialized else [])
             for tokens in decode_tokens:
-                rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, [None], [None], baselines)
-            rows += run_case("prefill", 4096, heads, kv_format, caches, ceilings, gen, [None], [None], baselines)
+                rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, configs, [None], baselines)
+            rows += run_case("prefill", 4096, heads, kv_format, caches, ceilings, gen, configs, [None], baselines)
             rows += run_case("prefill-fresh", 4096, heads, kv_format, caches, ceilings, gen, [None], [None], baselines)
             torch.cuda.empty_cache()
     return rows

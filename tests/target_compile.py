@@ -57,16 +57,18 @@ class CompileReport:
 
 
 def compile_for_target(fn, signature, constexprs, capability, num_warps, num_stages, aligned=()) -> CompileReport:
-    """Compile a ``@triton.jit`` kernel (not interpreted) for ``sm_<capability>``."""
+    """Compile a ``@triton.jit`` or ``@gluon.jit`` kernel (not interpreted) for ``sm_<capability>``."""
     import triton
     import triton.backends.nvidia as nvidia_backend
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
     sig = dict(signature) | {k: "constexpr" for k in constexprs}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource  # Gluon kernels too
     kernel = triton.compile(
-        ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+        source(fn, sig, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )

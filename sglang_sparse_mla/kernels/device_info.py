@@ -3,7 +3,9 @@
 Every launcher asks here, never ``torch.cuda`` directly, so that the Triton
 interpreter (``TRITON_INTERPRET=1``, CPU tensors) and the forced SM80 code path
 (``SGLANG_SPARSE_MLA_FORCE_SM80=1``, which lets an SM90 machine run the Ampere
-kernels) are handled in one place.
+kernels) are handled in one place. ``SGLANG_SPARSE_MLA_WARP_SPECIALIZED=0``
+keeps SM90 GPUs on the Triton kernels (the Gluon warp-specialized ones are
+used by default there).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 FORCE_SM80_ENV = "SGLANG_SPARSE_MLA_FORCE_SM80"
+WARP_SPECIALIZED_ENV = "SGLANG_SPARSE_MLA_WARP_SPECIALIZED"
 
 
 def is_interpreter() -> bool:
@@ -27,17 +30,38 @@ def force_sm80() -> bool:
     return os.environ.get(FORCE_SM80_ENV, "0") not in ("", "0")
 
 
+def warp_specialized_allowed() -> bool:
+    """False when ``SGLANG_SPARSE_MLA_WARP_SPECIALIZED=0`` keeps SM90 on the Triton kernels."""
+    return os.environ.get(WARP_SPECIALIZED_ENV, "1") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_hopper_available() -> bool:
+    """Whether this Triton has Gluon with the Hopper ops the warp-specialized kernels use (3.6+)."""
+    try:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.ampere import async_copy  # noqa: F401
+        from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(gl, "warp_specialize")
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """The properties that pick a kernel configuration.
 
     ``capability`` is ``(major, minor)``; ``max_shared_memory`` is the opt-in
-    shared memory per block in bytes; ``num_sms`` the multiprocessor count.
+    shared memory per block in bytes; ``num_sms`` the multiprocessor count;
+    ``warp_specialized``: the Gluon warp-specialized SM90 kernels run here
+    (an SM90 GPU, not the forced SM80 path nor the interpreter, a Triton with
+    Gluon's Hopper ops, not disabled by ``SGLANG_SPARSE_MLA_WARP_SPECIALIZED=0``).
     """
 
     capability: tuple[int, int]
     max_shared_memory: int
     num_sms: int
+    warp_specialized: bool = False
 
     @property
     def native_fp8(self) -> bool:
@@ -53,14 +77,15 @@ _SM80_DEVICE_SMEM = 166912
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_device_info(index: int, forced_sm80: bool) -> DeviceInfo:
+def _cuda_device_info(index: int, forced_sm80: bool, ws_allowed: bool) -> DeviceInfo:
     props = torch.cuda.get_device_properties(index)
     capability = (props.major, props.minor)
     smem = int(getattr(props, "shared_memory_per_block_optin", 0) or 49152)
     if forced_sm80:
         capability = (8, 0)
         smem = min(smem, _SM80_DEVICE_SMEM)
-    return DeviceInfo(capability, smem, props.multi_processor_count)
+    ws = capability == (9, 0) and ws_allowed and gluon_hopper_available()
+    return DeviceInfo(capability, smem, props.multi_processor_count, ws)
 
 
 _INTERPRETER_SM80_DEVICE = DeviceInfo(capability=(8, 0), max_shared_memory=_SM80_DEVICE_SMEM, num_sms=8)
@@ -71,4 +96,4 @@ def device_info(device: torch.device) -> DeviceInfo:
     if is_interpreter() or device.type != "cuda":
         return _INTERPRETER_SM80_DEVICE if force_sm80() else _INTERPRETER_DEVICE
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_device_info(index, force_sm80())
+    return _cuda_device_info(index, force_sm80(), warp_specialized_allowed())

@@ -18,7 +18,10 @@ a second kernel merges (split-KV). A gathered tile of latent rows serves as K
 (with the rope part) and as V; FP8 rows are dequantized to bf16 in registers
 and both products run on bf16 tensor cores. Prefill first finds each row's
 last valid entry (a small scan kernel) so that programs stop there: the first
-top-k tokens of a prompt have fewer entries than top-k.
+top-k tokens of a prompt have fewer entries than top-k. On SM90 GPUs a BF16
+cache with more than 32 heads runs the warp-specialized Gluon kernel of
+:mod:`.sparse_mla_sm90_ws` instead (same grid, arguments and results), unless
+``SGLANG_SPARSE_MLA_WARP_SPECIALIZED=0``.
 """
 
 from __future__ import annotations
@@ -427,6 +430,12 @@ def sparse_mla_forward(
     # The head block may follow the batch size only where the split does too.
     by_occupancy = num_kv_splits is None and not batch_invariant
     cfg = config or select_config(num_heads, rows.is_fp8, info, num_tokens if by_occupancy else None)
+    if cfg.warp_specialized and (rows.is_fp8 or not info.warp_specialized):
+        raise ValueError(
+            f"{cfg} is the warp-specialized kernel: it needs a BF16 cache on an SM90 GPU, Triton 3.6+ and "
+            f"SGLANG_SPARSE_MLA_WARP_SPECIALIZED unset or 1; got a {'FP8' if rows.is_fp8 else 'BF16'} cache "
+            f"on sm{info.capability[0]}{info.capability[1]} (warp-specialized kernels usable: {info.warp_specialized})"
+        )
     head_blocks = triton.cdiv(num_heads, cfg.block_h)
     if num_kv_splits is None and batch_invariant:
         num_kv_splits = batch_invariant_num_kv_splits(topk)
@@ -468,11 +477,22 @@ def sparse_mla_forward(
         BLOCK_N=cfg.block_n,
         SPLIT_OUTPUT=num_kv_splits > 1,
         SKIP_INVALID_TAIL=skip_invalid_tail,
-        UPCAST=is_interpreter(),
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
     )
-    if rows.is_fp8:
+    if cfg.warp_specialized:
+        from . import sparse_mla_sm90_ws as ws  # imports Gluon: only where info.warp_specialized says it exists
+
+        ws.sparse_mla_sm90_ws_kernel[grid](
+            q, q_rope, rows.latent, indices, ends, part_out, part_lse,
+            *shape_args,
+            rows.latent.stride(0),
+            *out_args,
+            STAGES=cfg.num_stages,
+            LOADER_WARPS=ws.LOADER_WARPS,
+            LOADER_REGS=ws.LOADER_REGS,
+            **meta,
+        )  # fmt: skip
+    elif rows.is_fp8:
         _sparse_mla_fp8_kernel[grid](
             q, q_rope, rows.words, rows.rope, indices, ends, part_out, part_lse,
             *shape_args,
@@ -480,6 +500,8 @@ def sparse_mla_forward(
             *out_args,
             FP8_NATIVE=info.native_fp8,
             FP8_FACTOR=1.0 if info.native_fp8 else EMULATED_FP8_FACTOR,
+            UPCAST=is_interpreter(),
+            num_stages=cfg.num_stages,
             **meta,
         )  # fmt: skip
     else:
@@ -488,6 +510,8 @@ def sparse_mla_forward(
             *shape_args,
             rows.latent.stride(0),
             *out_args,
+            UPCAST=is_interpreter(),
+            num_stages=cfg.num_stages,
             **meta,
         )  # fmt: skip
     if num_kv_splits > 1:

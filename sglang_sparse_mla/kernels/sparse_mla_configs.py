@@ -17,12 +17,16 @@ from .device_info import DeviceInfo
 
 @dataclass(frozen=True)
 class SparseMLAConfig:
-    """``block_h`` heads and ``block_n`` top-k entries per program iteration."""
+    """``block_h`` heads and ``block_n`` top-k entries per program iteration;
+    ``warp_specialized``: the Gluon SM90 kernel (:mod:`.sparse_mla_sm90_ws`),
+    whose ``num_warps`` compute warps come with a loader partition and whose
+    ``num_stages`` is its ring of gathered tiles."""
 
     block_h: int
     block_n: int
     num_warps: int
     num_stages: int
+    warp_specialized: bool = False
 
 
 # Shared-memory classes, by the opt-in limit per block (bytes).
@@ -83,6 +87,15 @@ _FEW_PROGRAMS_CONFIGS = {
 }
 
 
+# SM90, BF16 cache, more than 32 heads: the warp-specialized Gluon kernel (a
+# 4-warp loader gathers 64-row tiles into a two-stage ring while 8 warps run
+# the products and the softmax). H200, 128 heads, top-k 2048, against the
+# 64-head Triton config: 1.25x at 8 tokens, 1.35-1.41x at 32-128, 1.23x in
+# 4096-token prefill; 0.82x at one token, which the few-program rule keeps on
+# 16-head Triton blocks (benchmarks/results/2026-11-26_nvidia-h200/run7/).
+WARP_SPECIALIZED_SM90 = SparseMLAConfig(64, 64, 8, 2, warp_specialized=True)
+
+
 def select_config(
     num_heads: int, kv_fp8: bool, info: DeviceInfo, num_tokens: int | None = None
 ) -> SparseMLAConfig:
@@ -91,13 +104,15 @@ def select_config(
     ``num_tokens`` (``None``: any) lets a BF16 launch too small to fill the GPU
     with 64-head blocks take 16-head ones; leave it ``None`` where a token's
     rounding must not depend on its batch (16- and 64-head blocks accumulate
-    in different orders).
+    in different orders, and so do the Triton and warp-specialized kernels).
     """
     smem = smem_class(info.max_shared_memory)
     bucket = head_bucket(num_heads)
     if not kv_fp8 and bucket == 64 and num_tokens is not None:
         if num_tokens * -(-num_heads // 64) <= FEW_PROGRAMS:
             return _FEW_PROGRAMS_CONFIGS[smem]
+    if not kv_fp8 and bucket == 64 and info.warp_specialized:
+        return WARP_SPECIALIZED_SM90
     return _CONFIGS[smem, kv_fp8, bucket]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from target_compile import SHARED_MEMORY_LIMIT, CompileJob, CompileReport, compile_many
 
+from sglang_sparse_mla.kernels import sparse_mla_sm90_ws as ws
 from sglang_sparse_mla.kernels.device_info import DeviceInfo
 from sglang_sparse_mla.kernels.sparse_mla_configs import all_configs
 
@@ -44,7 +45,7 @@ _MODULE = "sglang_sparse_mla.kernels.sparse_mla"
 
 def _cases():
     for capability, limit in SHARED_MEMORY_LIMIT.items():
-        info = DeviceInfo((capability // 10, capability % 10), limit, 132)
+        info = DeviceInfo((capability // 10, capability % 10), limit, 132, warp_specialized=capability == 90)
         for fp8, config in all_configs(info):
             # Decode launches (split or not) and prefill launches (single pass, scanning for the valid tail).
             for split, skip_tail in ((False, False), (True, False), (False, True)):
@@ -53,10 +54,16 @@ def _cases():
                                   SKIP_INVALID_TAIL=skip_tail, UPCAST=False)  # fmt: skip
                 if fp8:
                     constexprs |= dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else 256.0)
-                kernel = "_sparse_mla_fp8_kernel" if fp8 else "_sparse_mla_bf16_kernel"
+                kernel = f"{_MODULE}:{'_sparse_mla_fp8_kernel' if fp8 else '_sparse_mla_bf16_kernel'}"
+                if config.warp_specialized:
+                    del constexprs["UPCAST"]
+                    constexprs |= dict(STAGES=config.num_stages, LOADER_WARPS=ws.LOADER_WARPS,
+                                       LOADER_REGS=ws.LOADER_REGS)  # fmt: skip
+                    kernel = f"{ws.__name__}:sparse_mla_sm90_ws_kernel"
                 mode = "split" if split else "single-skip-tail" if skip_tail else "single"
                 label = f"sm{capability}-{'fp8' if fp8 else 'bf16'}-{config}-{mode}"
-                yield label, limit, CompileJob(f"{_MODULE}:{kernel}", sig, constexprs, capability, config.num_warps, config.num_stages, aligned)
+                job = CompileJob(kernel, sig, constexprs, capability, config.num_warps, config.num_stages, aligned)
+                yield label, limit, job
     for capability, limit in SHARED_MEMORY_LIMIT.items():
         sig = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32", "num_splits": "i32"}
         sig |= {n: "i32" for n in ["stride_pt", "stride_ph", "stride_ps", "stride_plt", "stride_plh", "stride_pls", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]}

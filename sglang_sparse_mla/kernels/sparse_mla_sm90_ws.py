@@ -1,0 +1,198 @@
+"""Sparse MLA over a BF16 cache on Hopper (SM90), warp-specialized, in Gluon.
+
+The kernel :func:`.sparse_mla.sparse_mla_forward` launches on SM90 GPUs for
+a BF16 cache and more than 32 heads (see :mod:`.sparse_mla_configs`); same
+grid, arguments and results as the Triton BF16 kernel there. It exists
+because Triton's own pipeline runs the row gathers, both products and the
+softmax one after the other in the same warps (Nsight: latency-bound, issue
+slots 29% busy at 32 decode tokens), and Triton's automatic Hopper warp
+specialization applies to TMA loads only, which cannot gather rows on SM90.
+
+One CTA owns a token, 64 heads and a contiguous range of the token's top-k
+list. A loader partition (4 warps) gathers each 64-row tile of latent rows
+with ``cp.async`` into a two-stage ring of NVMMA-swizzled buffers
+(``[64, 512]`` latent and ``[64, 64]`` rope: shared buffers must have
+power-of-two shapes) and signals a "ready" barrier; the default partition (8
+warps, two warpgroups) waits on it, runs ``QK^T`` as two chained wgmmas
+(latent, then rope), the online softmax in registers and ``PV`` with P from
+registers, each warpgroup owning 256 of the 512 output columns, then releases
+the stage through an "empty" barrier. Invalid entries (negative, out of
+range, past the split or the row's valid tail) are zero-filled rows masked to
+``-inf``. Results: a normalized fp32 partial with its log2-sum-exp per split,
+merged by :func:`.sparse_mla._merge_splits_kernel`, or the final output.
+
+Gluon has no interpreter: CPU CI compiles this kernel for sm_90 (shared
+memory, spills); it runs in the GPU tests only.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+# The loader partition: its warps and their register budget (the compute warps take the rest).
+LOADER_WARPS = 4
+LOADER_REGS = 56
+# A CTA-wide barrier: ``gl.barrier`` in Triton 3.8, ``gl.thread_barrier`` in 3.6.
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+
+@gluon.jit
+def _gather_tiles(kv_ptr, idx_row, start, end, num_slots, stride_kv, kv_smem, kr_smem, ready, empty,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """Loader partition: tile ``i`` of rows ``idx_row[start:end]`` into stage ``i % STAGES``;
+    invalid entries (negative, out of range, past ``end``) are zero-filled rows."""
+    nw: gl.constexpr = gl.num_warps()
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [nw, 1], [1, 0])
+    rows = gl.arange(0, BLOCK_N, gl.SliceLayout(1, layout))
+    cols = gl.arange(0, 128, gl.SliceLayout(0, layout))
+    rope_cols = gl.arange(0, 64, gl.SliceLayout(0, layout))
+    i = 0
+    for n0 in range(start, end, BLOCK_N):
+        stage = i % STAGES
+        mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
+        offs = n0 + rows
+        slot = gl.load(idx_row + offs, mask=offs < end, other=-1)
+        valid = (slot >= 0) & (slot < num_slots)
+        base = kv_ptr + gl.where(valid, slot, 0).to(gl.int64) * stride_kv
+        latent = kv_smem.index(stage)
+        for c in gl.static_range(4):  # 128 columns at a time: fewer live pointers
+            ptrs = base[:, None] + (c * 128 + cols)[None, :]
+            mask = gl.broadcast(valid[:, None], ptrs)[0]
+            async_copy.async_copy_global_to_shared(latent.slice(c * 128, 128, dim=1), ptrs, mask=mask)
+        rope_ptrs = base[:, None] + (512 + rope_cols)[None, :]
+        rope_mask = gl.broadcast(valid[:, None], rope_ptrs)[0]
+        async_copy.async_copy_global_to_shared(kr_smem.index(stage), rope_ptrs, mask=rope_mask)
+        async_copy.mbarrier_arrive(ready.index(stage), increment_count=False)
+        i += 1
+
+
+@gluon.jit
+def _attend_tiles(q_smem, qr_smem, kv_smem, kr_smem, ready, empty, idx_row, start, end, num_slots, qk_scale_log2,
+                  s_layout: gl.constexpr, o_layout: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr):  # fmt: skip
+    """Default partition: online softmax over the tiles the loader fills; returns
+    ``(acc [BLOCK_H, 512] unnormalized, m_i, l_i)`` (log2 domain, as the Triton kernel)."""
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    acc = gl.zeros([BLOCK_H, 512], gl.float32, o_layout)
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([BLOCK_H], gl.float32, row_layout)
+    keys = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+    i = 0
+    for n0 in range(start, end, BLOCK_N):
+        stage = i % STAGES
+        offs = n0 + keys
+        slot = gl.load(idx_row + offs, mask=offs < end, other=-1)
+        valid = (slot >= 0) & (slot < num_slots)
+        mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+        fence_async_shared()  # cp.async wrote through the generic proxy; wgmma reads through the async one
+        latent = kv_smem.index(stage)
+        rope = kr_smem.index(stage)
+        s = warpgroup_mma(q_smem, latent.permute((1, 0)), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout),
+                          is_async=True)  # fmt: skip
+        s = warpgroup_mma(qr_smem, rope.permute((1, 0)), s, is_async=True)
+        s, _, _, _, _ = warpgroup_mma_wait(0, deps=[s, q_smem, qr_smem, latent, rope])
+        s = gl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_base = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_base)
+        p = gl.exp2(s - m_base[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), latent, acc, is_async=True)
+        acc, _ = warpgroup_mma_wait(0, deps=[acc, latent])
+        mbarrier.arrive(empty.index(stage), count=1)
+        i += 1
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def sparse_mla_sm90_ws_kernel(
+    q_ptr, qr_ptr, kv_ptr, idx_ptr, ends_ptr, out_ptr, lse_ptr,
+    num_heads, num_slots, topk, keys_per_split, qk_scale_log2,
+    stride_qt, stride_qh, stride_qrt, stride_qrh, stride_kv, stride_it,
+    stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
+    BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    SPLIT_OUTPUT: gl.constexpr, SKIP_INVALID_TAIL: gl.constexpr,
+    LOADER_WARPS: gl.constexpr, LOADER_REGS: gl.constexpr,
+):  # fmt: skip
+    """Grid ``(tokens, head blocks, splits)``, ``num_warps=8``; the arguments of
+    :func:`.sparse_mla._sparse_mla_bf16_kernel` (``ends_ptr``: each row's valid
+    end, read with ``SKIP_INVALID_TAIL``), plus the ring depth and the loader's
+    warps and registers."""
+    t = gl.program_id(0).to(gl.int64)
+    split = gl.program_id(2)
+    head0 = gl.program_id(1) * BLOCK_H
+    start = split * keys_per_split
+    end = gl.minimum(start + keys_per_split, topk)
+    if SKIP_INVALID_TAIL:
+        end = gl.minimum(end, gl.load(ends_ptr + t))
+    idx_row = idx_ptr + t * stride_it
+
+    latent_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, 512], gl.bfloat16)
+    rope_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, 64], gl.bfloat16)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, 512], latent_layout)
+    qr_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, 64], rope_layout)
+    kv_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 512], latent_layout)
+    kr_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 64], rope_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(STAGES):
+        mbarrier.init(ready.index(j), count=LOADER_WARPS * 32)  # every loader thread arrives
+        mbarrier.init(empty.index(j), count=1)  # the default partition arrives once
+
+    q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
+    heads = head0 + gl.arange(0, BLOCK_H, gl.SliceLayout(1, q_layout))
+    head_ok = (heads < num_heads)[:, None]
+    d_latent = gl.arange(0, 512, gl.SliceLayout(0, q_layout))
+    d_rope = gl.arange(0, 64, gl.SliceLayout(0, q_layout))
+    q_rows = q_ptr + t * stride_qt + heads.to(gl.int64)[:, None] * stride_qh
+    q_smem.store(gl.load(q_rows + d_latent[None, :], mask=gl.broadcast(head_ok, q_rows)[0], other=0.0))
+    qr_rows = qr_ptr + t * stride_qrt + heads.to(gl.int64)[:, None] * stride_qrh
+    qr_smem.store(gl.load(qr_rows + d_rope[None, :], mask=gl.broadcast(head_ok, qr_rows)[0], other=0.0))
+    fence_async_shared()  # each thread's Q stores, before wgmma reads them through the async proxy
+    _cta_barrier()  # every warp's Q rows (and the barrier inits) before either partition starts
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 32, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 256, 16])
+    acc, m_i, l_i = gl.warp_specialize(
+        [
+            (_attend_tiles, (q_smem, qr_smem, kv_smem, kr_smem, ready, empty, idx_row, start, end, num_slots,
+                             qk_scale_log2, s_layout, o_layout, BLOCK_H, BLOCK_N, STAGES)),
+            (_gather_tiles, (kv_ptr, idx_row, start, end, num_slots, stride_kv, kv_smem, kr_smem, ready, empty,
+                             BLOCK_N, STAGES)),
+        ],
+        [LOADER_WARPS],
+        [LOADER_REGS],
+    )  # fmt: skip
+    for j in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(j))
+        mbarrier.invalidate(empty.index(j))
+
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    lse_heads = head0 + gl.arange(0, BLOCK_H, rows_s)
+    has_keys = l_i > 0.0
+    lse_log2 = gl.where(has_keys, m_i + gl.log2(gl.where(has_keys, l_i, 1.0)), float("-inf"))
+    if SPLIT_OUTPUT:
+        gl.store(lse_ptr + t * stride_lt + split * stride_ls + lse_heads * stride_lh, lse_log2,
+                 mask=lse_heads < num_heads)  # fmt: skip
+    else:
+        gl.store(lse_ptr + t * stride_lt + lse_heads * stride_lh, lse_log2 * 0.6931471805599453,
+                 mask=lse_heads < num_heads)  # fmt: skip
+    inv_l = gl.where(has_keys, 1.0 / gl.where(has_keys, l_i, 1.0), 0.0)
+    out = acc * gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout))[:, None]
+    out_heads = head0 + gl.arange(0, BLOCK_H, gl.SliceLayout(1, o_layout))
+    out_cols = gl.arange(0, 512, gl.SliceLayout(0, o_layout))
+    out_rows = out_ptr + t * stride_ot + split * stride_os + out_heads.to(gl.int64)[:, None] * stride_oh
+    out_ptrs = out_rows + out_cols[None, :]
+    out_mask = gl.broadcast((out_heads < num_heads)[:, None], out_ptrs)[0]
+    gl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -19,9 +19,10 @@ from sglang_sparse_mla.kernels import IndexRope, quantize_index_keys_to_cache, q
 class NeoxRope(torch.nn.Module):
     """Rotary embedding stand-in (SGLang's CPU build needs vLLM): neox rotation in torch."""
 
-    def __init__(self, dim: int = 64, base: float = 10000.0):
+    def __init__(self, dim: int = 64, base: float = 10000.0, device=None):
         super().__init__()
-        self.inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        # Built on the model's device: a host-to-device copy in forward cannot be graph-captured.
+        self.inv_freq = (base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)).to(device)
 
     def forward(self, positions, q, k):
         angle = positions.double()[:, None] * self.inv_freq.to(positions.device)

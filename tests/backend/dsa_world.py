@@ -78,7 +78,7 @@ def make_indexer(
     import sglang.srt.layers.attention.dsa.dsa_indexer as dsa_indexer
 
     def stub_rope(*args, is_neox_style=True, device=None, **kwargs):
-        return NeoxRope() if is_neox_style else InterleavedRope(device=device)
+        return NeoxRope(device=device) if is_neox_style else InterleavedRope(device=device)
 
     monkeypatch.setattr(dsa_indexer, "get_rope_wrapper", stub_rope)
     previous = torch.get_default_dtype()

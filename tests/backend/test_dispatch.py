@@ -14,21 +14,22 @@ from sglang_sparse_mla.kernels.reference import index_fp8_quant_reference
 PAGE, ROW = 64, 132
 
 
-def test_store_kv_bf16_and_fp8_rows():
+def test_store_kv_bf16_and_fp8_rows(target):
     gen = torch.Generator().manual_seed(1)
-    rows = torch.randn(5, 576, generator=gen).bfloat16()
-    loc = torch.tensor([3, 64, 65, 9, 130])
+    rows = torch.randn(5, 576, generator=gen).bfloat16().to(target.device)
+    loc = torch.tensor([3, 64, 65, 9, 130], device=target.device)
+    untouched = torch.tensor([0, 4, 66], device=target.device)
 
-    bf16 = torch.zeros(200, 1, 576, dtype=torch.bfloat16)
+    bf16 = torch.zeros(200, 1, 576, dtype=torch.bfloat16, device=target.device)
     dispatch.store_kv(bf16, loc, rows.view(5, 1, 576))
     assert torch.equal(bf16[loc, 0], rows)
-    assert bf16[torch.tensor([0, 4, 66])].abs().sum() == 0
+    assert bf16[untouched].abs().sum() == 0
 
     # SGLang's FP8 DSA pool stores uint8 rows and hands out float8 views of them.
-    fp8 = torch.zeros(200, 1, 656, dtype=torch.uint8)
+    fp8 = torch.zeros(200, 1, 656, dtype=torch.uint8, device=target.device)
     dispatch.store_kv(fp8.view(torch.float8_e4m3fn), loc, rows)
     assert torch.equal(fp8[loc, 0], quantize_kv_fp8(rows))
-    assert fp8[torch.tensor([0, 4, 66])].sum() == 0
+    assert fp8[untouched].sum() == 0
 
 
 def _unit_gate_queries(x: torch.Tensor, *, rotate: bool, scale_format: str):

@@ -455,6 +455,19 @@ def test_layer_timeline_medians_of_the_typical_layer():
         layer_timeline(_trace(("kernel", "attn", 0.0, 1.0)), anchor="attn")
 
 
+def test_layer_timeline_takes_the_exact_kernel_name_first():
+    """A kernel's full name as anchor cuts only at that kernel, although another kernel's name
+    contains it (ours ``_topk_kernel`` and the MoE router's ``deepseek_v3_topk_kernel``); a part of
+    a name still matches every kernel that contains it."""
+    from sglang_sparse_mla.serving.layer_timeline import layer_timeline
+
+    events = []
+    for t0 in (0.0, 100.0, 200.0):
+        events += [("kernel", "_topk_kernel", t0, 20.0), ("kernel", "deepseek_v3_topk_kernel", t0 + 50.0, 3.0)]
+    assert layer_timeline(_trace(*events), anchor="_topk_kernel").period_us == 100.0
+    assert layer_timeline(_trace(*events), anchor="topk").period_us == 50.0
+
+
 def test_e2e_typical_layer_of_a_kept_trace(tmp_path):
     """run_e2e cuts a kept decode trace at its longest once-a-layer kernel (not the twice-a-layer one)."""
     import gzip

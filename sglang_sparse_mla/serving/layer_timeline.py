@@ -45,9 +45,12 @@ class LayerTimeline:
 
 
 def layer_timeline(trace: dict, anchor: str) -> LayerTimeline:
-    """The typical layer of ``trace``: periods start at each kernel whose name contains ``anchor``."""
+    """The typical layer of ``trace``: periods start at each kernel named ``anchor`` or, where no
+    kernel has exactly that name, at each one whose name contains it (``_topk_kernel`` would also
+    match TensorRT-LLM's ``deepseek_v3_topk_kernel``, the MoE router's)."""
     events = device_events(trace)
-    starts = [i for i, e in enumerate(events) if anchor in e["name"]]
+    exact = any(e["name"] == anchor for e in events)
+    starts = [i for i, e in enumerate(events) if (e["name"] == anchor if exact else anchor in e["name"])]
     if len(starts) < 2:
         raise ValueError(f"{len(starts)} launches of a kernel named like {anchor!r}: need two or more")
     periods = [events[a:b] for a, b in zip(starts, starts[1:], strict=False)]

@@ -24,6 +24,8 @@ Configurations (make_configs):
   ours-det       ours with --enable-deterministic-inference (batch-invariant kernels)
   ours-det-no-radix  the same with --disable-radix-cache
   ours-tp2       ours with --tp 2, FlashInfer all-reduce fusion off (skipped with fewer than 2 GPUs)
+  ours-triton    ours with SGLANG_SPARSE_MLA_WARP_SPECIALIZED=0: an SM90 GPU keeps the Triton
+                 sparse MLA kernel instead of the warp-specialized Gluon one (throughput, profile)
   dsa            --attention-backend dsa: SGLang's Hopper path (FlashMLA sparse
                  prefill, FA3 decode, DeepGEMM indexer logits; with the small
                  shape the torch top-k, as sgl-kernel's asserts index_topk 2048)
@@ -142,6 +144,7 @@ def make_configs(index_topk: int) -> dict[str, Config]:
             env=NO_MULTICAST,
             gpus=2,
         ),
+        "ours-triton": Config(OURS, ("throughput", "profile"), env={"SGLANG_SPARSE_MLA_WARP_SPECIALIZED": "0"}),
         "dsa": Config(
             dsa, ("radix", "teacher", "greedy", "throughput", "profile"), env=dsa_env, modules=("flash_mla",)
         ),

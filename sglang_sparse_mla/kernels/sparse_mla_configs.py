@@ -79,6 +79,7 @@ def head_bucket(num_heads: int) -> int:
 # 8x the programs, each reading the same rows from L2. H200, 128 heads, top-k
 # 2048: 13.1 vs 20.7 us at 1 token, 17.8 vs 22.0 at 2; from 4 tokens on the
 # 64-head block is as fast or faster (benchmarks/results/2026-11-26_nvidia-h200/).
+# Where the warp-specialized kernel runs, FEW_PROGRAMS_WARP_SPECIALIZED below.
 FEW_PROGRAMS = 4
 _FEW_PROGRAMS_CONFIGS = {
     SMEM_LARGE: SparseMLAConfig(16, 64, 4, 2),
@@ -89,11 +90,16 @@ _FEW_PROGRAMS_CONFIGS = {
 
 # SM90, BF16 cache, more than 32 heads: the warp-specialized Gluon kernel (a
 # 4-warp loader gathers 64-row tiles into a two-stage ring while 8 warps run
-# the products and the softmax). H200, 128 heads, top-k 2048, against the
-# 64-head Triton config: 1.25x at 8 tokens, 1.35-1.41x at 32-128, 1.23x in
-# 4096-token prefill; 0.82x at one token, which the few-program rule keeps on
-# 16-head Triton blocks (benchmarks/results/2026-11-26_nvidia-h200/run7/).
+# the products and the softmax). H200, top-k 2048, against the 64-head Triton
+# config: 1.4x at 8 tokens, 1.5-1.8x at 32-128 and in 4096-token prefill (64
+# and 128 heads). Launches of at most FEW_PROGRAMS_WARP_SPECIALIZED programs
+# (1 token at 128 heads, 1-2 at 64) stay on 16-head Triton blocks: 14.6 vs
+# 18.7 us at 1 token and 128 heads, 14.4 vs 16.0 at 2 tokens and 64 heads;
+# from 4 programs the warp-specialized kernel is faster (16.9 vs 17.8 us at 2
+# tokens and 128 heads, 17.5 vs 19.0 at 4 tokens and 64 heads;
+# benchmarks/results/2026-11-26_nvidia-h200/run7/kernels/).
 WARP_SPECIALIZED_SM90 = SparseMLAConfig(64, 64, 8, 2, warp_specialized=True)
+FEW_PROGRAMS_WARP_SPECIALIZED = 2
 
 
 def select_config(
@@ -109,7 +115,8 @@ def select_config(
     smem = smem_class(info.max_shared_memory)
     bucket = head_bucket(num_heads)
     if not kv_fp8 and bucket == 64 and num_tokens is not None:
-        if num_tokens * -(-num_heads // 64) <= FEW_PROGRAMS:
+        few = FEW_PROGRAMS_WARP_SPECIALIZED if info.warp_specialized else FEW_PROGRAMS
+        if num_tokens * -(-num_heads // 64) <= few:
             return _FEW_PROGRAMS_CONFIGS[smem]
     if not kv_fp8 and bucket == 64 and info.warp_specialized:
         return WARP_SPECIALIZED_SM90

@@ -62,11 +62,12 @@ def compile_for_target(fn, signature, constexprs, capability, num_warps, num_sta
     import triton.backends.nvidia as nvidia_backend
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
     sig = dict(signature) | {k: "constexpr" for k in constexprs}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource  # Gluon kernels too
+    source = ASTSource
+    if type(fn).__name__ == "GluonJITFunction":  # Gluon kernels (only Tritons with Gluon make them)
+        from triton.experimental.gluon._runtime import GluonASTSource as source
     kernel = triton.compile(
         source(fn, sig, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", capability, 32),

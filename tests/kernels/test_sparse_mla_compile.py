@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 from target_compile import SHARED_MEMORY_LIMIT, CompileJob, CompileReport, compile_many
 
-from sglang_sparse_mla.kernels import sparse_mla_sm90_ws as ws
-from sglang_sparse_mla.kernels.device_info import DeviceInfo
+from sglang_sparse_mla.kernels.device_info import DeviceInfo, gluon_hopper_available
 from sglang_sparse_mla.kernels.sparse_mla_configs import all_configs
 
 _SHAPE_ARGS = ["num_heads", "num_slots", "topk", "keys_per_split"]
@@ -45,7 +44,8 @@ _MODULE = "sglang_sparse_mla.kernels.sparse_mla"
 
 def _cases():
     for capability, limit in SHARED_MEMORY_LIMIT.items():
-        info = DeviceInfo((capability // 10, capability % 10), limit, 132, warp_specialized=capability == 90)
+        ws_target = capability == 90 and gluon_hopper_available()  # the Gluon kernel needs Triton 3.6+
+        info = DeviceInfo((capability // 10, capability % 10), limit, 132, warp_specialized=ws_target)
         for fp8, config in all_configs(info):
             # Decode launches (split or not) and prefill launches (single pass, scanning for the valid tail).
             for split, skip_tail in ((False, False), (True, False), (False, True)):
@@ -56,6 +56,8 @@ def _cases():
                     constexprs |= dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else 256.0)
                 kernel = f"{_MODULE}:{'_sparse_mla_fp8_kernel' if fp8 else '_sparse_mla_bf16_kernel'}"
                 if config.warp_specialized:
+                    from sglang_sparse_mla.kernels import sparse_mla_sm90_ws as ws
+
                     del constexprs["UPCAST"]
                     constexprs |= dict(STAGES=config.num_stages, LOADER_WARPS=ws.LOADER_WARPS,
                                        LOADER_REGS=ws.LOADER_REGS)  # fmt: skip

@@ -490,6 +490,7 @@ def sparse_mla_forward(
             STAGES=cfg.num_stages,
             LOADER_WARPS=ws.LOADER_WARPS,
             LOADER_REGS=ws.LOADER_REGS,
+            VALUES_REGS=ws.VALUES_REGS,
             **meta,
         )  # fmt: skip
     elif rows.is_fp8:

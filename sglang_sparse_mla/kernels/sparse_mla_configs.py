@@ -89,16 +89,17 @@ _FEW_PROGRAMS_CONFIGS = {
 
 
 # SM90, BF16 cache, more than 32 heads: the warp-specialized Gluon kernel (a
-# 4-warp loader gathers 64-row tiles into a two-stage ring while 8 warps run
-# the products and the softmax). H200, top-k 2048, against the 64-head Triton
-# config: 1.4x at 8 tokens, 1.5-1.8x at 32-128 and in 4096-token prefill (64
-# and 128 heads). Launches of at most FEW_PROGRAMS_WARP_SPECIALIZED programs
+# 4-warp loader gathers 64-row tiles into a two-stage ring; one warpgroup runs
+# QK and the softmax, both run PV; num_warps is the softmax warpgroup's).
+# H200, top-k 2048, against the 64-head Triton config: 1.4x at 8 tokens,
+# 1.5-1.8x at 32-128 and in 4096-token prefill (64 and 128 heads; first
+# version, 1.03-1.15x slower than this one). Launches of at most FEW_PROGRAMS_WARP_SPECIALIZED programs
 # (1 token at 128 heads, 1-2 at 64) stay on 16-head Triton blocks: 14.6 vs
 # 18.7 us at 1 token and 128 heads, 14.4 vs 16.0 at 2 tokens and 64 heads;
 # from 4 programs the warp-specialized kernel is faster (16.9 vs 17.8 us at 2
 # tokens and 128 heads, 17.5 vs 19.0 at 4 tokens and 64 heads;
 # benchmarks/results/2026-11-26_nvidia-h200/run7/kernels/).
-WARP_SPECIALIZED_SM90 = SparseMLAConfig(64, 64, 8, 2, warp_specialized=True)
+WARP_SPECIALIZED_SM90 = SparseMLAConfig(64, 64, 4, 2, warp_specialized=True)
 FEW_PROGRAMS_WARP_SPECIALIZED = 2
 
 

@@ -9,17 +9,28 @@ slots 29% busy at 32 decode tokens), and Triton's automatic Hopper warp
 specialization applies to TMA loads only, which cannot gather rows on SM90.
 
 One CTA owns a token, 64 heads and a contiguous range of the token's top-k
-list. A loader partition (4 warps) gathers each 64-row tile of latent rows
-with ``cp.async`` into a two-stage ring of NVMMA-swizzled buffers
-(``[64, 512]`` latent and ``[64, 64]`` rope: shared buffers must have
-power-of-two shapes) and signals a "ready" barrier; the default partition (8
-warps, two warpgroups) waits on it, runs ``QK^T`` as two chained wgmmas
-(latent, then rope), the online softmax in registers and ``PV`` with P from
-registers, each warpgroup owning 256 of the 512 output columns, then releases
-the stage through an "empty" barrier. Invalid entries (negative, out of
-range, past the split or the row's valid tail) are zero-filled rows masked to
-``-inf``. Results: a normalized fp32 partial with its log2-sum-exp per split,
-merged by :func:`.sparse_mla._merge_splits_kernel`, or the final output.
+list, in three partitions of one warpgroup each:
+
+* the loader gathers each 64-row tile of latent rows with ``cp.async`` into a
+  two-stage ring of NVMMA-swizzled buffers (``[64, 512]`` latent and
+  ``[64, 64]`` rope: shared buffers must have power-of-two shapes) and
+  signals the stage's "ready" barrier;
+* the softmax warpgroup (the default partition) runs ``QK^T`` at N = 64 as
+  two chained wgmmas (latent, then rope), the online softmax in registers,
+  writes P (bf16, 8 KB) and the rescale factors to shared memory for the
+  other warpgroup ("p_full"), and runs ``PV`` for output columns 0-255;
+* the values warpgroup rescales and runs ``PV`` for columns 256-511 with
+  that P, then frees it ("p_empty").
+
+Each compute warpgroup releases the stage through its "empty" barrier (two
+arrivals). One warpgroup computing the whole ``QK^T`` reads the 64 x 576
+query from shared memory once per tile, not twice (the first version split
+N between the warpgroups: 1.03-1.15x slower), and its ``QK^T`` of the next
+tile overlaps the other's ``PV``. Invalid entries (negative, out of range,
+past the split or the row's valid tail) are zero-filled rows masked to
+``-inf``. Results: a normalized fp32 partial with its log2-sum-exp per
+split, merged by :func:`.sparse_mla._merge_splits_kernel`, or the final
+output.
 
 Gluon has no interpreter: CPU CI compiles this kernel for sm_90 (shared
 memory, spills); it runs in the GPU tests only.
@@ -37,9 +48,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-# The loader partition: its warps and their register budget (the compute warps take the rest).
+# The loader partition: its warps and their register budget (the softmax warpgroup takes the rest).
 LOADER_WARPS = 4
 LOADER_REGS = 56
+# The warpgroup that runs PV for the high 256 output columns.
+VALUES_REGS = 192
 # A CTA-wide barrier: ``gl.barrier`` in Triton 3.8, ``gl.thread_barrier`` in 3.6.
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
@@ -75,14 +88,17 @@ def _gather_tiles(kv_ptr, idx_row, start, end, num_slots, stride_kv, kv_smem, kr
 
 
 @gluon.jit
-def _attend_tiles(q_smem, qr_smem, kv_smem, kr_smem, ready, empty, idx_row, start, end, num_slots, qk_scale_log2,
-                  s_layout: gl.constexpr, o_layout: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-                  STAGES: gl.constexpr):  # fmt: skip
-    """Default partition: online softmax over the tiles the loader fills; returns
-    ``(acc [BLOCK_H, 512] unnormalized, m_i, l_i)`` (log2 domain, as the Triton kernel)."""
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+def _scores_and_softmax(q_smem, qr_smem, kv_smem, kr_smem, p_smem, scale_smem, ready, empty, p_full, p_empty, done,
+                        idx_row, start, end, num_slots, qk_scale_log2,
+                        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """Default partition (one warpgroup): per tile, ``QK^T`` at N = ``BLOCK_N``, the online
+    softmax, P (bf16) and the rescale factor handed to the other warpgroup through shared
+    memory, and ``PV`` for output columns 0-255. Returns ``(acc [BLOCK_H, 256] unnormalized,
+    m_i, l_i)`` (log2 domain); ``1 / l_i`` goes to the other warpgroup last."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    acc = gl.zeros([BLOCK_H, 512], gl.float32, o_layout)
+    acc = gl.zeros([BLOCK_H, 256], gl.float32, o_layout)
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_layout)
     l_i = gl.zeros([BLOCK_H], gl.float32, row_layout)
     keys = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
@@ -107,12 +123,57 @@ def _attend_tiles(q_smem, qr_smem, kv_smem, kr_smem, ready, empty, idx_row, star
         p = gl.exp2(s - m_base[:, None])
         l_i = l_i * alpha + gl.sum(p, axis=1)
         m_i = m_new
+        mbarrier.wait(p_empty, (i & 1) ^ 1)  # the other warpgroup is done with the previous P
+        p_smem.store(p.to(gl.bfloat16))
+        scale_smem.store(alpha)
+        fence_async_shared()  # P is read by wgmma (async proxy)
+        _cta_barrier()  # every thread's part of P and alpha before the hand-over
+        mbarrier.arrive(p_full, count=1)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), latent, acc, is_async=True)
-        acc, _ = warpgroup_mma_wait(0, deps=[acc, latent])
+        acc = warpgroup_mma(p_smem, latent.slice(0, 256, dim=1), acc, is_async=True)
+        acc, _, _ = warpgroup_mma_wait(0, deps=[acc, p_smem, latent])
         mbarrier.arrive(empty.index(stage), count=1)
         i += 1
+    has_keys = l_i > 0.0
+    mbarrier.wait(p_empty, (i & 1) ^ 1)  # the last rescale factor has been read
+    scale_smem.store(gl.where(has_keys, 1.0 / gl.where(has_keys, l_i, 1.0), 0.0))
+    _cta_barrier()
+    mbarrier.arrive(done, count=1)
     return acc, m_i, l_i
+
+
+@gluon.jit
+def _values_high(kv_smem, p_smem, scale_smem, ready, empty, p_full, p_empty, done, start, end,
+                 out_ptr, t, split, head0, num_heads, stride_ot, stride_oh, stride_os,
+                 BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """Worker partition (one warpgroup): ``PV`` for output columns 256-511 with the P and
+    rescale factors the softmax warpgroup hands over; stores its half of the output."""
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+    scale_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    acc = gl.zeros([BLOCK_H, 256], gl.float32, o_layout)
+    i = 0
+    for _n0 in range(start, end, BLOCK_N):
+        stage = i % STAGES
+        mbarrier.wait(ready.index(stage), (i // STAGES) & 1)  # the gathered rows are visible here too
+        mbarrier.wait(p_full, i & 1)
+        fence_async_shared()
+        alpha = scale_smem.load(scale_layout)
+        latent = kv_smem.index(stage)
+        acc = acc * alpha[:, None]
+        acc = warpgroup_mma(p_smem, latent.slice(256, 256, dim=1), acc, is_async=True)
+        acc, _, _ = warpgroup_mma_wait(0, deps=[acc, p_smem, latent])
+        _cta_barrier()  # every thread has read alpha and its wgmma has read P
+        mbarrier.arrive(p_empty, count=1)
+        mbarrier.arrive(empty.index(stage), count=1)
+        i += 1
+    mbarrier.wait(done, 0)
+    inv_l = scale_smem.load(scale_layout)
+    out_heads = head0 + gl.arange(0, BLOCK_H, scale_layout)
+    out_cols = 256 + gl.arange(0, 256, gl.SliceLayout(0, o_layout))
+    out_rows = out_ptr + t * stride_ot + split * stride_os + out_heads.to(gl.int64)[:, None] * stride_oh
+    out_ptrs = out_rows + out_cols[None, :]
+    out_mask = gl.broadcast((out_heads < num_heads)[:, None], out_ptrs)[0]
+    gl.store(out_ptrs, (acc * inv_l[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @gluon.jit
@@ -123,12 +184,12 @@ def sparse_mla_sm90_ws_kernel(
     stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     SPLIT_OUTPUT: gl.constexpr, SKIP_INVALID_TAIL: gl.constexpr,
-    LOADER_WARPS: gl.constexpr, LOADER_REGS: gl.constexpr,
+    LOADER_WARPS: gl.constexpr, LOADER_REGS: gl.constexpr, VALUES_REGS: gl.constexpr,
 ):  # fmt: skip
-    """Grid ``(tokens, head blocks, splits)``, ``num_warps=8``; the arguments of
-    :func:`.sparse_mla._sparse_mla_bf16_kernel` (``ends_ptr``: each row's valid
-    end, read with ``SKIP_INVALID_TAIL``), plus the ring depth and the loader's
-    warps and registers."""
+    """Grid ``(tokens, head blocks, splits)``, ``num_warps=4`` (the softmax warpgroup); the
+    arguments of :func:`.sparse_mla._sparse_mla_bf16_kernel` (``ends_ptr``: each row's valid
+    end, read with ``SKIP_INVALID_TAIL``), plus the ring depth, the loader's warps and
+    registers and the values warpgroup's registers."""
     t = gl.program_id(0).to(gl.int64)
     split = gl.program_id(2)
     head0 = gl.program_id(1) * BLOCK_H
@@ -144,11 +205,18 @@ def sparse_mla_sm90_ws_kernel(
     qr_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, 64], rope_layout)
     kv_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 512], latent_layout)
     kr_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 64], rope_layout)
+    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.bfloat16)
+    p_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_N], p_layout)
+    scale_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    handoff = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+    p_full, p_empty, done = handoff.index(0), handoff.index(1), handoff.index(2)
     for j in gl.static_range(STAGES):
         mbarrier.init(ready.index(j), count=LOADER_WARPS * 32)  # every loader thread arrives
-        mbarrier.init(empty.index(j), count=1)  # the default partition arrives once
+        mbarrier.init(empty.index(j), count=2)  # both compute warpgroups arrive once
+    for j in gl.static_range(3):
+        mbarrier.init(handoff.index(j), count=1)
 
     q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
     heads = head0 + gl.arange(0, BLOCK_H, gl.SliceLayout(1, q_layout))
@@ -162,22 +230,28 @@ def sparse_mla_sm90_ws_kernel(
     fence_async_shared()  # each thread's Q stores, before wgmma reads them through the async proxy
     _cta_barrier()  # every warp's Q rows (and the barrier inits) before either partition starts
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 32, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 256, 16])
     acc, m_i, l_i = gl.warp_specialize(
         [
-            (_attend_tiles, (q_smem, qr_smem, kv_smem, kr_smem, ready, empty, idx_row, start, end, num_slots,
-                             qk_scale_log2, s_layout, o_layout, BLOCK_H, BLOCK_N, STAGES)),
+            (_scores_and_softmax, (q_smem, qr_smem, kv_smem, kr_smem, p_smem, scale_smem, ready, empty, p_full,
+                                   p_empty, done, idx_row, start, end, num_slots, qk_scale_log2,
+                                   BLOCK_H, BLOCK_N, STAGES)),
+            (_values_high, (kv_smem, p_smem, scale_smem, ready, empty, p_full, p_empty, done, start, end,
+                            out_ptr, t, split, head0, num_heads, stride_ot, stride_oh, stride_os,
+                            BLOCK_H, BLOCK_N, STAGES)),
             (_gather_tiles, (kv_ptr, idx_row, start, end, num_slots, stride_kv, kv_smem, kr_smem, ready, empty,
                              BLOCK_N, STAGES)),
         ],
-        [LOADER_WARPS],
-        [LOADER_REGS],
+        [4, LOADER_WARPS],
+        [VALUES_REGS, LOADER_REGS],
     )  # fmt: skip
     for j in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(j))
         mbarrier.invalidate(empty.index(j))
+    for j in gl.static_range(3):
+        mbarrier.invalidate(handoff.index(j))
 
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     lse_heads = head0 + gl.arange(0, BLOCK_H, rows_s)
     has_keys = l_i > 0.0
@@ -191,7 +265,7 @@ def sparse_mla_sm90_ws_kernel(
     inv_l = gl.where(has_keys, 1.0 / gl.where(has_keys, l_i, 1.0), 0.0)
     out = acc * gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout))[:, None]
     out_heads = head0 + gl.arange(0, BLOCK_H, gl.SliceLayout(1, o_layout))
-    out_cols = gl.arange(0, 512, gl.SliceLayout(0, o_layout))
+    out_cols = gl.arange(0, 256, gl.SliceLayout(0, o_layout))
     out_rows = out_ptr + t * stride_ot + split * stride_os + out_heads.to(gl.int64)[:, None] * stride_oh
     out_ptrs = out_rows + out_cols[None, :]
     out_mask = gl.broadcast((out_heads < num_heads)[:, None], out_ptrs)[0]

@@ -60,7 +60,7 @@ def _cases():
 
                     del constexprs["UPCAST"]
                     constexprs |= dict(STAGES=config.num_stages, LOADER_WARPS=ws.LOADER_WARPS,
-                                       LOADER_REGS=ws.LOADER_REGS)  # fmt: skip
+                                       LOADER_REGS=ws.LOADER_REGS, VALUES_REGS=ws.VALUES_REGS)  # fmt: skip
                     kernel = f"{ws.__name__}:sparse_mla_sm90_ws_kernel"
                 mode = "split" if split else "single-skip-tail" if skip_tail else "single"
                 label = f"sm{capability}-{'fp8' if fp8 else 'bf16'}-{config}-{mode}"

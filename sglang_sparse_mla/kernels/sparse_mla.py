@@ -479,21 +479,7 @@ def sparse_mla_forward(
         SKIP_INVALID_TAIL=skip_invalid_tail,
         num_warps=cfg.num_warps,
     )
-    if cfg.warp_specialized:
-        from . import sparse_mla_sm90_ws as ws  # imports Gluon: only where info.warp_specialized says it exists
-
-        ws.sparse_mla_sm90_ws_kernel[grid](
-            q, q_rope, rows.latent, indices, ends, part_out, part_lse,
-            *shape_args,
-            rows.latent.stride(0),
-            *out_args,
-            STAGES=cfg.num_stages,
-            LOADER_WARPS=ws.LOADER_WARPS,
-            LOADER_REGS=ws.LOADER_REGS,
-            VALUES_REGS=ws.VALUES_REGS,
-            **meta,
-        )  # fmt: skip
-    elif rows.is_fp8:
+    if rows.is_fp8:
         _sparse_mla_fp8_kernel[grid](
             q, q_rope, rows.words, rows.rope, indices, ends, part_out, part_lse,
             *shape_args,
@@ -506,13 +492,22 @@ def sparse_mla_forward(
             **meta,
         )  # fmt: skip
     else:
-        _sparse_mla_bf16_kernel[grid](
+        # The warp-specialized kernel takes the BF16 kernel's arguments, plus its partitions' shape.
+        if cfg.warp_specialized:
+            from . import sparse_mla_sm90_ws as ws  # imports Gluon: only where info.warp_specialized says it exists
+
+            kernel = ws.sparse_mla_sm90_ws_kernel
+            variant = dict(STAGES=cfg.num_stages, LOADER_WARPS=ws.LOADER_WARPS, LOADER_REGS=ws.LOADER_REGS,
+                           VALUES_REGS=ws.VALUES_REGS)  # fmt: skip
+        else:
+            kernel = _sparse_mla_bf16_kernel
+            variant = dict(UPCAST=is_interpreter(), num_stages=cfg.num_stages)
+        kernel[grid](
             q, q_rope, rows.latent, indices, ends, part_out, part_lse,
             *shape_args,
             rows.latent.stride(0),
             *out_args,
-            UPCAST=is_interpreter(),
-            num_stages=cfg.num_stages,
+            **variant,
             **meta,
         )  # fmt: skip
     if num_kv_splits > 1:

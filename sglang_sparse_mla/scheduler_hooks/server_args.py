@@ -7,13 +7,16 @@ already resolves for a DSA model with our backend, and what these hooks add:
 * backend: ``_deepseek_family_overrides`` fills ``attention_backend = "dsa"``
   only when no backend is set, so an explicit ``triton_sparse_mla`` is kept;
 * page size: the same override sets 64 (``64 * index_kpool``) for every DSA
-  model, whatever the backend; validated here;
+  model, whatever the backend, over any ``--page-size``; validated here, with a
+  warning naming the flag when it overrode the user's value;
 * KV cache: ``_dsa_kv_cache_dtype_default`` turns ``auto`` into ``bfloat16``
   (``fp8_e4m3`` on SM100+) and accepts ``bfloat16``/``fp8_e4m3`` only;
 * DSA kernel selection: ``_dsa_split_backend_resolution`` would pick SGLang's
   own DSA kernels (``trtllm`` on SM100 switches the FP8 pool to a raw 576-byte
   row without scales). Wrapped here to select none for our backend, which
-  keeps the pool in the 576-value bf16 / 656-byte FP8 layouts our kernels read;
+  keeps the pool in the 576-value bf16 / 656-byte FP8 layouts our kernels read
+  (``--dcp-size`` > 1 makes SGLang fill both with ``trtllm``: refused first, by
+  its own flag);
 * prefill CUDA graphs (breakable by default on CUDA) are turned off: the
   indexer's ragged extend path runs eagerly;
 * start-up validation of everything else the backend cannot serve.
@@ -45,6 +48,8 @@ def skip_dsa_kernel_selection(original, view) -> dict:
     """Around ``_dsa_split_backend_resolution``: no SGLang DSA kernel for our backend."""
     if not _selected(view):
         return original(view)
+    # SGLang's DCP override fills both fields with "trtllm": refuse the flag the user gave.
+    spec.check_parallelism(dcp_size=view.dcp_size)
     for field in ("dsa_prefill_backend", "dsa_decode_backend"):
         if getattr(view, field) is not None:
             raise spec.UnsupportedConfiguration(
@@ -89,6 +94,15 @@ def validate(server_args, previous) -> None:
     hf_config = model_config_of(view).hf_config
     spec.check_hf_config(hf_config, is_dsa=is_deepseek_dsa(hf_config), index_kpool=get_dsa_index_kpool(hf_config))
     spec.check_page_size(view.page_size)
+    requested = server_args.page_size  # the command line's value; the view holds the resolved one
+    if requested is not None and requested != view.page_size:
+        logger.warning(
+            "%s: --page-size %s is overridden to %s (DSA models page their KV and index-K caches in %s-token pages)",
+            spec.BACKEND_NAME,
+            requested,
+            view.page_size,
+            spec.PAGE_SIZE,
+        )
     spec.check_kv_cache_dtype(view.kv_cache_dtype)
     spec.check_parallelism(
         dcp_size=view.dcp_size,

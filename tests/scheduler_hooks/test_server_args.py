@@ -8,6 +8,7 @@ default is set to what SGLang picks on CUDA (breakable).
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -100,11 +101,48 @@ def test_explicit_fp8_kv_cache_and_page_size(tmp_path, resolve):
         (["--dsa-decode-backend", "flashmla_kv"], "--dsa-decode-backend"),
         (["--cuda-graph-backend-prefill", "breakable"], "--cuda-graph-backend-prefill"),
         (["--decode-attention-backend", "dsa"], "--attention-backend"),
+        (["--dcp-size", "2", "--tp", "2"], "--dcp-size"),
+        (["--attn-cp-size", "2", "--tp", "2"], "--attn-cp-size"),
+        (["--enable-prefill-cp", "--cp-strategy", "interleave", "--tp", "2"], "--enable-prefill-cp"),
+        (["--enable-two-batch-overlap"], "--enable-two-batch-overlap"),
+        (["--enable-hisparse"], "--enable-hisparse"),
     ],
 )
 def test_conflicting_flags_fail_at_startup(tmp_path, resolve, flags, flag_named):
     with pytest.raises(UnsupportedConfiguration, match=flag_named):
         resolve(model_dir(tmp_path), "--attention-backend", BACKEND_NAME, *flags)
+
+
+def test_dcp_is_refused_by_its_own_flag(tmp_path, resolve):
+    """SGLang's DCP override fills --dsa-prefill/decode-backend with trtllm; the refusal names --dcp-size."""
+    with pytest.raises(UnsupportedConfiguration) as refused:
+        resolve(model_dir(tmp_path), "--attention-backend", BACKEND_NAME, "--dcp-size", "2", "--tp", "2")
+    assert "--dcp-size" in str(refused.value) and "--dsa-" not in str(refused.value)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("page_size,warned", [(None, False), ("64", False), ("1", True), ("32", True)])
+def test_page_size_override_is_logged(tmp_path, resolve, page_size, warned):
+    """SGLang sets 64 over any --page-size for DSA models; the log says so, naming the flag.
+    (A handler on our logger: SGLang's logging set-up replaces the root handlers caplog uses.)"""
+    flags = ["--attention-backend", BACKEND_NAME, *(["--page-size", page_size] if page_size else [])]
+    records = _Records()
+    logger = logging.getLogger("sglang_sparse_mla")
+    logger.addHandler(records)
+    try:
+        view = resolve(model_dir(tmp_path), *flags)
+    finally:
+        logger.removeHandler(records)
+    assert view.page_size == 64
+    assert any(f"--page-size {page_size} is overridden to 64" in m for m in records.messages) == warned
 
 
 def test_non_dsa_model_is_refused(tmp_path, resolve):

@@ -1,7 +1,7 @@
 """Seeded tiny DSA checkpoints for end-to-end serving tests.
 
 ``python -m sglang_sparse_mla.tiny_model OUT_DIR [--arch deepseek-v3.2|glm-5] [--shape small|released] [--seed N]
-[--layers N]``
+[--layers N] [--force]``
 
 writes a randomly initialised model of the real architecture, small enough to
 load in seconds, in the layout SGLang 0.5.23's DeepSeek loader consumes
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,15 +297,47 @@ def write_tiny_model(
     return out
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing)")
+    parser = argparse.ArgumentParser(prog="python -m sglang_sparse_mla.tiny_model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing; must be empty)")
     parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
-    parser.add_argument("--shape", choices=SHAPES, default="small", help="released: DeepSeek-V3.2's attention shapes")
+    parser.add_argument(
+        "--shape", choices=SHAPES, default="small", help="released: DeepSeek-V3.2's attention shapes (deepseek-v3.2 only)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="layer count (default: the shape's)")
+    parser.add_argument(
+        "--force", action="store_true", help="write into a non-empty OUT_DIR (files of the same name are replaced)"
+    )
     args = parser.parse_args(argv)
-    write_tiny_model(args.out_dir, args.arch, args.seed, args.shape, args.layers)
+    try:
+        config = tiny_config(args.arch, args.shape, args.layers)
+    except ValueError as err:
+        parser.error(str(err))
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        parser.error(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        parser.error(f"{out} is not empty; choose a new directory, or pass --force to write over its files")
+    parameters = sum(math.prod(spec.shape) for spec in checkpoint_spec(config).values())
+    print(
+        f"Writing a tiny {args.arch} model ({config['architectures'][0]}, shape {args.shape!r}, random weights, "
+        f"seed {args.seed}): {config['num_hidden_layers']} layers, {config['num_attention_heads']} query heads, "
+        f"index_topk {config['index_topk']}, {parameters / 1e6:.1f}M parameters, to {out} ...",
+        flush=True,
+    )
+    write_tiny_model(out, args.arch, args.seed, args.shape, args.layers)
+    for path in sorted(out.iterdir()):
+        if path.is_file():
+            print(f"  {path.name:<24} {_size(path.stat().st_size):>10}")
+    print(
+        f"Done. Serve it with: python -m sglang.launch_server --model-path {out} "
+        "--attention-backend triton_sparse_mla (needs an NVIDIA GPU)"
+    )
 
 
 if __name__ == "__main__":

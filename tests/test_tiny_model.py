@@ -11,7 +11,14 @@ import sys
 import pytest
 import torch
 
-from sglang_sparse_mla.tiny_model import ARCHITECTURES, checkpoint_spec, random_weights, tiny_config, write_tiny_model
+from sglang_sparse_mla.tiny_model import (
+    ARCHITECTURES,
+    checkpoint_spec,
+    main,
+    random_weights,
+    tiny_config,
+    write_tiny_model,
+)
 
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
@@ -88,6 +95,45 @@ def test_deterministic_for_a_seed(tmp_path):
         "model.safetensors",
     ):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_cli_prints_what_it_wrote_and_keeps_a_non_empty_folder(tmp_path, capsys):
+    out = tmp_path / "model"
+    main([str(out), "--arch", "glm-5"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("Writing a tiny glm-5 model (GlmMoeDsaForCausalLM") and str(out) in printed
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (out / name).is_file() and name in printed
+    assert "--attention-backend triton_sparse_mla" in printed.splitlines()[-1]
+    weights = (out / "model.safetensors").read_bytes()
+
+    with pytest.raises(SystemExit) as refused:  # a second run would replace the checkpoint
+        main([str(out), "--seed", "1"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "is not empty" in err and "pass --force" in err
+    assert (out / "model.safetensors").read_bytes() == weights
+
+    main([str(out), "--arch", "glm-5", "--seed", "1", "--force"])
+    assert (out / "model.safetensors").read_bytes() != weights
+    (tmp_path / "empty").mkdir()
+    main([str(tmp_path / "empty"), "--layers", "1"])  # an existing empty folder is fine
+    assert (tmp_path / "empty" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--arch", "glm-5", "--shape", "released"], "no 'released' shape for 'glm-5'"),
+        (["--layers", "0"], "layers must be at least 1"),
+        (["--arch", "llama"], "invalid choice"),
+    ],
+)
+def test_cli_refuses_unsupported_combinations_as_usage_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as refused:
+        main([str(tmp_path / "model"), *argv])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.startswith("usage: python -m sglang_sparse_mla.tiny_model") and message in err
+    assert "Traceback" not in err and not (tmp_path / "model").exists()
 
 
 def test_glm5_has_shared_indexer_layers():

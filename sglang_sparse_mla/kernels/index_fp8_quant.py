@@ -66,6 +66,13 @@ def _round_to_bf16(y):
 
 
 @triton.jit
+def _negate(x):
+    """``-x`` for fp32 ``x`` by flipping the sign bit. Triton 3.6 lowers unary minus as ``0 - x`` (for a
+    product fused into ``fma(-a, b, +0)``), which gives ``+0`` where IEEE negation gives ``-0``."""
+    return (x.to(tl.int32, bitcast=True) ^ -2147483648).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _e4m3_codes(y):
     """float8_e4m3fn codes (uint8) of fp32 ``y`` with ``|y| <= 448``, round to nearest even.
 
@@ -244,8 +251,9 @@ def _index_fp8_rope_kernel(
     cos = tl.load(cs_rows[:, None] + pair[None, :], mask=ok[:, None], other=1.0).to(tl.float32)
     sin = tl.load(cs_rows[:, None] + (PAIRS + pair)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     # The products contracted as nvcc contracts SGLang's ``x * c - y * s`` and ``x * s + y * c``
-    # (the first one fused); left to itself Triton's LLVM fuses the second of the sum.
-    re = tl.fma(xe, cos, -(xo * sin))
+    # (the first one fused); left to itself Triton's LLVM fuses the second of the sum. The negation keeps
+    # the sign of a zero product, so that an all-zero row gives SGLang's -0 codes (0x80) where cos < 0 < sin.
+    re = tl.fma(xe, cos, _negate(xo * sin))
     ro = tl.fma(xe, sin, xo * cos)
     if ROUND_BF16:
         re, ro, xr = _round_to_bf16(re), _round_to_bf16(ro), _round_to_bf16(xr)

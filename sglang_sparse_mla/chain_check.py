@@ -29,6 +29,7 @@ Triton is imported) when this runs on a CPU tensor device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -207,8 +208,16 @@ def _selection_violation(positions: torch.Tensor, ref_logits: torch.Tensor, leng
 class _Chain:
     """The inputs of one layer and the stages run over them (see the module docstring)."""
 
-    def __init__(self, shapes: ChainShapes, seed: int, device: torch.device, attention_rows: int):
+    def __init__(
+        self,
+        shapes: ChainShapes,
+        seed: int,
+        device: torch.device,
+        attention_rows: int,
+        progress: Callable[[str], None] | None = None,
+    ):
         self.s, self.device, self.attention_rows = shapes, device, attention_rows
+        self.progress = progress or (lambda line: None)
         self.limits = LIMITS["cuda" if device.type == "cuda" else "cpu"]
         self.gen = torch.Generator().manual_seed(seed)
         self.reqs = PagedRequests(tuple(n + 1 for n in shapes.prompts), self.gen, device)
@@ -219,6 +228,7 @@ class _Chain:
             self.reqs.num_pages, PAGE_SIZE * INDEX_ROW_BYTES, dtype=torch.uint8, device=device
         )
         self.all_slots = torch.cat([self.reqs.slots(r, 0, n) for r, n in enumerate(self.reqs.lengths)])
+        self.progress("index keys: rotation, FP8 quantization and page store; KV rows")
         dispatch.quantize_index_keys(self.index_pages, self.all_slots, key, rotate=True, scale_format="fp32")
         self.k_fp8, self.k_scale = dispatch.gather_index_k(self.index_pages, self.all_slots)
         ref_codes, ref_scales = index_fp8_quant_reference(key, rotate=True, scale_format="fp32")
@@ -269,12 +279,14 @@ class _Chain:
         starts, lengths, token_to_req = (t.to(self.device) for t in (starts, lengths, token_to_req))
         ends = starts + lengths
 
+        self.progress("prefill: indexer logits (fp8_mqa_logits)")
         logits = fp8_mqa_logits(q_fp8, k_fp8, k_scale, weights, starts, ends)
         ref = mqa_logits_reference(q_fp8, self.k_fp8[logical], self.k_scale[logical], weights, starts, ends)
         self.check(
             "prefill indexer logits (fp8_mqa_logits)", "rel. error", _relative_error(logits, ref), self.limits["logits"]
         )
 
+        self.progress("prefill: top-k and KV slots")
         positions = topk_indices(logits, lengths, s.topk, row_starts=starts)
         ref_positions = topk_indices_reference(logits, lengths, s.topk, row_starts=starts)
         self.check("prefill top-k (topk_indices)", "rows differing", _mismatched_rows(positions, ref_positions), 0)
@@ -356,18 +368,23 @@ def run_chain(
     seed: int = 0,
     device: torch.device | str = "cpu",
     attention_rows: int = 96,
+    progress: Callable[[str], None] | None = None,
 ) -> ChainReport:
     """Run the chain for requests of ``prompts`` tokens (+1 decode token each) shaped by ``config``.
 
     ``topk`` overrides the config's ``index_topk``; ``attention_rows`` bounds
-    the prefill rows whose sparse attention is checked.
+    the prefill rows whose sparse attention is checked; ``progress`` is called
+    with a line naming each step before it runs (the interpreter takes a while).
     """
     shapes = ChainShapes.from_config(config, prompts, topk)
-    chain = _Chain(shapes, seed, torch.device(device), attention_rows)
+    chain = _Chain(shapes, seed, torch.device(device), attention_rows, progress)
     chain.fp8_cache()
     lengths = []
     for phase, indexer in (("prefill", chain.prefill), ("decode", chain.decode)):
+        if phase == "decode":
+            chain.progress("decode: indexer logits, top-k and KV slots")
         slots, phase_lengths = indexer()
+        chain.progress(f"{phase}: sparse MLA over the BF16 and FP8 caches")
         chain.attention(phase, slots, phase_lengths)
         lengths.append(phase_lengths)
     visible = torch.cat(lengths)

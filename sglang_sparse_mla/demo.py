@@ -52,6 +52,15 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
+def _progress(start: float):
+    """A callback printing ``[  12 s] step ...`` lines, flushed, timed from ``start``."""
+
+    def report(step: str) -> None:
+        print(f"  [{time.perf_counter() - start:4.0f} s] {step} ...", flush=True)
+
+    return report
+
+
 def _prompt_lengths(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in text.split(","))
 
@@ -66,16 +75,23 @@ def run_chain_demo(args) -> int:
     device = "cuda" if on_gpu else "cpu"
     where = f"natively on {torch.cuda.get_device_name()}" if on_gpu else "through the Triton interpreter (CPU)"
     print(f"Attention chain of the tiny DSA models {where}, each stage against its float64 reference.")
+    if not on_gpu:
+        print("The interpreter runs every kernel program in Python: about a minute and a half per model.")
     passed = True
     for arch in args.arch or ARCHITECTURES:
         config = tiny_config(arch)
         start = time.perf_counter()
-        report = run_chain(config, args.prompt_lengths, args.index_topk, args.seed, device)
         topk = args.index_topk or config["index_topk"]
         print(
             f"\n{arch} ({config['architectures'][0]}): {config['num_attention_heads']} query heads, "
             f"{config['index_n_heads']} index heads x {config['index_head_dim']}, index_topk {topk}; "
-            f"prompts of {', '.join(map(str, args.prompt_lengths))} tokens + 1 decode step each; "
+            f"prompts of {', '.join(map(str, args.prompt_lengths))} tokens + 1 decode step each",
+            flush=True,
+        )
+        report = run_chain(
+            config, args.prompt_lengths, args.index_topk, args.seed, device, progress=_progress(start)
+        )
+        print(
             f"{report.sparse_rows} of {report.rows} query tokens see more than index_topk positions "
             f"({time.perf_counter() - start:.0f} s)"
         )
@@ -107,20 +123,29 @@ def run_serving_demo(args) -> int:
     arch = (args.arch or ["deepseek-v3.2"])[0]
     shared, unrelated = shared_prefix_prompts(4), unrelated_prompts()
     prompts = shared + unrelated
+    start = time.perf_counter()
+    step = _progress(start)
     with tempfile.TemporaryDirectory(prefix="sglang-sparse-mla-demo-") as tmp:
+        gpu = torch.cuda.get_device_name()
+        print(f"Serving a tiny {arch} model (random weights) with --attention-backend {BACKEND} on {gpu}")
+        step("writing the model (random weights, a local tokenizer)")
         model = write_tiny_model(Path(tmp) / "model", arch, args.seed)
         numerics = [] if args.default_numerics else ["--enable-deterministic-inference"]
         server_args = ["--attention-backend", BACKEND, *numerics, *args.server_arg]
-        gpu = torch.cuda.get_device_name()
-        print(f"Serving a tiny {arch} model (random weights) with --attention-backend {BACKEND} on {gpu} ...")
+        log_path = args.server_log or Path(tmp) / "server.log"
+        step(f"starting sglang.launch_server {' '.join(server_args)} (compiles kernels, captures CUDA graphs)")
         try:
-            with Server(model, server_args, log_path=args.server_log or Path(tmp) / "server.log") as server:
-                generate(server.url, [shared[0]], 1)  # the shared prefix enters the radix cache
+            with Server(model, server_args, log_path=log_path) as server:
+                step("server ready; one request puts the shared prefix into the radix cache")
+                generate(server.url, [shared[0]], 1)
+                step(f"{len(prompts)} requests in one batch ({args.max_new_tokens} tokens each)")
                 batch = generate(server.url, prompts, args.max_new_tokens)
+                step(f"the same {len(prompts)} requests one by one, the cache flushed before each")
                 single = []
                 for prompt in prompts:
                     flush_cache(server.url)
                     single += generate(server.url, [prompt], args.max_new_tokens)
+                step("stopping the server")
         except (ServerError, OSError) as err:
             print(f"FAIL: the server did not serve: {err}")
             return 1

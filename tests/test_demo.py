@@ -25,6 +25,22 @@ def test_chain_demo_passes(capsys):
     assert "64 index heads" in out and "index_topk 32" in out
 
 
+def test_chain_demo_shows_progress_before_each_long_step(capsys):
+    assert demo.main([*TINY, "--arch", "glm-5", "--prompt-lengths", "40,10", "--index-topk", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("glm-5 (GlmMoeDsaForCausalLM)"))
+    table = next(i for i, line in enumerate(lines) if line.startswith("stage"))
+    steps = [line.split("] ", 1)[1] for line in lines[header:table] if line.lstrip().startswith("[")]
+    assert steps == [
+        "index keys: rotation, FP8 quantization and page store; KV rows ...",
+        "prefill: indexer logits (fp8_mqa_logits) ...",
+        "prefill: top-k and KV slots ...",
+        "prefill: sparse MLA over the BF16 and FP8 caches ...",
+        "decode: indexer logits, top-k and KV slots ...",
+        "decode: sparse MLA over the BF16 and FP8 caches ...",
+    ]
+
+
 def test_chain_demo_fails_on_a_wrong_kernel(capsys, monkeypatch):
     real = chain_check.sparse_mla_decode
 
@@ -109,3 +125,7 @@ def test_serving_demo_judges_batch_against_one_by_one(monkeypatch, capsys, defau
     assert deterministic != default_numerics
     assert ("identical, batch vs one by one" in out) != default_numerics
     assert ("token 2 (|d| 0.001)" in out) == (one_by_one_drift == "logprob")
+    # A line before each long step: the model, the server's start, the batch, the one-by-one requests.
+    steps = [line.split("] ", 1)[1] for line in out.splitlines() if line.lstrip().startswith("[")]
+    assert [step.split(" ")[0] for step in steps] == ["writing", "starting", "server", "8", "the", "stopping"]
+    assert "--attention-backend triton_sparse_mla" in steps[1]

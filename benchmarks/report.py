@@ -2,8 +2,8 @@
 
     python benchmarks/report.py benchmarks/results/<run>/
 
-reads ``sparse_mla.json`` and ``indexer.json`` there, prints the README's
-performance tables and writes ``summary.png`` beside them.
+reads ``sparse_mla.json`` and ``indexer.json`` there, prints the
+performance tables of docs/performance.md and writes ``summary.png`` beside them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@
 Sections: paged decode logits (``fp8_paged_mqa_logits`` vs SGLang's
 ``_fp8_paged_mqa_logits_torch``), ragged prefill logits (``fp8_mqa_logits`` vs
 ``_fp8_mqa_logits_torch`` and, where it loads, DeepGEMM's ``fp8_mqa_logits``)
-and top-k 2048 (``topk_indices`` vs ``torch.topk``). ``--sweep`` times every
+and top-k 2048 (``topk_indices`` as dispatched, its one-program-per-row path
+forced, ``torch.topk`` and, where it loads, sgl-kernel's ``fast_topk_v2``, the
+top-k of SGLang's ``dsa`` backend). ``--sweep`` times every
 candidate configuration of our kernels instead of the default one (no
 baselines).
 
@@ -29,6 +31,7 @@ short kernels. Counting conventions:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import json
@@ -49,7 +52,9 @@ from timing import time_launches  # noqa: E402
 
 from sglang_sparse_mla.kernels import fp8_mqa_logits, fp8_paged_mqa_logits, topk_indices  # noqa: E402
 from sglang_sparse_mla.kernels.device_info import device_info  # noqa: E402
+from sglang_sparse_mla.kernels.topk import default_config as topk_default_config  # noqa: E402
 from sglang_sparse_mla.kernels.topk import sweep_configs as topk_sweep_configs  # noqa: E402
+from sglang_sparse_mla.kernels.topk import use_split_rows  # noqa: E402
 
 ragged_module = importlib.import_module("sglang_sparse_mla.kernels.fp8_mqa_logits")
 paged_module = importlib.import_module("sglang_sparse_mla.kernels.fp8_paged_mqa_logits")
@@ -65,9 +70,9 @@ DEVICE = torch.device("cuda")
 PAGED_SHAPES = [(b, ctx) for b in (1, 8, 32, 128) for ctx in (4096, 32768, 131072)]
 PAGED_MTP_SHAPES = [(32, 32768, 2)]  # (batch, context, next_n): ours only, SGLang's fallback has no next_n > 1
 PREFILL_SHAPES = [(4096, n) for n in (4096, 16384, 65536)]
-# Decode rows (one per request, context ~8k-64k) first, then prefill-sized batches.
-TOPK_SHAPES = [(1, 8192), (32, 8192), (1, 8448), (32, 8448), (32, 16384), (32, 65536)]
-TOPK_SHAPES += [(64, c) for c in (32768, 65536, 131072, 163840)] + [(128, 131072), (4096, 8192)]
+# Decode rows (one per request) at batch 1, 8, 32 (the split-row path), then 64 long rows
+# and a prefill-sized batch (one program per row).
+TOPK_SHAPES = [(b, c) for b in (1, 8, 32) for c in (8192, 32768, 131072)] + [(64, 131072), (4096, 8192)]
 
 
 # ---------------------------------------------------------------------------
@@ -285,17 +290,27 @@ def prefill_section(ceilings, sweep: bool) -> list[dict]:
 
 def topk_section(ceilings, sweep: bool) -> list[dict]:
     configs = topk_sweep_configs(TOPK) if sweep else [None]
+    per_row = dataclasses.replace(topk_default_config(TOPK), split_rows=False)
+    sgl_topk, sgl_reason = sglang_baselines.sgl_kernel_fast_topk()
+    num_sms = device_info(DEVICE).num_sms
     records = []
     for rows, cols in TOPK_SHAPES:
         nbytes = rows * cols * 4 + rows * TOPK * 4
         sets = input_sets(lambda: topk_inputs(rows, cols), nbytes)
         for cfg in configs:
             ms, err = try_bench(lambda s: topk_indices(s["logits"], s["lengths"], TOPK, config=cfg), sets)
+            path = "split" if use_split_rows(rows, cols, num_sms, cfg or topk_default_config(TOPK)) else "per_row"
             rec = {"section": "topk", "rows": rows, "cols": cols, "k": TOPK, "config": str(cfg) if cfg else "default",
-                   "ours": rates(ms, 0.0, nbytes, ceilings), "error": err}
+                   "path": path, "ours": rates(ms, 0.0, nbytes, ceilings), "error": err}
             if not sweep:
+                row_ms, row_err = try_bench(lambda s: topk_indices(s["logits"], s["lengths"], TOPK, config=per_row), sets)
+                rec["ours_per_row"] = {**rates(row_ms, 0.0, nbytes, ceilings), "error": row_err}
                 base_ms, base_err = try_bench(lambda s: torch.topk(s["logits"], TOPK, dim=-1), sets)
                 rec["torch_topk"] = {**rates(base_ms, 0.0, nbytes, ceilings), "error": base_err}
+                rec["sgl_kernel_topk"] = _first_baseline(
+                    [("sgl_kernel.fast_topk_v2", sgl_topk, sgl_reason)], True,
+                    lambda fn, s: fn(s["logits"], s["lengths"], TOPK), sets, 0.0, nbytes, ceilings,
+                )
             records.append(rec)
             _print_row(rec)
         del sets
@@ -336,7 +351,8 @@ def _fmt(r: dict | None) -> str:
     return f"{r['ms'] * 1e3:9.1f}us {extra}{r['gbs']:7.0f} GB/s {r['pct_bw']:5.1f}%bw"
 
 
-_ABBREV = {"block_n": "n", "tokens": "t", "num_warps": "w", "num_stages": "s", "chunks": "ch", "cap": "cap"}
+_ABBREV = {"block_n": "n", "tokens": "t", "num_warps": "w", "num_stages": "s", "chunks": "ch", "cap": "cap",
+           "split_rows": "split=", "split_block": "sb", "split_programs_per_sm": "spp"}
 
 
 def _short(config: str) -> str:
@@ -353,15 +369,15 @@ def _print_row(rec: dict) -> None:
     elif rec["section"] == "prefill":
         shape = f"prefill T={rec['tokens']:<5} N={rec['keys']:<6}"
     else:
-        shape = f"topk    rows={rec['rows']:<5} cols={rec['cols']:<6}"
+        shape = f"topk    rows={rec['rows']:<5} cols={rec['cols']:<6} {rec['path']}"
     line = f"{shape:<38} {_short(rec['config']):<18} ours {_fmt(rec['ours'])}"
     if rec.get("error"):
         line += f"  ERROR {rec['error']}"
-    for key in ("sglang_torch", "deepgemm", "torch_topk"):
+    for key in ("sglang_torch", "deepgemm", "ours_per_row", "torch_topk", "sgl_kernel_topk"):
         base = rec.get(key)
         if base is None:
             continue
-        name = "torch.topk" if key == "torch_topk" else base.get("baseline", key)
+        name = {"torch_topk": "torch.topk", "ours_per_row": "ours per-row"}.get(key) or base.get("baseline", key)
         line += f" | {name} {_fmt(base)}"
         if base.get("ms") and rec["ours"].get("ms"):
             line += f" | x{base['ms'] / rec['ours']['ms']:.1f}"

@@ -68,3 +68,10 @@ def fa3_sparse_decode() -> tuple[Callable | None, str | None]:
 def deep_gemm_mqa_logits() -> tuple[Callable | None, str | None]:
     """DeepGEMM ``fp8_mqa_logits(q[T,H,128], (k[N,128], k_scale[N]), weights[T,H], ks, ke, clean_logits)``."""
     return _load("deep_gemm", "fp8_mqa_logits")
+
+
+def sgl_kernel_fast_topk() -> tuple[Callable | None, str | None]:
+    """sgl-kernel's DSA top-k as SGLang's ``dsa`` top-k backend calls it:
+    ``fast_topk_v2(score[B, L] fp32, lengths[B] int32, 2048, row_starts=None) -> [B, 2048] int32``
+    (k = 2048 only; a CUDA op, importable where the ``sgl_kernel`` wheel matches torch)."""
+    return _load("sgl_kernel", "fast_topk_v2")

@@ -31,6 +31,24 @@ A last pass over the candidates writes the selected positions in increasing
 position order; the row is padded with ``-1`` up to ``k``. The result is
 deterministic (no atomics).
 
+Split rows (few long rows, e.g. decode batches of 1-64 requests): one
+program per row would leave most SMs idle, so each row is cut into
+``segments`` of consecutive positions, one program each, and the same
+``tau`` is found by a radix select whose histograms are built by all of a
+row's programs together: four launches, one per byte of the key (most
+significant first), each program adding the 256-bin histogram of the next
+byte of its keys that share the bytes found so far to the row's histogram in
+global memory (integer atomics: the sums, hence the result, do not depend on
+their order); every program finds the bytes so far from the row's
+histograms itself. The last of them also stores, per segment, the count of
+its keys above ``tau``'s leading 24 bits and the suffix sums of its last-byte
+histogram, from which a fifth launch gets, for each segment, how many keys
+above ``tau`` and ties precede it: every program then writes its selected
+positions at their final place, in the same order and with the same tie rule
+as above. No candidate buffer (nothing to overflow at any row length), no
+host synchronization, scratch sized from the shapes (CUDA-graph capturable).
+The dispatch rule is :func:`use_split_rows`.
+
 Inputs must be NaN-free. ``+inf`` and ``-inf`` are ordinary values (+inf
 largest, -inf smallest): a ``-inf`` inside a row's window is selected when
 the row has fewer than ``k`` larger entries.
@@ -55,12 +73,22 @@ MAX_K = 2048  # the DSA models' index_topk; larger k needs configs that spill
 class TopKConfig:
     """``chunks`` strided chunks of the bounding pass (also its streaming
     block) and ``cap`` candidates held in registers, both powers of two in
-    ``[k, 16384]``; ``num_warps`` / ``num_stages`` of the launch."""
+    ``[k, 16384]``; ``num_warps`` / ``num_stages`` of the launch.
+
+    Split rows: ``split_rows`` forces the split-row path on (``True``) or off
+    (``False``), ``None`` leaves it to :func:`use_split_rows`;
+    ``split_block`` positions a split-row program streams at a time (a power
+    of two in ``[32, 8192]``); ``split_programs_per_sm`` the programs the
+    segment length aims at (:func:`split_segment`).
+    """
 
     chunks: int
     cap: int
     num_warps: int
     num_stages: int
+    split_rows: bool | None = None
+    split_block: int = 1024
+    split_programs_per_sm: int = 2
 
 
 def default_config(k: int) -> TopKConfig:
@@ -83,6 +111,34 @@ def sweep_configs(k: int) -> list[TopKConfig]:
 
 # Persistent grid: programs per SM (each owns one scratch row when rows are long).
 _PROGRAMS_PER_SM = 4
+_SPLIT_NUM_WARPS = 4
+_RADIX_BINS = 256  # split rows: one key byte per histogram round
+_SEGMENT_BLOCK = 256  # split rows: earlier segments' counts summed this many at a time
+
+
+def use_split_rows(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) -> bool:
+    """Whether :func:`topk_indices` splits rows across programs.
+
+    One program per row keeps at most ``num_rows`` SMs busy, each running the
+    row's bounding passes and radix rounds in sequence (an 8448-wide row
+    takes about 27 us on an H200, so 1-32 rows cost 25-30 us however many
+    SMs idle). Split rows cost five launches and a memset, whatever the
+    shape, with their passes spread over the GPU. Rule: split when the rows
+    do not fill the SMs (``num_rows <= num_sms``) and are longer than the
+    candidate capacity (``num_cols > cfg.cap``: rows that fit in registers
+    skip the bounding passes). ``cfg.split_rows`` overrides it.
+    """
+    if cfg.split_rows is not None:
+        return cfg.split_rows
+    return num_rows <= num_sms and num_cols > cfg.cap
+
+
+def split_segment(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) -> int:
+    """Positions per split-row program: the power of two (at least one
+    ``split_block``) that makes about ``split_programs_per_sm`` programs per SM."""
+    target = cfg.split_programs_per_sm * num_sms
+    return max(cfg.split_block, triton.next_power_of_2(triton.cdiv(num_rows * num_cols, target)))
+
 _EMIT_BLOCK = 1024
 # Leading key bits the lower-bound search resolves (sign, exponent, 11 mantissa
 # bits; a multiple of the radix select's 4): the last 12 bits would only
@@ -240,6 +296,16 @@ def _lower_bound_and_candidates(
 
 
 @triton.jit
+def _row_window(lengths_ptr, row_starts_ptr, row, num_cols, HAS_ROW_STARTS: tl.constexpr):
+    """``(start, length)`` of a row's window, clamped to the ``num_cols`` columns."""
+    start = 0
+    if HAS_ROW_STARTS:
+        start = tl.minimum(tl.maximum(tl.load(row_starts_ptr + row), 0), num_cols)
+    length = tl.minimum(tl.maximum(tl.load(lengths_ptr + row), 0), num_cols - start)
+    return start, length
+
+
+@triton.jit
 def _topk_kernel(
     logits_ptr,
     lengths_ptr,
@@ -267,10 +333,7 @@ def _topk_kernel(
     scratch_row = scratch_ptr + tl.program_id(0).to(tl.int64) * CAP
     for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
         row64 = tl.cast(row, tl.int64)
-        start = 0
-        if HAS_ROW_STARTS:
-            start = tl.minimum(tl.maximum(tl.load(row_starts_ptr + row), 0), num_cols)
-        length = tl.minimum(tl.maximum(tl.load(lengths_ptr + row), 0), num_cols - start)
+        start, length = _row_window(lengths_ptr, row_starts_ptr, row, num_cols, HAS_ROW_STARTS)
         row_ptr = logits_ptr + row64 * stride_lr + start
         out_row = out_ptr + row64 * stride_or
         slot_row = out_row
@@ -314,6 +377,163 @@ def _topk_kernel(
             tl.store(out_row + cols, tl.full([EMIT_BLOCK], -1, tl.int32), mask=cols < k)
 
 
+@triton.jit
+def _radix_digit(hist_ptr, need):
+    """One radix round from a row's 256-bin histogram of a key byte: the
+    largest byte ``d`` with at least ``need`` keys at or above it, and the
+    ``need`` left among the keys equal to ``d`` (``need`` minus those above)."""
+    bins = tl.arange(0, 256)
+    counts = tl.load(hist_ptr + bins)
+    at_least = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts
+    d = tl.max(tl.where(at_least >= need, bins, 0), 0)
+    return d, need - tl.sum(tl.where(bins > d, counts, 0), 0)
+
+
+@triton.jit
+def _split_threshold(hist_row, k, ROUNDS: tl.constexpr):
+    """The leading ``ROUNDS`` bytes of ``tau`` (right-aligned) and the keys
+    still wanted among those sharing them, from the row's first ``ROUNDS``
+    histograms; after 4 rounds ``tau`` itself and the ties it takes."""
+    prefix = tl.zeros([], tl.uint32)
+    need = k
+    for r in tl.static_range(ROUNDS):
+        d, need = _radix_digit(hist_row + r * 256, need)
+        prefix = (prefix << 8) | d.to(tl.uint32)
+    return prefix, need
+
+
+@triton.jit
+def _split_histogram_kernel(
+    logits_ptr,
+    lengths_ptr,
+    row_starts_ptr,
+    hist_ptr,
+    seg_counts_ptr,
+    num_cols,
+    k,
+    segment,
+    segments,
+    stride_lr,
+    ROUND: tl.constexpr,
+    HAS_ROW_STARTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Round ``ROUND`` (0-3) of the split-row radix select; program
+    ``(segment, row)``. Adds the histogram of key byte ``ROUND`` of the
+    segment's keys whose leading ``ROUND`` bytes are ``tau``'s to the row's
+    histogram ``ROUND``. Round 3 also stores the segment's counts
+    ``[suffix sums of that histogram (256) | keys above tau's leading 24 bits]``.
+    Rows with at most ``k`` entries (all selected) are skipped."""
+    seg = tl.program_id(0)
+    row = tl.program_id(1)
+    start, length = _row_window(lengths_ptr, row_starts_ptr, row, num_cols, HAS_ROW_STARTS)
+    if length > k:
+        row64 = tl.cast(row, tl.int64)
+        hist_row = hist_ptr + row64 * (4 * 256)
+        prefix, _ = _split_threshold(hist_row, k, ROUND)
+        row_ptr = logits_ptr + row64 * stride_lr + start
+        bins = tl.arange(0, 256)
+        counts = tl.zeros([256], tl.int32)
+        above = tl.zeros([BLOCK], tl.int32)
+        first = seg * segment
+        end = tl.minimum(first + segment, length)
+        for c0 in range(first, end, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            ok = cols < end
+            keys = _ordered_key(tl.load(row_ptr + cols, mask=ok, other=0.0))
+            match = ok
+            if ROUND > 0:
+                lead = keys >> (32 - 8 * ROUND)
+                match = ok & (lead == prefix)
+                if ROUND == 3:
+                    above += (ok & (lead > prefix)).to(tl.int32)
+            digit = tl.where(match, (keys >> (24 - 8 * ROUND)) & 255, 0).to(tl.int32)
+            # Unmatched lanes counted in bin 0, then taken out again.
+            unmatched = BLOCK - tl.sum(match.to(tl.int32), 0)
+            counts += tl.histogram(digit, 256) - tl.where(bins == 0, unmatched, 0)
+        tl.atomic_add(hist_row + ROUND * 256 + bins, counts, mask=counts > 0)
+        if ROUND == 3:
+            seg_row = seg_counts_ptr + (row64 * segments + seg) * 257
+            tl.store(seg_row + bins, tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts)
+            tl.store(seg_row + 256, tl.sum(above, 0))
+
+
+@triton.jit
+def _split_emit_kernel(
+    logits_ptr,
+    lengths_ptr,
+    row_starts_ptr,
+    out_ptr,
+    hist_ptr,
+    seg_counts_ptr,
+    req_to_token_ptr,
+    req_pool_indices_ptr,
+    token_to_req_ptr,
+    num_cols,
+    k,
+    segment,
+    segments,
+    tokens_per_req,
+    slot_cols,
+    stride_lr,
+    stride_or,
+    stride_r2t,
+    HAS_ROW_STARTS: tl.constexpr,
+    MAP_SLOTS: tl.constexpr,
+    HAS_TOKEN_TO_REQ: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SEGMENT_BLOCK: tl.constexpr,
+):
+    """Last split-row launch, program ``(segment, row)``: the selected
+    positions of the segment at their place in the row's output (the keys
+    above ``tau`` and ties taken in earlier segments counted from their
+    stored counts), and (segment 0) the ``-1`` padding."""
+    seg = tl.program_id(0)
+    row = tl.program_id(1)
+    row64 = tl.cast(row, tl.int64)
+    start, length = _row_window(lengths_ptr, row_starts_ptr, row, num_cols, HAS_ROW_STARTS)
+    row_ptr = logits_ptr + row64 * stride_lr + start
+    out_row = out_ptr + row64 * stride_or
+    slot_row = out_row
+    if MAP_SLOTS:
+        slot_row = request_slot_row(
+            req_to_token_ptr, req_pool_indices_ptr, token_to_req_ptr, row, tokens_per_req, stride_r2t,
+            HAS_TOKEN_TO_REQ,
+        )
+    first = seg * segment
+    end = tl.minimum(first + segment, length)
+    # tau = 0 when the row has at most k entries: every valid key is above it.
+    tau = tl.zeros([], tl.uint32)
+    ties_wanted = k
+    taken = tl.minimum(first, length)
+    ties_seen = tl.zeros([], tl.int32)
+    if length > k:
+        tau, ties_wanted = _split_threshold(hist_ptr + row64 * (4 * 256), k, 4)
+        last = (tau & 255).to(tl.int32)
+        above = tl.zeros([], tl.int32)
+        for s0 in range(0, seg, SEGMENT_BLOCK):
+            earlier = s0 + tl.arange(0, SEGMENT_BLOCK)
+            m = earlier < seg
+            seg_rows = seg_counts_ptr + (row64 * segments + earlier) * 257
+            at_tau = tl.load(seg_rows + last, mask=m, other=0)
+            over_tau = tl.load(seg_rows + last + 1, mask=m & (last < 255), other=0)
+            above += tl.sum(tl.load(seg_rows + 256, mask=m, other=0) + over_tau, 0)
+            ties_seen += tl.sum(at_tau - over_tau, 0)
+        taken = above + tl.minimum(ties_seen, ties_wanted)
+    end = tl.where(taken < k, end, first)  # the row is full before this segment
+    for c0 in range(first, end, BLOCK):
+        positions = c0 + tl.arange(0, BLOCK)
+        ok = positions < end
+        keys = tl.where(ok, _ordered_key(tl.load(row_ptr + positions, mask=ok, other=0.0)), 0)
+        taken, ties_seen = _emit(
+            keys, positions, ok, tau, ties_wanted, taken, ties_seen, out_row, slot_row, slot_cols, MAP_SLOTS
+        )
+    if seg == 0:
+        for c0 in range(tl.minimum(length, k), k, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            tl.store(out_row + cols, tl.full([BLOCK], -1, tl.int32), mask=cols < k)
+
+
 def _validate(logits, lengths, k, row_starts, out):
     check_dtype("logits", logits, torch.float32)
     check_ndim("logits", logits, 2, "[rows, columns]")
@@ -343,12 +563,14 @@ def _validate(logits, lengths, k, row_starts, out):
 
 
 def _check_config(cfg: TopKConfig, k: int) -> None:
-    for name in ("chunks", "cap"):
+    for name, low, high in (("chunks", k, 16384), ("cap", k, 16384), ("split_block", 32, 8192)):
         value = getattr(cfg, name)
         if value < 1 or value & (value - 1):
             raise ValueError(f"config.{name} must be a power of two, got {value}")
-        if not k <= value <= 16384:
-            raise ValueError(f"config.{name} must be in [k, 16384] = [{k}, 16384], got {value}")
+        if not low <= value <= high:
+            raise ValueError(f"config.{name} must be in [{low}, {high}], got {value}")
+    if cfg.split_programs_per_sm < 1:
+        raise ValueError(f"config.split_programs_per_sm must be at least 1, got {cfg.split_programs_per_sm}")
 
 
 def topk_indices(
@@ -378,7 +600,8 @@ def topk_indices(
             KV slots in the same kernel, exactly as
             :func:`.topk_to_kv_slots.topk_to_kv_slots` would map them.
         out: optional ``[T, k]`` int32 destination, fully overwritten.
-        config: override of :func:`default_config` (benchmarks and tests).
+        config: override of :func:`default_config` (benchmarks and tests),
+            e.g. ``split_rows`` to force or forbid the split-row path.
 
     Returns:
         ``[T, k]`` int32: the ``min(k, lengths[t])`` selected positions (or
@@ -402,32 +625,56 @@ def topk_indices(
 
     cfg = config or default_config(k)
     _check_config(cfg, k)
-    programs = min(num_rows, _PROGRAMS_PER_SM * device_info(device).num_sms)
+    num_sms = device_info(device).num_sms
+    starts = row_starts if row_starts is not None else lengths
+    slot_tables = (
+        req_to_token if map_slots else out,
+        req_pool_indices if map_slots else lengths,
+        token_to_req if token_to_req is not None else lengths,
+    )
+    slot_cols = req_to_token.shape[1] if map_slots else 0
+    stride_r2t = req_to_token.stride(0) if map_slots else 0
+    flags = dict(HAS_ROW_STARTS=row_starts is not None, MAP_SLOTS=map_slots, HAS_TOKEN_TO_REQ=token_to_req is not None)
+    if use_split_rows(num_rows, num_cols, num_sms, cfg):
+        segment = split_segment(num_rows, num_cols, num_sms, cfg)
+        segments = max(1, triton.cdiv(num_cols, segment))
+        hist = torch.zeros(num_rows, 4 * _RADIX_BINS, dtype=torch.int32, device=device)
+        seg_counts = torch.empty(num_rows, segments, _RADIX_BINS + 1, dtype=torch.int32, device=device)
+        grid = (segments, num_rows)
+        for rnd in range(4):
+            _split_histogram_kernel[grid](
+                logits, lengths, starts, hist, seg_counts, num_cols, k, segment, segments, logits.stride(0),
+                ROUND=rnd, HAS_ROW_STARTS=row_starts is not None, BLOCK=cfg.split_block, num_warps=_SPLIT_NUM_WARPS,
+            )  # fmt: skip
+        _split_emit_kernel[grid](
+            logits, lengths, starts, out, hist, seg_counts, *slot_tables, num_cols, k, segment, segments,
+            tokens_per_req, slot_cols, logits.stride(0), out.stride(0), stride_r2t,
+            BLOCK=cfg.split_block, SEGMENT_BLOCK=_SEGMENT_BLOCK, num_warps=_SPLIT_NUM_WARPS, **flags,
+        )  # fmt: skip
+        return out
+
+    programs = min(num_rows, _PROGRAMS_PER_SM * num_sms)
     scratch = torch.empty(programs, cfg.cap, dtype=torch.int32, device=device) if num_cols > cfg.cap else out
     _topk_kernel[(programs,)](
         logits,
         lengths,
-        row_starts if row_starts is not None else lengths,
+        starts,
         out,
         scratch,
-        req_to_token if map_slots else out,
-        req_pool_indices if map_slots else lengths,
-        token_to_req if token_to_req is not None else lengths,
+        *slot_tables,
         num_rows,
         num_cols,
         k,
         tokens_per_req,
-        req_to_token.shape[1] if map_slots else 0,
+        slot_cols,
         logits.stride(0),
         out.stride(0),
-        req_to_token.stride(0) if map_slots else 0,
-        HAS_ROW_STARTS=row_starts is not None,
-        MAP_SLOTS=map_slots,
-        HAS_TOKEN_TO_REQ=token_to_req is not None,
+        stride_r2t,
         CHUNKS=cfg.chunks,
         CAP=cfg.cap,
         EMIT_BLOCK=_EMIT_BLOCK,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **flags,
     )
     return out

@@ -116,6 +116,32 @@ def _topk_jobs(target, capability):
                           CHUNKS=cfg.chunks, CAP=cfg.cap, EMIT_BLOCK=module._EMIT_BLOCK)
         yield Job(target, "topk", f"{cfg} options={options}", TOPK, "_topk_kernel", signature, constexprs,
                   capability, cfg.num_warps, cfg.num_stages, aligned)
+    # Split rows: the four histogram rounds and the emit pass, plain and with every option.
+    split_block = module.default_config(K).split_block
+    signature = dict(
+        logits_ptr="*fp32", lengths_ptr="*i32", row_starts_ptr="*i32", hist_ptr="*i32", seg_counts_ptr="*i32",
+        num_cols="i32", k="i32", segment="i32", segments="i32", stride_lr="i32",
+    )  # fmt: skip
+    aligned = ("logits_ptr", "lengths_ptr", "row_starts_ptr", "hist_ptr", "seg_counts_ptr", "stride_lr")
+    for rnd in range(4):
+        for options in (False, True):
+            constexprs = dict(ROUND=rnd, HAS_ROW_STARTS=options, BLOCK=split_block)
+            yield Job(target, "topk", f"split histogram round={rnd} options={options}", TOPK,
+                      "_split_histogram_kernel", signature, constexprs, capability, module._SPLIT_NUM_WARPS, 1,
+                      aligned)  # fmt: skip
+    signature = dict(
+        logits_ptr="*fp32", lengths_ptr="*i32", row_starts_ptr="*i32", out_ptr="*i32", hist_ptr="*i32",
+        seg_counts_ptr="*i32", req_to_token_ptr="*i32", req_pool_indices_ptr="*i32", token_to_req_ptr="*i32",
+        num_cols="i32", k="i32", segment="i32", segments="i32", tokens_per_req="i32", slot_cols="i32",
+        stride_lr="i32", stride_or="i32", stride_r2t="i32",
+    )  # fmt: skip
+    aligned = ("logits_ptr", "lengths_ptr", "row_starts_ptr", "out_ptr", "hist_ptr", "seg_counts_ptr", "stride_lr",
+               "stride_or")  # fmt: skip
+    for options in (False, True):
+        constexprs = dict(HAS_ROW_STARTS=options, MAP_SLOTS=options, HAS_TOKEN_TO_REQ=options, BLOCK=split_block,
+                          SEGMENT_BLOCK=module._SEGMENT_BLOCK)  # fmt: skip
+        yield Job(target, "topk", f"split emit options={options}", TOPK, "_split_emit_kernel", signature,
+                  constexprs, capability, module._SPLIT_NUM_WARPS, 1, aligned)  # fmt: skip
 
 
 def _index_fp8_jobs(target, capability):

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from sglang_sparse_mla.kernels import topk_indices, topk_to_kv_slots
 from sglang_sparse_mla.kernels.reference import topk_indices_reference, topk_to_kv_slots_reference
-from sglang_sparse_mla.kernels.topk import TopKConfig, default_config, sweep_configs
+from sglang_sparse_mla.kernels.topk import TopKConfig, default_config, sweep_configs, use_split_rows
 
-# Small chunk / candidate sizes make tiny CPU rows take every path: the
-# register-only path (length <= cap), the bounded-candidates path and the
-# counting fallback (more candidates than cap).
-SMALL = TopKConfig(chunks=64, cap=128, num_warps=4, num_stages=1)
+# Small chunk / candidate sizes make tiny CPU rows take every path of the
+# one-program-per-row kernel: the register-only path (length <= cap), the
+# bounded-candidates path and the counting fallback (more candidates than cap).
+SMALL = TopKConfig(chunks=64, cap=128, num_warps=4, num_stages=1, split_rows=False)
 # On the GPU (k = 2048): chunks = k gives a weak bound, so long rows mostly
 # take the counting fallback.
-TIGHT_GPU = TopKConfig(chunks=2048, cap=2048, num_warps=16, num_stages=1)
+TIGHT_GPU = TopKConfig(chunks=2048, cap=2048, num_warps=16, num_stages=1, split_rows=False)
+# The split-row path forced; on the CPU 32-position blocks give tiny rows
+# several segments (about 2 programs per interpreter "SM").
+SPLIT_CPU = TopKConfig(chunks=64, cap=128, num_warps=4, num_stages=1, split_rows=True, split_block=32)
+SPLIT_GPU = replace(default_config(2048), split_rows=True)
+PER_ROW_GPU = replace(default_config(2048), split_rows=False)
+
+
+def path_config(target, path):
+    """The config forcing ``path`` ("per_row" or "split") at the target's sizes."""
+    if path == "split":
+        return target.pick(cpu=SPLIT_CPU, gpu=SPLIT_GPU)
+    return target.pick(cpu=SMALL, gpu=PER_ROW_GPU)
 
 
 def distinct_logits(target, rng, rows, cols):
@@ -96,7 +110,8 @@ def test_ties_and_structure(target, rng, pattern):
     assert_rows_match(out, ref)
 
 
-def test_row_starts_strided_and_poisoned_out(target, rng):
+@pytest.mark.parametrize("path", ["per_row", "split"])
+def test_row_starts_strided_and_poisoned_out(target, rng, path):
     """Windows ``[row_starts, row_starts + lengths)`` of a padded-stride
     logits view, relative positions, into a garbage-filled ``out``."""
     rows, cols, k = target.pick(cpu=(5, 600, 30), gpu=(256, 40000, 2048))
@@ -106,7 +121,7 @@ def test_row_starts_strided_and_poisoned_out(target, rng):
     lengths = torch.randint(0, cols, (rows,), generator=rng, device=dev, dtype=torch.int32)
     lengths = torch.minimum(lengths, cols - starts)
     out = torch.full((rows, k), 12345, dtype=torch.int32, device=dev)
-    got = topk_indices(logits, lengths, k, row_starts=starts, out=out, config=SMALL if not target.gpu else None)
+    got = topk_indices(logits, lengths, k, row_starts=starts, out=out, config=path_config(target, path))
     assert got.data_ptr() == out.data_ptr()
     assert_rows_match(got, topk_indices_reference(logits, lengths, k, row_starts=starts))
 
@@ -130,8 +145,9 @@ def make_slot_tables(target, rng, num_reqs, max_context):
     return req_to_token, pool
 
 
+@pytest.mark.parametrize("path", ["per_row", "split"])
 @pytest.mark.parametrize("mode", ["decode", "mtp", "extend"])
-def test_kv_slots_mapping_and_fusion(target, rng, mode):
+def test_kv_slots_mapping_and_fusion(target, rng, mode, path):
     rows, cols, k = target.pick(cpu=(6, 500, 30), gpu=(128, 65536, 2048))
     dev = target.device
     logits = distinct_logits(target, rng, rows, cols)
@@ -146,7 +162,7 @@ def test_kv_slots_mapping_and_fusion(target, rng, mode):
         num_reqs = 3
         kwargs["token_to_req"] = torch.randint(0, num_reqs, (rows,), generator=rng, device=dev, dtype=torch.int32)
     req_to_token, pool = make_slot_tables(target, rng, num_reqs, cols)
-    cfg = SMALL if not target.gpu else None
+    cfg = path_config(target, path)
 
     positions = topk_indices(logits, lengths, k, config=cfg)
     slots = topk_to_kv_slots(positions, req_to_token, pool, **kwargs)
@@ -158,11 +174,13 @@ def test_kv_slots_mapping_and_fusion(target, rng, mode):
     assert torch.equal(fused, slots)
 
 
-def test_empty(target):
+@pytest.mark.parametrize("path", ["default", "split"])
+def test_empty(target, path):
     dev = target.device
-    out = topk_indices(torch.empty(0, 10, device=dev), torch.empty(0, dtype=torch.int32, device=dev), 4)
+    cfg = SPLIT_CPU if path == "split" else None
+    out = topk_indices(torch.empty(0, 10, device=dev), torch.empty(0, dtype=torch.int32, device=dev), 4, config=cfg)
     assert out.shape == (0, 4)
-    out = topk_indices(torch.empty(2, 0, device=dev), torch.zeros(2, dtype=torch.int32, device=dev), 4)
+    out = topk_indices(torch.empty(2, 0, device=dev), torch.zeros(2, dtype=torch.int32, device=dev), 4, config=cfg)
     assert (out == -1).all()
     slots = topk_to_kv_slots(
         torch.empty(0, 4, dtype=torch.int32, device=dev),
@@ -194,8 +212,96 @@ def test_validation(target):
         "req_to_token must be": lambda: topk_to_kv_slots(torch.zeros(3, 4, dtype=torch.int32, device=dev), r2t.long(), pool),
         "config.cap": lambda: topk_indices(logits, lengths, 64, config=TopKConfig(64, 32, 4, 1)),
         "power of two": lambda: topk_indices(logits, lengths, 4, config=TopKConfig(96, 128, 4, 1)),
+        "config.split_block": lambda: topk_indices(logits, lengths, 4, config=replace(SMALL, split_block=16)),
+        "split_programs_per_sm": lambda: topk_indices(logits, lengths, 4, config=replace(SMALL, split_programs_per_sm=0)),
     }
     for message, fn in bad.items():
         with pytest.raises(ValueError, match=message):
             fn()
     assert default_config(2048).cap >= 2048
+
+
+# ---------------------------------------------------------------------------
+# Split rows (each row across several programs)
+# ---------------------------------------------------------------------------
+
+SPLIT_PATTERNS = ["distinct", "random", "constant", "two_levels", "all_neg_inf", "narrow_band"]
+
+
+def pattern_logits(target, rng, pattern, rows, cols):
+    dev = target.device
+    if pattern == "distinct":
+        return distinct_logits(target, rng, rows, cols)
+    if pattern == "random":
+        return torch.randn(rows, cols, generator=rng, device=dev)
+    if pattern == "constant":
+        return torch.full((rows, cols), -0.75, device=dev)
+    if pattern == "two_levels":  # many ties at the threshold
+        return torch.where(torch.rand(rows, cols, generator=rng, device=dev) < 0.02, 3.0, 0.0)
+    if pattern == "all_neg_inf":
+        return torch.full((rows, cols), float("-inf"), device=dev)
+    # Every value in [1, 1 + 2**-10): leading key bits shared by the whole row, ties at each value.
+    return 1 + torch.randint(0, 8192, (rows, cols), generator=rng, device=dev).float() * 2.0**-23
+
+
+@pytest.mark.parametrize("batch", ["b1", "b8", "b32"])
+@pytest.mark.parametrize("pattern", SPLIT_PATTERNS)
+def test_split_rows_match_per_row_path(target, rng, pattern, batch):
+    """Long rows in decode-sized batches (the dispatch's split-row case): the
+    split path returns the one-program-per-row path's output bit for bit,
+    and the reference's selection; lengths include 0 and rows shorter than k."""
+    rows = {"b1": 1, "b8": 8, "b32": 32}[batch]
+    rows, cols, k = target.pick(cpu=(min(rows, 3), 300, 24), gpu=(rows, 131072, 2048))
+    logits = pattern_logits(target, rng, pattern, rows, cols)
+    lengths = random_lengths(target, rng, rows, cols, k)
+    if target.gpu:
+        assert use_split_rows(rows, cols, torch.cuda.get_device_properties(0).multi_processor_count, default_config(k))
+    split = topk_indices(logits, lengths, k, config=path_config(target, "split"))
+    assert torch.equal(split, topk_indices(logits, lengths, k, config=path_config(target, "per_row")))
+    assert_rows_match(split, topk_indices_reference(logits, lengths, k))
+    if pattern == "distinct":  # no ties: torch.topk's set
+        full = lengths >= k
+        expected = torch.topk(logits[full], k, dim=1).indices.sort(dim=1).values.int()
+        assert torch.equal(split[full], expected)
+
+
+def test_split_rows_every_length(target, rng):
+    """Row t has length t (0 .. N, some shorter than k), several segments each."""
+    cols, k = target.pick(cpu=(70, 20), gpu=(3000, 2048))
+    rows = cols + 1
+    logits = torch.randn(rows, cols, generator=rng, device=target.device)
+    logits[:, ::3] = logits[:, :1]  # ties with the first column
+    lengths = torch.arange(rows, dtype=torch.int32, device=target.device)
+    # GPU: 512-position segments (about 256 programs per SM aimed at), 6 per row.
+    split_cfg = target.pick(cpu=SPLIT_CPU, gpu=replace(SPLIT_GPU, split_block=256, split_programs_per_sm=256))
+    split = topk_indices(logits, lengths, k, config=split_cfg)
+    assert torch.equal(split, topk_indices(logits, lengths, k, config=path_config(target, "per_row")))
+    assert_rows_match(split, topk_indices_reference(logits, lengths, k))
+
+
+@pytest.mark.parametrize("pattern", ["random", "narrow_band"])
+def test_rows_of_a_million(target, rng, pattern):
+    """1M-position rows (GPU): where SGLang's fast top-k overflows a radix
+    bucket. The narrow band shares its leading key bits over the whole row,
+    which sends the one-program-per-row path to its counting fallback (more
+    candidates than ``cap``; on the CPU a 20000-wide row with k = 64 and
+    cap 1024 takes the same path) and puts every key in the split path's
+    first-round bucket."""
+    rows, cols, k = target.pick(cpu=(1, 20000, 64), gpu=(2, 1 << 20, 2048))
+    logits = pattern_logits(target, rng, pattern, rows, cols)
+    lengths = torch.full((rows,), cols, dtype=torch.int32, device=target.device)
+    split_cfg = target.pick(cpu=replace(SPLIT_CPU, split_block=1024), gpu=SPLIT_GPU)
+    per_row_cfg = target.pick(cpu=TopKConfig(1024, 1024, 4, 1, split_rows=False), gpu=PER_ROW_GPU)
+    split = topk_indices(logits, lengths, k, config=split_cfg)
+    assert torch.equal(split, topk_indices(logits, lengths, k, config=per_row_cfg))
+    assert_rows_match(split, topk_indices_reference(logits, lengths, k))
+    assert torch.equal(split, topk_indices(logits, lengths, k))  # whatever the dispatch picks
+
+
+def test_split_rows_dispatch_rule():
+    cfg = default_config(2048)
+    assert use_split_rows(32, 8448, 132, cfg) and use_split_rows(1, 1 << 20, 132, cfg)
+    assert not use_split_rows(4096, 8192, 132, cfg)  # prefill: the rows fill the GPU
+    assert not use_split_rows(32, cfg.cap, 132, cfg)  # rows in registers
+    assert use_split_rows(4096, 100, 132, replace(cfg, split_rows=True))
+    assert not use_split_rows(1, 1 << 20, 132, replace(cfg, split_rows=False))

@@ -122,15 +122,18 @@ def use_split_rows(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) 
     One program per row keeps at most ``num_rows`` SMs busy, each running the
     row's bounding passes and radix rounds in sequence (an 8448-wide row
     takes about 27 us on an H200, so 1-32 rows cost 25-30 us however many
-    SMs idle). Split rows cost five launches and a memset, whatever the
-    shape, with their passes spread over the GPU. Rule: split when the rows
-    do not fill the SMs (``num_rows <= num_sms``) and are longer than the
-    candidate capacity (``num_cols > cfg.cap``: rows that fit in registers
-    skip the bounding passes). ``cfg.split_rows`` overrides it.
+    SMs idle). Split rows cost five launches and a memset, plus time that
+    grows with the total positions (the histogram atomics), so they pay for
+    few, long rows only. Rule, from H200 timings of both paths
+    (``benchmarks/results/2026-12-03_nvidia-h200/``): split when the rows
+    leave most SMs idle (``8 * num_rows <= num_sms``: 1-16 rows on 132 SMs)
+    and are longer than four candidate capacities (``num_cols > 4 * cfg.cap``:
+    shorter rows cost the per-row path little more than the split's fixed
+    launches). ``cfg.split_rows`` overrides it.
     """
     if cfg.split_rows is not None:
         return cfg.split_rows
-    return num_rows <= num_sms and num_cols > cfg.cap
+    return 8 * num_rows <= num_sms and num_cols > 4 * cfg.cap
 
 
 def split_segment(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) -> int:

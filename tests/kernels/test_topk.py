@@ -254,14 +254,14 @@ def test_split_rows_match_per_row_path(target, rng, pattern, batch):
     rows, cols, k = target.pick(cpu=(min(rows, 3), 300, 24), gpu=(rows, 131072, 2048))
     logits = pattern_logits(target, rng, pattern, rows, cols)
     lengths = random_lengths(target, rng, rows, cols, k)
-    if target.gpu:
-        assert use_split_rows(rows, cols, torch.cuda.get_device_properties(0).multi_processor_count, default_config(k))
     split = topk_indices(logits, lengths, k, config=path_config(target, "split"))
     assert torch.equal(split, topk_indices(logits, lengths, k, config=path_config(target, "per_row")))
     assert_rows_match(split, topk_indices_reference(logits, lengths, k))
     if pattern == "distinct":  # no ties: torch.topk's set
         full = lengths >= k
-        expected = torch.topk(logits[full], k, dim=1).indices.sort(dim=1).values.int()
+        past_end = torch.arange(cols, device=target.device)[None, :] >= lengths[:, None]
+        expected = torch.topk(logits.masked_fill(past_end, float("-inf"))[full], k, dim=1).indices
+        expected = expected.sort(dim=1).values.int()
         assert torch.equal(split[full], expected)
 
 
@@ -300,8 +300,10 @@ def test_rows_of_a_million(target, rng, pattern):
 
 def test_split_rows_dispatch_rule():
     cfg = default_config(2048)
-    assert use_split_rows(32, 8448, 132, cfg) and use_split_rows(1, 1 << 20, 132, cfg)
+    assert use_split_rows(16, 32768, 132, cfg) and use_split_rows(1, 1 << 20, 132, cfg)
+    assert not use_split_rows(32, 131072, 132, cfg)  # 32 rows: one program a row is faster
+    assert not use_split_rows(8, 8448, 132, cfg)  # short rows: the split's launches cost more
     assert not use_split_rows(4096, 8192, 132, cfg)  # prefill: the rows fill the GPU
-    assert not use_split_rows(32, cfg.cap, 132, cfg)  # rows in registers
+    assert not use_split_rows(1, cfg.cap, 132, cfg)  # rows in registers
     assert use_split_rows(4096, 100, 132, replace(cfg, split_rows=True))
     assert not use_split_rows(1, 1 << 20, 132, replace(cfg, split_rows=False))

@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
@@ -34,7 +34,7 @@ from timing import Ceilings, measure_ceilings, rotation_count, time_launches  # 
 from sglang_sparse_mla.kernels import quantize_kv_fp8  # noqa: E402
 from sglang_sparse_mla.kernels.device_info import device_info  # noqa: E402
 from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_forward  # noqa: E402
-from sglang_sparse_mla.kernels.sparse_mla_configs import SparseMLAConfig, select_config  # noqa: E402
+from sglang_sparse_mla.kernels.sparse_mla_configs import SparseMLAConfig, select_config, triton_config  # noqa: E402
 
 TOPK = 2048
 NUM_SLOTS = 1 << 20
@@ -103,7 +103,8 @@ INPUTS = {"decode": decode_inputs, "prefill": prefill_inputs, "prefill-fresh": f
 def config_label(cfg):
     if cfg is None:
         return "auto"
-    return f"{'ws ' if cfg.warp_specialized else ''}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}"
+    kind = "ws " if cfg.warp_specialized else "gluon-sm80 " if cfg.gluon_sm80 else ""
+    return f"{kind}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}"
 
 
 def measure(label, calls, flops, bytes_, ceilings: Ceilings, shape):
@@ -250,16 +251,53 @@ def sweep_cases(caches, ceilings, gen, kv_formats):
     return rows
 
 
-def full_table(caches, ceilings, gen, quick, baselines):
+# BF16 caches: the Gluon SM80-class kernel's candidates, timed beside the dispatched kernel.
+GLUON_BF16_CANDIDATES = {16: SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True), 32: SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True)}
+
+
+def kernel_candidates(heads: int, kv_format: str, info) -> list:
+    """The dispatched kernel (``None``), then the Triton kernel where a Gluon one is dispatched,
+    and the Gluon SM80-class kernel for BF16 caches where it could run."""
+    fp8 = kv_format == "fp8"
+    chosen = select_config(heads, fp8, info)
+    configs = [None]
+    if chosen.warp_specialized or chosen.gluon_sm80:
+        configs.append(triton_config(heads, fp8, info))
+    gluon_bf16 = GLUON_BF16_CANDIDATES.get(16 if heads <= 16 else 32)
+    if not fp8 and info.gluon_sm80 and not chosen.gluon_sm80 and heads <= 32:
+        configs.append(gluon_bf16)
+    return configs
+
+
+# Candidates of the Gluon SM80-class kernel per (cache, head bucket), timed on the native and the
+# forced SM80 path (``--sweep-gluon``): ring depth, key tile and warps at 16 heads; key tile and
+# ring depth for the 32-head blocks that serve more heads.
+GLUON_SWEEP = {
+    ("fp8", 16): [(16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 8, 2)],
+    ("fp8", 128): [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 2)],
+    ("bf16", 16): [(16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 8, 2)],
+}
+
+
+def gluon_sweep(caches, ceilings, gen):
+    rows = []
+    for (kv_format, heads), candidates in GLUON_SWEEP.items():
+        configs = [None] + [SparseMLAConfig(*c, gluon_sm80=True) for c in candidates]
+        for tokens in (32, 128):
+            rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, configs, [None], False)
+        rows += run_case("prefill", 4096, heads, kv_format, caches, ceilings, gen, configs, [None], False)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def full_table(caches, ceilings, gen, quick, baselines, heads_list=None, decode_tokens=None, kv_formats=("bf16", "fp8")):
     rows = []
     info = device_info(torch.device("cuda"))
-    decode_tokens = [1, 32, 128] if quick else [1, 8, 32, 64, 128]
-    heads_list = [16, 128] if quick else [16, 32, 64, 128]
-    for kv_format in ("bf16", "fp8"):
+    decode_tokens = decode_tokens or ([1, 32, 128] if quick else [1, 8, 32, 64, 128])
+    heads_list = heads_list or ([16, 128] if quick else [16, 32, 64, 128])
+    for kv_format in kv_formats:
         for heads in heads_list:
-            # Where the dispatcher takes the warp-specialized kernel, the Triton one beside it.
-            triton_cfg = select_config(heads, kv_format == "fp8", replace(info, warp_specialized=False))
-            configs = [None] + ([triton_cfg] if select_config(heads, kv_format == "fp8", info).warp_specialized else [])
+            configs = kernel_candidates(heads, kv_format, info)
             for tokens in decode_tokens:
                 rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, configs, [None], baselines)
             rows += run_case("prefill", 4096, heads, kv_format, caches, ceilings, gen, configs, [None], baselines)
@@ -272,21 +310,29 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON results file")
     parser.add_argument("--sweep", action="store_true", help="time candidate tile configs and split counts instead")
+    parser.add_argument("--sweep-gluon", action="store_true", help="time the Gluon SM80-class kernel's candidates")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--kv", default="bf16,fp8", help="cache formats to sweep")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--heads", help="comma-separated head counts of the full table (default 16,32,64,128)")
+    parser.add_argument("--tokens", help="comma-separated decode token counts of the full table (default 1,8,32,64,128)")
     args = parser.parse_args()
+    ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     ceilings = measure_ceilings()
     kv = torch.randn(NUM_SLOTS, 576, device="cuda", generator=gen).bfloat16()
     caches = {"bf16": kv, "fp8": quantize_kv_fp8(kv)}
-    if args.sweep:
+    if args.sweep_gluon:
+        rows = gluon_sweep(caches, ceilings, gen)
+    elif args.sweep:
         rows = sweep_cases(caches, ceilings, gen, args.kv.split(","))
     else:
-        rows = full_table(caches, ceilings, gen, args.quick, not args.no_baselines)
+        rows = full_table(caches, ceilings, gen, args.quick, not args.no_baselines, ints(args.heads), ints(args.tokens),
+                          args.kv.split(","))  # fmt: skip
     result = dict(
         device=torch.cuda.get_device_name(),
+        forced_sm80=os.environ.get("SGLANG_SPARSE_MLA_FORCE_SM80", "0") not in ("", "0"),
         torch=torch.__version__,
         triton=__import__("triton").__version__,
         sglang=sglang_baselines.sglang_version(),

@@ -13,6 +13,7 @@ them the jobs (kernel named by module and attribute) and collects reports.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,14 +23,33 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
-# Opt-in shared memory per block, bytes.
+# Opt-in shared memory per block, bytes, of every arch the package supports: A100/A800, RTX 30 /
+# A10, RTX 40 / L40, H100/H200, B200, Thor, RTX 50, DGX Spark (GB10).
 SHARED_MEMORY_LIMIT = {
     80: 163 * 1024,
     86: 99 * 1024,
     89: 99 * 1024,
     90: 227 * 1024,
+    100: 227 * 1024,
+    110: 227 * 1024,
     120: 99 * 1024,
+    121: 99 * 1024,
 }
+
+
+@functools.lru_cache(maxsize=None)
+def toolchain_accepts(capability: int) -> bool:
+    """Whether this Triton's ptxas can target ``sm_<capability>`` (Triton 3.6's has no sm_110,
+    for one): the archs its ``--help`` lists for ``--gpu-name``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    listing = subprocess.run([get_ptxas(capability).path, "--help"], capture_output=True, text=True).stdout
+    return f"sm_{capability}" in re.findall(r"sm_\d+", listing)
+
+
+def compile_targets() -> dict[int, int]:
+    """``SHARED_MEMORY_LIMIT`` restricted to the archs this Triton can compile for."""
+    return {cap: limit for cap, limit in SHARED_MEMORY_LIMIT.items() if toolchain_accepts(cap)}
 
 
 @dataclass(frozen=True)

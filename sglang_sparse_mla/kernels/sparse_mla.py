@@ -15,8 +15,13 @@ of heads and a contiguous range of the top-k list (its KV split), streams the
 selected rows through an online softmax and writes either the final bf16
 output (single pass) or a normalized fp32 partial with its log-sum-exp, which
 a second kernel merges (split-KV). A gathered tile of latent rows serves as K
-(with the rope part) and as V; FP8 rows are dequantized to bf16 in registers
-and both products run on bf16 tensor cores. Prefill first finds each row's
+(with the rope part) and as V; both products run on bf16 tensor cores. FP8
+caches run the Gluon kernel of :mod:`.sparse_mla_sm80` on every GPU from SM80
+on (same grid, arguments and results; ``cp.async`` gathers, each tile
+dequantized once into shared memory, ``mma_v2``), as do BF16 caches of at
+most 16 heads on the largest shared-memory class; the Triton FP8 kernel here,
+which dequantizes in registers, serves where Gluon cannot run
+(``SGLANG_SPARSE_MLA_GLUON_SM80=0``, cache rows not on 16-byte boundaries). Prefill first finds each row's
 last valid entry (a small scan kernel) so that programs stop there: the first
 top-k tokens of a prompt have fewer entries than top-k. On SM90 GPUs a BF16
 cache with more than 32 heads runs the warp-specialized Gluon kernel of
@@ -34,7 +39,13 @@ from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndi
 from .device_info import device_info, is_interpreter
 from .fp8_convert import EMULATED_FP8_FACTOR, fp8_e4m3_to_f32
 from .kv_cache_layout import D_LATENT, D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, as_slot_rows
-from .sparse_mla_configs import SparseMLAConfig, batch_invariant_num_kv_splits, choose_num_kv_splits, select_config
+from .sparse_mla_configs import (
+    SparseMLAConfig,
+    batch_invariant_num_kv_splits,
+    choose_num_kv_splits,
+    select_config,
+    triton_config,
+)
 
 _LOG2E = 1.4426950408889634
 # Column of the first scale word / bf16 rope value in an FP8 row's typed views.
@@ -382,6 +393,12 @@ def _validate(q: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, ind
     return as_slot_rows(kv_cache)
 
 
+def _rows_16_byte_aligned(rows) -> bool:
+    """Whether every cache row starts on a 16-byte boundary (the Gluon kernel's copies need it)."""
+    view = rows.words if rows.is_fp8 else rows.latent
+    return view.data_ptr() % 16 == 0 and (view.shape[0] <= 1 or view.stride(0) * view.element_size() % 16 == 0)
+
+
 def _output_buffer(name, buf, shape, dtype, device) -> torch.Tensor:
     if buf is None:
         return torch.empty(shape, dtype=dtype, device=device)
@@ -430,6 +447,14 @@ def sparse_mla_forward(
     # The head block may follow the batch size only where the split does too.
     by_occupancy = num_kv_splits is None and not batch_invariant
     cfg = config or select_config(num_heads, rows.is_fp8, info, num_tokens if by_occupancy else None)
+    if cfg.gluon_sm80 and config is None and not _rows_16_byte_aligned(rows):
+        cfg = triton_config(num_heads, rows.is_fp8, info)  # its 16-byte copies need aligned rows
+    if cfg.gluon_sm80 and not (info.gluon_sm80 and _rows_16_byte_aligned(rows)):
+        raise ValueError(
+            f"{cfg} is the Gluon SM80-class kernel: it needs a GPU, Triton with Gluon's Ampere ops, "
+            f"SGLANG_SPARSE_MLA_GLUON_SM80 unset or 1 (usable here: {info.gluon_sm80}) and cache rows "
+            f"on 16-byte boundaries (here: {_rows_16_byte_aligned(rows)})"
+        )
     if cfg.warp_specialized and (rows.is_fp8 or not info.warp_specialized):
         raise ValueError(
             f"{cfg} is the warp-specialized kernel: it needs a BF16 cache on an SM90 GPU, Triton 3.6+ and "
@@ -479,7 +504,23 @@ def sparse_mla_forward(
         SKIP_INVALID_TAIL=skip_invalid_tail,
         num_warps=cfg.num_warps,
     )
-    if rows.is_fp8:
+    if cfg.gluon_sm80:
+        from . import sparse_mla_sm80  # imports Gluon: only where info.gluon_sm80 says it exists
+
+        kv, rope = (rows.words, rows.rope) if rows.is_fp8 else (rows.latent, rows.latent)
+        sparse_mla_sm80.sparse_mla_sm80_kernel[grid](
+            q, q_rope, kv, rope, indices, ends, part_out, part_lse,
+            *shape_args,
+            kv.stride(0), rope.stride(0),
+            *out_args,
+            STAGES=cfg.num_stages,
+            WARPS_M=cfg.warps_m,
+            KV_FP8=rows.is_fp8,
+            FP8_NATIVE=info.native_fp8,
+            FP8_FACTOR=1.0 if info.native_fp8 else EMULATED_FP8_FACTOR,
+            **meta,
+        )  # fmt: skip
+    elif rows.is_fp8:
         _sparse_mla_fp8_kernel[grid](
             q, q_rope, rows.words, rows.rope, indices, ends, part_out, part_lse,
             *shape_args,

@@ -20,13 +20,21 @@ class SparseMLAConfig:
     """``block_h`` heads and ``block_n`` top-k entries per program iteration;
     ``warp_specialized``: the Gluon SM90 kernel (:mod:`.sparse_mla_sm90_ws`),
     whose ``num_warps`` compute warps come with a loader partition and whose
-    ``num_stages`` is its ring of gathered tiles."""
+    ``num_stages`` is its ring of gathered tiles; ``gluon_sm80``: the Gluon
+    kernel with Ampere-class instructions (:mod:`.sparse_mla_sm80`), whose
+    ``num_stages`` is its ``cp.async`` ring."""
 
     block_h: int
     block_n: int
     num_warps: int
     num_stages: int
     warp_specialized: bool = False
+    gluon_sm80: bool = False
+
+    @property
+    def warps_m(self) -> int:
+        """Warps of the Gluon SM80 kernel that split the head block (16 heads each)."""
+        return max(1, min(self.block_h // 16, self.num_warps))
 
 
 # Shared-memory classes, by the opt-in limit per block (bytes).
@@ -102,6 +110,47 @@ _FEW_PROGRAMS_CONFIGS = {
 WARP_SPECIALIZED_SM90 = SparseMLAConfig(64, 64, 4, 2, warp_specialized=True)
 FEW_PROGRAMS_WARP_SPECIALIZED = 2
 
+# FP8 caches wherever Gluon runs (SM80 and up): the Gluon kernel that dequantizes each
+# gathered tile once into shared memory (:mod:`.sparse_mla_sm80`). 16-head blocks of
+# 32 keys fit every class (94 KB); 32-head blocks of 32 keys (8 warps, 114 KB) the
+# larger two, of 64 keys (190 KB) the largest. Its accumulators cap the head block at
+# 32: 64-head blocks spill on every target. H200 sweep of the candidates, native and
+# forced SM80 path (benchmarks/results/2026-12-03_nvidia-h200/): at 16 heads 32 keys
+# and a two-stage ring are best or within 3% (a deeper ring or 64 keys lose in prefill);
+# at 128 heads 64-key tiles are 1.25-1.5x faster than 32-key ones.
+_GLUON_FP8_CONFIGS: dict[tuple[int, int], SparseMLAConfig] = {
+    (SMEM_LARGE, 16): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),
+    (SMEM_LARGE, 32): SparseMLAConfig(32, 64, 8, 2, gluon_sm80=True),
+    (SMEM_LARGE, 64): SparseMLAConfig(32, 64, 8, 2, gluon_sm80=True),
+    (SMEM_MEDIUM, 16): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),
+    (SMEM_MEDIUM, 32): SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True),
+    (SMEM_MEDIUM, 64): SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True),
+    (SMEM_SMALL, 16): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),
+    (SMEM_SMALL, 32): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),
+    (SMEM_SMALL, 64): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),
+}
+
+
+# BF16 caches, at most 16 heads (DeepSeek-V3.2 and GLM-5 at TP 8), on SM90: the same Gluon
+# kernel without dequantization, faster than the Triton kernel there in the same H200
+# sweep (decode 32 and 128 tokens, 4096-token prefill). Elsewhere the Triton kernel is
+# kept: on the smaller classes one CTA of it fits an SM (slower on the forced SM80 path at
+# 128 tokens), and SM100+ has not been measured.
+GLUON_BF16_FEW_HEADS = SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True)
+
+
+# SM100 / SM110, BF16 cache, more than 32 heads: the SM90 table's 64-key, three-stage tile
+# needs 288 KB of shared memory and spills there (Triton 3.8 lowers its MMAs to tcgen05);
+# 32-key tiles in two stages fit (181 KB, no spills). Compiled only: no such GPU has run it.
+TCGEN05_BF16_64 = SparseMLAConfig(64, 32, 8, 2)
+
+
+def _table_config(num_heads: int, kv_fp8: bool, info: DeviceInfo) -> SparseMLAConfig:
+    smem, bucket = smem_class(info.max_shared_memory), head_bucket(num_heads)
+    if info.tcgen05 and not kv_fp8 and bucket == 64 and smem == SMEM_LARGE:
+        return TCGEN05_BF16_64
+    return _CONFIGS[smem, kv_fp8, bucket]
+
 
 def select_config(
     num_heads: int, kv_fp8: bool, info: DeviceInfo, num_tokens: int | None = None
@@ -115,13 +164,22 @@ def select_config(
     """
     smem = smem_class(info.max_shared_memory)
     bucket = head_bucket(num_heads)
+    if kv_fp8 and info.gluon_sm80:
+        return _GLUON_FP8_CONFIGS[smem, bucket]
+    if not kv_fp8 and bucket == 16 and info.capability == (9, 0) and info.gluon_sm80:
+        return GLUON_BF16_FEW_HEADS
     if not kv_fp8 and bucket == 64 and num_tokens is not None:
         few = FEW_PROGRAMS_WARP_SPECIALIZED if info.warp_specialized else FEW_PROGRAMS
         if num_tokens * -(-num_heads // 64) <= few:
             return _FEW_PROGRAMS_CONFIGS[smem]
     if not kv_fp8 and bucket == 64 and info.warp_specialized:
         return WARP_SPECIALIZED_SM90
-    return _CONFIGS[smem, kv_fp8, bucket]
+    return _table_config(num_heads, kv_fp8, info)
+
+
+def triton_config(num_heads: int, kv_fp8: bool, info: DeviceInfo) -> SparseMLAConfig:
+    """The Triton kernel's configuration, for launches that cannot take a Gluon kernel."""
+    return _table_config(num_heads, kv_fp8, info)
 
 
 def all_configs(info: DeviceInfo) -> list[tuple[bool, SparseMLAConfig]]:
@@ -131,6 +189,7 @@ def all_configs(info: DeviceInfo) -> list[tuple[bool, SparseMLAConfig]]:
         for fp8 in (False, True):
             for num_tokens in (None, 1):
                 found[(fp8, select_config(num_heads, fp8, info, num_tokens))] = None
+            found[(fp8, triton_config(num_heads, fp8, info))] = None
     return list(found)
 
 
@@ -145,15 +204,34 @@ def batch_invariant_num_kv_splits(topk: int) -> int:
     return max(1, -(-topk // BATCH_INVARIANT_KEYS_PER_SPLIT))
 
 
+# What a CTA reserves beside its own shared memory, and the Gluon SM80 kernel's scratch
+# (layout conversions, reductions) beside its buffers, in bytes.
+_CTA_RESERVED_SMEM = 1024
+_GLUON_SM80_SCRATCH_PER_HEAD = 64
+
+
+def gluon_sm80_programs_per_sm(config: SparseMLAConfig, info: DeviceInfo) -> int:
+    """CTAs of the Gluon SM80 kernel one SM holds, by shared memory (the FP8 footprint, the
+    larger): the query ``[block_h, 576]``, the ``cp.async`` ring of rope rows and code words
+    and scales (656 bytes a row), the dequantized ``[block_n, 512]`` bf16 tile. An SM offers
+    the per-block opt-in limit plus one reserved KB."""
+    smem = config.block_h * 576 * 2 + config.num_stages * config.block_n * 656 + config.block_n * 1024
+    return max(1, (info.max_shared_memory + _CTA_RESERVED_SMEM) // (smem + config.block_h * _GLUON_SM80_SCRATCH_PER_HEAD + _CTA_RESERVED_SMEM))
+
+
 def choose_num_kv_splits(programs: int, topk: int, config: SparseMLAConfig, info: DeviceInfo) -> int:
     """Split the top-k list so that the grid fills the GPU.
 
     Memory-bound 16-head blocks want at least two resident programs per SM;
-    larger head blocks (one or two per SM by shared memory) one wave, no more.
+    larger head blocks (one or two per SM by shared memory) one wave, no more;
+    the Gluon SM80 kernel exactly the wave its shared memory lets reside.
     Each split keeps at least two ``block_n`` tiles so that its fp32 partial,
     written and merged, stays small next to the KV bytes it reads.
     """
     max_splits = max(1, topk // (2 * config.block_n))
+    if config.gluon_sm80:  # one full wave of the CTAs its shared memory lets reside
+        resident = gluon_sm80_programs_per_sm(config, info) * info.num_sms
+        return max(1, min(resident // max(programs, 1), max_splits))
     if config.block_h <= 16:
         splits = -(-2 * info.num_sms // programs)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from target_compile import SHARED_MEMORY_LIMIT, CompileJob, compile_many
+from target_compile import CompileJob, compile_many, compile_targets
 
 from sglang_sparse_mla.kernels import quantize_kv_fp8, store_latent_rows
 
@@ -77,7 +77,7 @@ def test_store_kernel_compiles_for_every_architecture(loc_type):
     kernel = "sglang_sparse_mla.kernels.kv_cache_store:_store_bf16_rows_kernel"
     jobs = [
         CompileJob(kernel, signature, dict(D_NOPE=512, D_PE=64), capability, 2, 2, ("rows_ptr", "nope_ptr"))
-        for capability in SHARED_MEMORY_LIMIT
+        for capability in compile_targets()
     ]
-    for capability, report in zip(SHARED_MEMORY_LIMIT, compile_many(jobs), strict=True):
+    for capability, report in zip(compile_targets(), compile_many(jobs), strict=True):
         assert report.error is None and report.spill_bytes == 0, (capability, report)

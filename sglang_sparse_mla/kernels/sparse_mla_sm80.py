@@ -1,0 +1,271 @@
+"""Sparse MLA with Ampere-class instructions (SM80 and up), in Gluon.
+
+The kernel :func:`.sparse_mla.sparse_mla_forward` launches for FP8 caches on
+every GPU from SM80 on where Triton has Gluon (see :mod:`.sparse_mla_configs`);
+same grid, arguments and results as the Triton kernels there. It exists
+because Triton's own pipeliner cannot express what an FP8 cache needs: the
+dequantization of each row must happen once, into a tile that both products
+read. Triton's layout passes instead rebuild the bf16 values in registers
+once per MMA operand layout (K for ``QK^T``, V for ``PV``) from bytes it does
+not pipeline, which made the FP8 kernel slower than BF16 although it reads
+43% fewer bytes. Here everything is explicit:
+
+* the row gathers are ``cp.async`` copies into a ring of ``STAGES`` stages,
+  ``STAGES - 1`` tiles ahead of the one being computed (one commit group a
+  tile; invalid entries are zero-filled rows);
+* FP8: each ``BLOCK_N``-row tile's 512 codes a row are read from the ring as
+  32-bit words, dequantized once (``code * scale`` rounded to bf16, as the
+  Triton kernel rounds them) and stored to one bf16 tile in shared memory.
+  The tile holds byte planes: plane ``b`` holds latent columns ``4j + b``,
+  the queries are stored in the same column order and each plane's output
+  goes back to its columns, so no byte is shuffled. BF16: the ring's tiles
+  (natural column blocks ``128 b + j``) are the operands themselves;
+* ``QK^T`` (latent planes and rope) and ``PV`` run as ``mma_v2`` (bf16 in,
+  fp32 accumulate) with their operands loaded from shared memory by
+  ``ldmatrix``; the online softmax runs in registers.
+
+Invalid entries (negative, out of range, past the split or the row's valid
+tail) are masked to ``-inf``; a row with none gives ``out = 0``,
+``lse = -inf``. Results: a normalized fp32 partial with its log2-sum-exp per
+split, merged by :func:`.sparse_mla._merge_splits_kernel`, or the final
+output, exactly as the Triton kernels write them.
+
+Gluon has no interpreter: CPU CI compiles this kernel for every supported
+arch (shared memory, spills); it runs in the GPU tests only.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+from .kv_cache_layout import FP8_ROPE_OFFSET, FP8_SCALE_OFFSET
+
+# A CTA-wide barrier: ``gl.barrier`` in Triton 3.8, ``gl.thread_barrier`` in 3.6.
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+# ``async_load`` in Triton 3.8; 3.6 names it ``async_copy_global_to_shared`` (3.8 keeps the alias).
+_async_load = async_copy.async_copy_global_to_shared
+# Column of an FP8 row's first scale word (int32 view) and first rope value (bf16 view).
+_SCALE_COL = gl.constexpr(FP8_SCALE_OFFSET // 4)
+_ROPE_COL = gl.constexpr(FP8_ROPE_OFFSET // 2)
+# Columns of a query block / key tile per ``QK^T`` product: fewer operand registers live at once.
+_QK_CHUNK = gl.constexpr(64)
+
+
+@gluon.jit
+def _tile_slots(idx_row, n0, end, num_slots, layout: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Entries ``n0 .. n0 + BLOCK_N`` of a top-k row in ``layout`` (1-D):
+    ``(int64 slot, valid)``; entries past ``end``, negative or out of range are invalid (slot 0)."""
+    offs = n0 + gl.arange(0, BLOCK_N, layout)
+    slot = gl.load(idx_row + offs, mask=offs < end, other=-1)
+    valid = (slot >= 0) & (slot < num_slots)
+    return gl.where(valid, slot, 0).to(gl.int64), valid
+
+
+@gluon.jit
+def _issue_tile(kv_ptr, rope_ptr, idx_row, n0, end, num_slots, stride_kv, stride_rope, stage,
+                kv_ring, scale_ring, kr_ring, KV_FP8: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """``cp.async`` the rows of tile ``n0`` into ring stage ``stage`` (16-byte copies, one
+    thread a copy: no replicated issue). FP8: the 128 code words ``[BLOCK_N, 4, 32]`` and the
+    4 scale words of each row; BF16: the latent ``[4, BLOCK_N, 128]``; both: the rope."""
+    nw: gl.constexpr = gl.num_warps()
+    rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [nw, 1], [1, 0])
+    slot, valid = _tile_slots(idx_row, n0, end, num_slots, gl.SliceLayout(1, rope_l), BLOCK_N)
+    rope_rows = rope_ptr + (slot * (stride_rope // 8)) * 8  # 16-byte aligned rows: 16-byte copies
+    rope_ptrs = rope_rows[:, None] + gl.arange(0, 64, gl.SliceLayout(0, rope_l))[None, :]
+    _async_load(kr_ring.index(stage), rope_ptrs, mask=gl.broadcast(valid[:, None], rope_ptrs)[0])
+    if KV_FP8:
+        words_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [nw, 1, 1], [2, 1, 0])
+        rows_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, words_l))
+        slot, valid = _tile_slots(idx_row, n0, end, num_slots, rows_l, BLOCK_N)
+        group = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, words_l)))
+        word = gl.arange(0, 32, gl.SliceLayout(0, gl.SliceLayout(1, words_l)))
+        row_ptrs = kv_ptr + (slot * (stride_kv // 4)) * 4  # rows are 16-byte aligned: 16-byte copies
+        word_ptrs = row_ptrs[:, None, None] + (group * 32)[None, :, None] + word[None, None, :]
+        _async_load(kv_ring.index(stage), word_ptrs, mask=gl.broadcast(valid[:, None, None], word_ptrs)[0])
+        scale_l: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [nw, 1], [1, 0])
+        slot, valid = _tile_slots(idx_row, n0, end, num_slots, gl.SliceLayout(1, scale_l), BLOCK_N)
+        scale_ptrs = (kv_ptr + (slot * (stride_kv // 4)) * 4 + _SCALE_COL)[:, None] + gl.arange(0, 4, gl.SliceLayout(0, scale_l))[None, :]
+        _async_load(scale_ring.index(stage), scale_ptrs, mask=gl.broadcast(valid[:, None], scale_ptrs)[0])
+    else:
+        latent_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [nw, 1], [1, 0])
+        slot, valid = _tile_slots(idx_row, n0, end, num_slots, gl.SliceLayout(1, latent_l), BLOCK_N)
+        row_ptrs = kv_ptr + slot * stride_kv
+        cols = gl.arange(0, 128, gl.SliceLayout(0, latent_l))
+        for b in gl.static_range(4):
+            ptrs = row_ptrs[:, None] + (b * 128 + cols)[None, :]
+            _async_load(kv_ring.index(stage * 4 + b), ptrs, mask=gl.broadcast(valid[:, None], ptrs)[0])
+
+
+@gluon.jit
+def _e4m3_to_f32(codes, FP8_NATIVE: gl.constexpr):
+    """int32 e4m3fn codes (0..255) -> float32: the value with ``FP8_NATIVE`` (SM89+), else
+    ``value / 256`` rebuilt from the bits through fp16 (see :mod:`.fp8_convert`)."""
+    if FP8_NATIVE:
+        return codes.to(gl.uint8).to(gl.float8e4nv, bitcast=True).to(gl.float32)
+    else:
+        half_bits = ((codes & 0x80) << 8) | ((codes & 0x7F) << 7)
+        return half_bits.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+
+
+@gluon.jit
+def _dequantize_tile(words_smem, scale_smem, planes, FP8_NATIVE: gl.constexpr, FP8_FACTOR: gl.constexpr,
+                     BLOCK_N: gl.constexpr):  # fmt: skip
+    """One ring stage's code words ``[BLOCK_N, 4, 32]`` (word ``32 g + w`` in scale group ``g``)
+    and scales ``[BLOCK_N, 4]`` -> four bf16 planes ``[BLOCK_N, 128]`` (plane ``b``: byte ``b`` of
+    every word, i.e. latent column ``4 j + b``), each value ``code * scale`` rounded once."""
+    nw: gl.constexpr = gl.num_warps()
+    words_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [nw, 1, 1], [2, 1, 0])
+    words = words_smem.load(words_l)
+    scale = scale_smem.load(gl.SliceLayout(2, words_l)).to(gl.float32, bitcast=True) * FP8_FACTOR
+    for b in gl.static_range(4):
+        values = _e4m3_to_f32((words >> (8 * b)) & 0xFF, FP8_NATIVE) * scale[:, :, None]
+        planes.index(b).store(gl.reshape(values.to(gl.bfloat16), [BLOCK_N, 128]))
+
+
+@gluon.jit
+def _pv(p, v_smem, acc, alpha, dot_b: gl.constexpr):
+    """``acc * alpha + P V`` for one 128-column block of V (``[BLOCK_N, 128]`` in shared memory)."""
+    return mma_v2(p, v_smem.load(dot_b), acc * alpha[:, None])
+
+
+@gluon.jit
+def _store_block(out_rows, acc, inv_l, cols, head_ok):
+    ptrs = out_rows + cols[None, :]
+    gl.store(ptrs, (acc * inv_l[:, None]).to(out_rows.dtype.element_ty), mask=gl.broadcast(head_ok, ptrs)[0])
+
+
+@gluon.jit
+def sparse_mla_sm80_kernel(
+    q_ptr, qr_ptr, kv_ptr, rope_ptr, idx_ptr, ends_ptr, out_ptr, lse_ptr,
+    num_heads, num_slots, topk, keys_per_split, qk_scale_log2,
+    stride_qt, stride_qh, stride_qrt, stride_qrh, stride_kv, stride_rope, stride_it,
+    stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
+    BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WARPS_M: gl.constexpr,
+    KV_FP8: gl.constexpr, FP8_NATIVE: gl.constexpr, FP8_FACTOR: gl.constexpr,
+    SPLIT_OUTPUT: gl.constexpr, SKIP_INVALID_TAIL: gl.constexpr,
+):  # fmt: skip
+    """Grid ``(tokens, head blocks, splits)``. ``kv_ptr``: FP8, the rows as int32 words
+    (``stride_kv`` in words, a multiple of 4: 16-byte aligned rows); BF16, the latent rows
+    (bf16). ``rope_ptr``: the rows as bf16 (FP8: the rope starts at column 264; BF16: 512),
+    ``stride_rope`` in bf16 values. ``WARPS_M`` of the warps split the ``BLOCK_H`` heads
+    (16 each), the others the keys of ``QK^T`` and the columns of ``PV``. Other arguments
+    as :func:`.sparse_mla._sparse_mla_bf16_kernel`."""
+    nw: gl.constexpr = gl.num_warps()
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS_M, nw // WARPS_M],
+                                                  instr_shape=[16, 8])  # fmt: skip
+    dot_a: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
+    dot_b: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
+    rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+    keys_l: gl.constexpr = gl.SliceLayout(0, mma)
+
+    t = gl.program_id(0).to(gl.int64)
+    split = gl.program_id(2)
+    head0 = gl.program_id(1) * BLOCK_H
+    start = split * keys_per_split
+    end = gl.minimum(start + keys_per_split, topk)
+    if SKIP_INVALID_TAIL:
+        end = gl.minimum(end, gl.load(ends_ptr + t))
+    idx_row = idx_ptr + t * stride_it
+    num_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
+    rope_ptr += _ROPE_COL if KV_FP8 else 512
+
+    block_128: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128], gl.bfloat16)
+    block_64: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], gl.bfloat16)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [4, BLOCK_H, 128],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_H, 128], gl.bfloat16))  # fmt: skip
+    qr_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, 64],
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_H, 64], gl.bfloat16))  # fmt: skip
+    kr_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 64], block_64)
+    if KV_FP8:
+        kv_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 4, 32],
+                                            gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))  # fmt: skip
+        scale_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 4], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        planes = gl.allocate_shared_memory(gl.bfloat16, [4, BLOCK_N, 128], block_128)
+    else:
+        kv_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES * 4, BLOCK_N, 128], block_128)
+        scale_ring = kv_ring
+        planes = kv_ring
+
+    # The query, in the tile's column order (FP8 plane b: columns 4j + b; BF16 block b: 128b + j).
+    q_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [nw, 1], [1, 0])
+    heads = head0 + gl.arange(0, BLOCK_H, gl.SliceLayout(1, q_l))
+    head_ok = (heads < num_heads)[:, None]
+    j = gl.arange(0, 128, gl.SliceLayout(0, q_l))
+    q_rows = q_ptr + t * stride_qt + heads.to(gl.int64)[:, None] * stride_qh
+    for b in gl.static_range(4):
+        ptrs = q_rows + (4 * j + b if KV_FP8 else 128 * b + j)[None, :]
+        q_smem.index(b).store(gl.load(ptrs, mask=gl.broadcast(head_ok, ptrs)[0], other=0.0))
+    qr_ptrs = (qr_ptr + t * stride_qrt + heads.to(gl.int64)[:, None] * stride_qrh) + gl.arange(0, 64, gl.SliceLayout(0, q_l))[None, :]
+    qr_smem.store(gl.load(qr_ptrs, mask=gl.broadcast(head_ok, qr_ptrs)[0], other=0.0))
+
+    for first in gl.static_range(STAGES - 1):
+        if first < num_tiles:
+            _issue_tile(kv_ptr, rope_ptr, idx_row, start + first * BLOCK_N, end, num_slots, stride_kv, stride_rope, first,
+                        kv_ring, scale_ring, kr_ring, KV_FP8, BLOCK_N)  # fmt: skip
+        async_copy.commit_group()
+
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, rows_l)
+    l_i = gl.zeros([BLOCK_H], gl.float32, rows_l)
+    acc0 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
+    acc1 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
+    acc2 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
+    acc3 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
+    for i in range(num_tiles):
+        stage = i % STAGES
+        n0 = start + i * BLOCK_N
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of tile i have landed
+        _cta_barrier()  # everyone's, and every warp is done with tile i - 1 (its stage is refilled next)
+        ahead = i + STAGES - 1
+        if ahead < num_tiles:
+            _issue_tile(kv_ptr, rope_ptr, idx_row, start + ahead * BLOCK_N, end, num_slots, stride_kv, stride_rope,
+                        ahead % STAGES, kv_ring, scale_ring, kr_ring, KV_FP8, BLOCK_N)  # fmt: skip
+        async_copy.commit_group()
+        if KV_FP8:
+            _dequantize_tile(kv_ring.index(stage), scale_ring.index(stage), planes, FP8_NATIVE, FP8_FACTOR, BLOCK_N)
+            _cta_barrier()  # the whole bf16 tile before any warp reads it
+            tile = planes
+            t0 = 0
+        else:
+            tile = kv_ring
+            t0 = stage * 4
+
+        s = mma_v2(qr_smem.load(dot_a), kr_ring.index(stage).permute((1, 0)).load(dot_b),
+                   gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))  # fmt: skip
+        for b in gl.static_range(4):
+            for c in gl.static_range(0, 128, _QK_CHUNK):  # fewer operand registers live at a time
+                s = mma_v2(q_smem.index(b).slice(c, _QK_CHUNK, dim=1).load(dot_a),
+                           tile.index(t0 + b).slice(c, _QK_CHUNK, dim=1).permute((1, 0)).load(dot_b), s)  # fmt: skip
+        _, valid = _tile_slots(idx_row, n0, end, num_slots, keys_l, BLOCK_N)
+        s = gl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_base = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_base)
+        p = gl.exp2(s - m_base[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        p = gl.convert_layout(p.to(gl.bfloat16), dot_a)
+        acc0 = _pv(p, tile.index(t0 + 0), acc0, alpha, dot_b)
+        acc1 = _pv(p, tile.index(t0 + 1), acc1, alpha, dot_b)
+        acc2 = _pv(p, tile.index(t0 + 2), acc2, alpha, dot_b)
+        acc3 = _pv(p, tile.index(t0 + 3), acc3, alpha, dot_b)
+    async_copy.wait_group(0)
+
+    out_heads = head0 + gl.arange(0, BLOCK_H, rows_l)
+    has_keys = l_i > 0.0
+    lse_log2 = gl.where(has_keys, m_i + gl.log2(gl.where(has_keys, l_i, 1.0)), float("-inf"))
+    if SPLIT_OUTPUT:
+        gl.store(lse_ptr + t * stride_lt + split * stride_ls + out_heads * stride_lh, lse_log2,
+                 mask=out_heads < num_heads)  # fmt: skip
+    else:
+        gl.store(lse_ptr + t * stride_lt + out_heads * stride_lh, lse_log2 * 0.6931471805599453,
+                 mask=out_heads < num_heads)  # fmt: skip
+    inv_l = gl.where(has_keys, 1.0 / gl.where(has_keys, l_i, 1.0), 0.0)
+    out_rows = out_ptr + t * stride_ot + split * stride_os + out_heads.to(gl.int64)[:, None] * stride_oh
+    out_ok = (out_heads < num_heads)[:, None]
+    jo = gl.arange(0, 128, keys_l)
+    _store_block(out_rows, acc0, inv_l, 4 * jo + 0 if KV_FP8 else jo, out_ok)
+    _store_block(out_rows, acc1, inv_l, 4 * jo + 1 if KV_FP8 else 128 + jo, out_ok)
+    _store_block(out_rows, acc2, inv_l, 4 * jo + 2 if KV_FP8 else 256 + jo, out_ok)
+    _store_block(out_rows, acc3, inv_l, 4 * jo + 3 if KV_FP8 else 384 + jo, out_ok)

@@ -232,7 +232,7 @@ def paged_baselines() -> list[tuple[str, Callable | None, str | None]]:
 
 def paged_section(ceilings, sweep: bool) -> list[dict]:
     baselines = paged_baselines()
-    configs = paged_module.CONFIGS.candidates(*_smem_native()) if sweep else [None]
+    configs = paged_module.CONFIGS.candidates(device_info(DEVICE)) if sweep else [None]
     records = []
     for batch, context, next_n in [(b, c, 1) for b, c in PAGED_SHAPES] + PAGED_MTP_SHAPES:
         flops, nbytes = paged_counts(batch, context, next_n)
@@ -258,7 +258,7 @@ def paged_section(ceilings, sweep: bool) -> list[dict]:
 def prefill_section(ceilings, sweep: bool) -> list[dict]:
     baseline, reason = sglang_baselines.fp8_mqa_logits_torch()
     deep_gemm, deep_gemm_reason = sglang_baselines.deep_gemm_mqa_logits()
-    configs = ragged_module.CONFIGS.candidates(*_smem_native()) if sweep else [None]
+    configs = ragged_module.CONFIGS.candidates(device_info(DEVICE)) if sweep else [None]
     records = []
     for tokens, keys in PREFILL_SHAPES:
         flops, nbytes = prefill_counts(tokens, keys)
@@ -332,11 +332,6 @@ def _first_baseline(candidates, supported, call, sets, flops, nbytes, ceilings) 
             return {**rates(ms, flops, nbytes, ceilings), "baseline": name, "error": "; ".join(errors) or None}
         errors.append(f"{name}: {err}")
     return {"ms": None, "error": "; ".join(errors)}
-
-
-def _smem_native() -> tuple[int, bool]:
-    info = device_info(DEVICE)
-    return info.max_shared_memory, info.native_fp8
 
 
 # ---------------------------------------------------------------------------

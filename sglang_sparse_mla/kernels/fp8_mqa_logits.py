@@ -62,7 +62,15 @@ _SWEEP: dict[tuple[int, bool], tuple[MQALogitsConfig, ...]] = {
     (SMEM_SMALL, True): (MQALogitsConfig(block_n=128, tokens=2, num_warps=8, num_stages=2),),
     (SMEM_SMALL, False): (MQALogitsConfig(block_n=128, tokens=2, num_warps=8, num_stages=2),),
 }
-CONFIGS = MQALogitsConfigTable(_DEFAULTS, _SWEEP)
+# SM100 / SM110: the large class's 4-warp tile of 4 tokens spills there (255 registers under
+# Triton 3.8); the same tile on 8 warps does not. Compiled only: no such GPU has run them.
+_TCGEN05 = {
+    (SMEM_LARGE, True): (
+        MQALogitsConfig(block_n=64, tokens=4, num_warps=8, num_stages=4),
+        (MQALogitsConfig(block_n=64, tokens=2, num_warps=4, num_stages=4), MQALogitsConfig(block_n=128, tokens=2, num_warps=8, num_stages=3)),
+    ),
+}
+CONFIGS = MQALogitsConfigTable(_DEFAULTS, _SWEEP, _TCGEN05)
 # Keep at least this many key tiles per column split.
 _MIN_TILES_PER_SPLIT = 8
 _FILL_BLOCK = 256

@@ -76,30 +76,36 @@ class MQALogitsConfigTable:
     Keyed by ``(shared-memory class, native FP8)`` (the classes of
     :mod:`.sparse_mla_configs`); a class without an entry of its own uses the
     small class's. ``sweep`` lists extra candidates a benchmark may time.
+    ``tcgen05`` replaces a key's ``(default, sweep candidates)`` on SM100 / SM110,
+    whose MMAs Triton lowers differently (configs that fit SM90 spill there).
     """
 
     def __init__(
         self,
         defaults: dict[tuple[int, bool], MQALogitsConfig],
         sweep: dict[tuple[int, bool], tuple[MQALogitsConfig, ...]],
+        tcgen05: dict[tuple[int, bool], tuple[MQALogitsConfig, tuple[MQALogitsConfig, ...]]] | None = None,
     ):
         self._defaults = defaults
         self._sweep = sweep
+        self._tcgen05 = tcgen05 or {}
 
-    def _key(self, smem_limit: int, native_fp8: bool) -> tuple[int, bool]:
-        key = (smem_class(smem_limit), native_fp8)
-        return key if key in self._defaults else (SMEM_SMALL, native_fp8)
+    def _entry(self, info: DeviceInfo) -> tuple[MQALogitsConfig, tuple[MQALogitsConfig, ...]]:
+        key = (smem_class(info.max_shared_memory), info.native_fp8)
+        key = key if key in self._defaults else (SMEM_SMALL, info.native_fp8)
+        if info.tcgen05 and key in self._tcgen05:
+            return self._tcgen05[key]
+        return self._defaults[key], self._sweep.get(key, ())
 
     def select(self, info: DeviceInfo) -> MQALogitsConfig:
         """The configuration used on ``info``'s GPU."""
-        return self._defaults[self._key(info.max_shared_memory, info.native_fp8)]
+        return self._entry(info)[0]
 
-    def candidates(self, smem_limit: int, native_fp8: bool) -> list[MQALogitsConfig]:
-        """The default then the sweep candidates for a GPU with ``smem_limit``
-        bytes of shared memory per block: every configuration the kernel may
-        run with there (what the compile tests check)."""
-        key = self._key(smem_limit, native_fp8)
-        return list(dict.fromkeys((self._defaults[key], *self._sweep.get(key, ()))))
+    def candidates(self, info: DeviceInfo) -> list[MQALogitsConfig]:
+        """The default then the sweep candidates on ``info``'s GPU: every
+        configuration the kernel may run with there (what the compile tests check)."""
+        default, sweep = self._entry(info)
+        return list(dict.fromkeys((default, *sweep)))
 
 
 def scale_factor(info: DeviceInfo) -> float:

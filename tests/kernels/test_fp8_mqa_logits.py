@@ -101,7 +101,7 @@ def test_every_config(target, rng, arch_path):
     ks, ke = random_windows(target, rng, tokens, keys)
     ref = mqa_logits_reference(q, k, k_scale, w, ks, ke)
     info = device_info(target.device)
-    configs = ragged.CONFIGS.candidates(info.max_shared_memory, info.native_fp8)
+    configs = ragged.CONFIGS.candidates(info)
     configs.append(MQALogitsConfig(block_n=16, tokens=1, num_warps=1, num_stages=1))
     for cfg in configs:
         assert_logits_match(fp8_mqa_logits(q, k, k_scale, w, ks, ke, config=cfg), ref, tolerance(target))

@@ -84,7 +84,7 @@ def test_every_config(target, rng, arch_path):
     batch, max_blocks = target.pick(cpu=(2, 3), gpu=(16, 24))
     q, cache, w, context, table = make_case(target, rng, batch, 2, max_blocks)
     info = device_info(target.device)
-    configs = paged.CONFIGS.candidates(info.max_shared_memory, info.native_fp8)
+    configs = paged.CONFIGS.candidates(info)
     configs.append(MQALogitsConfig(block_n=32, tokens=1, num_warps=1, num_stages=1))  # token groups
     for cfg in configs:
         run_and_check(target, q, cache, w, context, table, max_blocks * 64, cfg)

@@ -40,6 +40,10 @@ class TritonSparseMLABackend(AttentionBackend):
     def __init__(self, model_runner, speculative_step_id: int | None = None):
         super().__init__()
         hf_config = model_runner.model_config.hf_config
+        device = torch.device(model_runner.device)
+        if device.type == "cuda":  # SGLang has made the rank's GPU current
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            spec.check_gpu(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
         spec.check_hf_config(hf_config, is_dsa=is_deepseek_dsa(hf_config), index_kpool=get_dsa_index_kpool(hf_config))
         spec.check_page_size(model_runner.page_size)
         pool = model_runner.token_to_kv_pool

@@ -25,6 +25,22 @@ class UnsupportedConfiguration(ValueError):
     """A launch configuration the backend cannot serve; the message names the flag."""
 
 
+# The oldest GPUs the kernels run on: Ampere (cp.async, bf16 tensor cores).
+MIN_CAPABILITY = (8, 0)
+
+
+def check_gpu(name: str, capability: tuple[int, int]) -> None:
+    """The GPU must be SM80 or newer: the kernels need bf16 tensor cores and ``cp.async``."""
+    if tuple(capability) < MIN_CAPABILITY:
+        raise UnsupportedConfiguration(
+            f"--attention-backend {BACKEND_NAME} needs an NVIDIA GPU of compute capability "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (A100, A10, RTX 30xx and later: bf16 "
+            f"tensor cores); {name} is sm{capability[0]}{capability[1]}. DSA models cannot run "
+            "on it with this backend; SGLang's --attention-backend dsa falls back to torch "
+            "kernels there, if its other kernels load"
+        )
+
+
 def check_attention_backends(prefill: str | None, decode: str | None) -> None:
     """Prefill and decode must both run here: the indexer is routed per backend."""
     if (prefill == BACKEND_NAME) != (decode == BACKEND_NAME):

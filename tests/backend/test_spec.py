@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sglang_sparse_mla.backend import spec
@@ -19,6 +21,17 @@ def test_per_rank_heads(heads, tp):
 def test_heads_that_do_not_split(heads, tp):
     with pytest.raises(Bad, match="--tp-size"):
         spec.per_rank_heads(heads, tp)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (11, 0), (12, 0), (12, 1)])
+def test_gpus_from_sm80_accepted(capability):
+    spec.check_gpu("some GPU", capability)
+
+
+@pytest.mark.parametrize("name, capability", [("Tesla V100-SXM2-32GB", (7, 0)), ("Tesla T4", (7, 5))])
+def test_gpus_below_sm80_refused_by_name(name, capability):
+    with pytest.raises(Bad, match=f"8\\.0 or newer.*{re.escape(name)} is sm{capability[0]}{capability[1]}"):
+        spec.check_gpu(name, capability)
 
 
 def test_dsa_models_accepted():

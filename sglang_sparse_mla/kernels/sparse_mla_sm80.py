@@ -41,6 +41,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .kv_cache_layout import FP8_ROPE_OFFSET, FP8_SCALE_OFFSET
+from .sparse_mla_gluon_lse import store_lse
 
 # A CTA-wide barrier: ``gl.barrier`` in Triton 3.8, ``gl.thread_barrier`` in 3.6.
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -253,14 +254,8 @@ def sparse_mla_sm80_kernel(
     async_copy.wait_group(0)
 
     out_heads = head0 + gl.arange(0, BLOCK_H, rows_l)
+    store_lse(lse_ptr, t, split, out_heads, num_heads, m_i, l_i, stride_lt, stride_lh, stride_ls, SPLIT_OUTPUT)
     has_keys = l_i > 0.0
-    lse_log2 = gl.where(has_keys, m_i + gl.log2(gl.where(has_keys, l_i, 1.0)), float("-inf"))
-    if SPLIT_OUTPUT:
-        gl.store(lse_ptr + t * stride_lt + split * stride_ls + out_heads * stride_lh, lse_log2,
-                 mask=out_heads < num_heads)  # fmt: skip
-    else:
-        gl.store(lse_ptr + t * stride_lt + out_heads * stride_lh, lse_log2 * 0.6931471805599453,
-                 mask=out_heads < num_heads)  # fmt: skip
     inv_l = gl.where(has_keys, 1.0 / gl.where(has_keys, l_i, 1.0), 0.0)
     out_rows = out_ptr + t * stride_ot + split * stride_os + out_heads.to(gl.int64)[:, None] * stride_oh
     out_ok = (out_heads < num_heads)[:, None]

@@ -48,6 +48,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .sparse_mla_gluon_lse import store_lse
+
 # The loader partition: its warps and their register budget (the softmax warpgroup takes the rest).
 LOADER_WARPS = 4
 LOADER_REGS = 56
@@ -254,14 +256,8 @@ def sparse_mla_sm90_ws_kernel(
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     lse_heads = head0 + gl.arange(0, BLOCK_H, rows_s)
+    store_lse(lse_ptr, t, split, lse_heads, num_heads, m_i, l_i, stride_lt, stride_lh, stride_ls, SPLIT_OUTPUT)
     has_keys = l_i > 0.0
-    lse_log2 = gl.where(has_keys, m_i + gl.log2(gl.where(has_keys, l_i, 1.0)), float("-inf"))
-    if SPLIT_OUTPUT:
-        gl.store(lse_ptr + t * stride_lt + split * stride_ls + lse_heads * stride_lh, lse_log2,
-                 mask=lse_heads < num_heads)  # fmt: skip
-    else:
-        gl.store(lse_ptr + t * stride_lt + lse_heads * stride_lh, lse_log2 * 0.6931471805599453,
-                 mask=lse_heads < num_heads)  # fmt: skip
     inv_l = gl.where(has_keys, 1.0 / gl.where(has_keys, l_i, 1.0), 0.0)
     out = acc * gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout))[:, None]
     out_heads = head0 + gl.arange(0, BLOCK_H, gl.SliceLayout(1, o_layout))

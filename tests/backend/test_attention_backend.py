@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("sglang.srt")
 
-from conftest import relative_error  # noqa: E402
+from utils import relative_error  # noqa: E402
 from dsa_world import DSAWorld, sglang_config  # noqa: E402,F401
 
 HEADS = 8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_fp8_codes_match
+from utils import assert_fp8_codes_match
 
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.kernels import IndexNorm, IndexRope, quantize_kv_fp8

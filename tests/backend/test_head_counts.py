@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("sglang.srt")
 
-from conftest import relative_error  # noqa: E402
+from utils import relative_error  # noqa: E402
 from dsa_world import DSAWorld, sglang_config  # noqa: E402,F401
 
 MODELS = {"deepseek_v3.2": 128, "glm5": 64}

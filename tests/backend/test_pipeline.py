@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error
+from utils import relative_error
 from dsa_layer import NeoxRope, StubIndexer, check_topk_row, index_scores
 
 from sglang_sparse_mla.backend import dispatch

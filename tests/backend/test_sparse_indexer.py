@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("sglang.srt")
 
-from conftest import relative_error  # noqa: E402
+from utils import relative_error  # noqa: E402
 from dsa_world import HEADS, HIDDEN, Q_LORA, TOPK, DSAWorld, TinyDSALayer, make_indexer, sglang_config  # noqa: E402,F401
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 

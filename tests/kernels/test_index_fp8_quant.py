@@ -6,7 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import assert_fp8_codes_match
+from utils import assert_fp8_codes_match
 
 from sglang_sparse_mla.kernels import IndexNorm, IndexRope, quantize_index_keys_to_cache, quantize_index_queries
 from sglang_sparse_mla.kernels.index_fp8_quant import _e4m3_codes

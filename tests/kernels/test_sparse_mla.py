@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error
+from utils import relative_error
 
 from sglang_sparse_mla.kernels import quantize_kv_fp8, sparse_mla_decode, sparse_mla_prefill
 from sglang_sparse_mla.kernels.device_info import device_info

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error
+from utils import relative_error
 from test_sparse_mla import SM_SCALE, assert_matches_reference, make_inputs, make_q, poisoned
 
 from sglang_sparse_mla.kernels import quantize_kv_fp8

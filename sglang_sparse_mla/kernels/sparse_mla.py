@@ -19,9 +19,9 @@ a second kernel merges (split-KV). A gathered tile of latent rows serves as K
 caches run the Gluon kernel of :mod:`.sparse_mla_sm80` on every GPU from SM80
 on (same grid, arguments and results; ``cp.async`` gathers, each tile
 dequantized once into shared memory, ``mma_v2``), as do BF16 caches of at
-most 16 heads on the largest shared-memory class; the Triton FP8 kernel here,
-which dequantizes in registers, serves where Gluon cannot run
-(``SGLANG_SPARSE_MLA_GLUON_SM80=0``, cache rows not on 16-byte boundaries). Prefill first finds each row's
+most 16 heads on SM90; the Triton FP8 kernel here, which dequantizes in
+registers, serves where Gluon cannot run (``SGLANG_SPARSE_MLA_GLUON_SM80=0``,
+cache rows not on 16-byte boundaries). Prefill first finds each row's
 last valid entry (a small scan kernel) so that programs stop there: the first
 top-k tokens of a prompt have fewer entries than top-k. On SM90 GPUs a BF16
 cache with more than 32 heads runs the warp-specialized Gluon kernel of
@@ -447,14 +447,16 @@ def sparse_mla_forward(
     # The head block may follow the batch size only where the split does too.
     by_occupancy = num_kv_splits is None and not batch_invariant
     cfg = config or select_config(num_heads, rows.is_fp8, info, num_tokens if by_occupancy else None)
-    if cfg.gluon_sm80 and config is None and not _rows_16_byte_aligned(rows):
-        cfg = triton_config(num_heads, rows.is_fp8, info)  # its 16-byte copies need aligned rows
-    if cfg.gluon_sm80 and not (info.gluon_sm80 and _rows_16_byte_aligned(rows)):
-        raise ValueError(
-            f"{cfg} is the Gluon SM80-class kernel: it needs a GPU, Triton with Gluon's Ampere ops, "
-            f"SGLANG_SPARSE_MLA_GLUON_SM80 unset or 1 (usable here: {info.gluon_sm80}) and cache rows "
-            f"on 16-byte boundaries (here: {_rows_16_byte_aligned(rows)})"
-        )
+    if cfg.gluon_sm80:
+        aligned = _rows_16_byte_aligned(rows)  # its 16-byte copies need aligned rows
+        if config is None and not aligned:
+            cfg = triton_config(num_heads, rows.is_fp8, info)
+        elif not (info.gluon_sm80 and aligned):
+            raise ValueError(
+                f"{cfg} is the Gluon SM80-class kernel: it needs a GPU, Triton with Gluon's Ampere ops, "
+                f"SGLANG_SPARSE_MLA_GLUON_SM80 unset or 1 (usable here: {info.gluon_sm80}) and cache rows "
+                f"on 16-byte boundaries (here: {aligned})"
+            )
     if cfg.warp_specialized and (rows.is_fp8 or not info.warp_specialized):
         raise ValueError(
             f"{cfg} is the warp-specialized kernel: it needs a BF16 cache on an SM90 GPU, Triton 3.6+ and "

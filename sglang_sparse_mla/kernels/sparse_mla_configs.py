@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .device_info import DeviceInfo
+from .kv_cache_layout import D_LATENT, D_QK, FP8_ROW_BYTES
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ GLUON_BF16_FEW_HEADS = SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True)
 TCGEN05_BF16_64 = SparseMLAConfig(64, 32, 8, 2)
 
 
-def _table_config(num_heads: int, kv_fp8: bool, info: DeviceInfo) -> SparseMLAConfig:
+def triton_config(num_heads: int, kv_fp8: bool, info: DeviceInfo) -> SparseMLAConfig:
+    """The Triton kernel's configuration, for launches that cannot take a Gluon kernel."""
     smem, bucket = smem_class(info.max_shared_memory), head_bucket(num_heads)
     if info.tcgen05 and not kv_fp8 and bucket == 64 and smem == SMEM_LARGE:
         return TCGEN05_BF16_64
@@ -174,12 +176,7 @@ def select_config(
             return _FEW_PROGRAMS_CONFIGS[smem]
     if not kv_fp8 and bucket == 64 and info.warp_specialized:
         return WARP_SPECIALIZED_SM90
-    return _table_config(num_heads, kv_fp8, info)
-
-
-def triton_config(num_heads: int, kv_fp8: bool, info: DeviceInfo) -> SparseMLAConfig:
-    """The Triton kernel's configuration, for launches that cannot take a Gluon kernel."""
-    return _table_config(num_heads, kv_fp8, info)
+    return triton_config(num_heads, kv_fp8, info)
 
 
 def all_configs(info: DeviceInfo) -> list[tuple[bool, SparseMLAConfig]]:
@@ -215,8 +212,9 @@ def gluon_sm80_programs_per_sm(config: SparseMLAConfig, info: DeviceInfo) -> int
     larger): the query ``[block_h, 576]``, the ``cp.async`` ring of rope rows and code words
     and scales (656 bytes a row), the dequantized ``[block_n, 512]`` bf16 tile. An SM offers
     the per-block opt-in limit plus one reserved KB."""
-    smem = config.block_h * 576 * 2 + config.num_stages * config.block_n * 656 + config.block_n * 1024
-    return max(1, (info.max_shared_memory + _CTA_RESERVED_SMEM) // (smem + config.block_h * _GLUON_SM80_SCRATCH_PER_HEAD + _CTA_RESERVED_SMEM))
+    smem = config.block_h * D_QK * 2 + config.num_stages * config.block_n * FP8_ROW_BYTES + config.block_n * D_LATENT * 2
+    smem += config.block_h * _GLUON_SM80_SCRATCH_PER_HEAD + _CTA_RESERVED_SMEM
+    return max(1, (info.max_shared_memory + _CTA_RESERVED_SMEM) // smem)
 
 
 def choose_num_kv_splits(programs: int, topk: int, config: SparseMLAConfig, info: DeviceInfo) -> int:

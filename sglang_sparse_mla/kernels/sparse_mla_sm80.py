@@ -40,8 +40,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from .fp8_convert import fp8_e4m3_to_f32
 from .kv_cache_layout import FP8_ROPE_OFFSET, FP8_SCALE_OFFSET
-from .sparse_mla_gluon_lse import store_lse
+from .sparse_mla_gluon_common import program_keys, store_lse
 
 # A CTA-wide barrier: ``gl.barrier`` in Triton 3.8, ``gl.thread_barrier`` in 3.6.
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -100,17 +101,6 @@ def _issue_tile(kv_ptr, rope_ptr, idx_row, n0, end, num_slots, stride_kv, stride
 
 
 @gluon.jit
-def _e4m3_to_f32(codes, FP8_NATIVE: gl.constexpr):
-    """int32 e4m3fn codes (0..255) -> float32: the value with ``FP8_NATIVE`` (SM89+), else
-    ``value / 256`` rebuilt from the bits through fp16 (see :mod:`.fp8_convert`)."""
-    if FP8_NATIVE:
-        return codes.to(gl.uint8).to(gl.float8e4nv, bitcast=True).to(gl.float32)
-    else:
-        half_bits = ((codes & 0x80) << 8) | ((codes & 0x7F) << 7)
-        return half_bits.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-
-
-@gluon.jit
 def _dequantize_tile(words_smem, scale_smem, planes, FP8_NATIVE: gl.constexpr, FP8_FACTOR: gl.constexpr,
                      BLOCK_N: gl.constexpr):  # fmt: skip
     """One ring stage's code words ``[BLOCK_N, 4, 32]`` (word ``32 g + w`` in scale group ``g``)
@@ -121,7 +111,7 @@ def _dequantize_tile(words_smem, scale_smem, planes, FP8_NATIVE: gl.constexpr, F
     words = words_smem.load(words_l)
     scale = scale_smem.load(gl.SliceLayout(2, words_l)).to(gl.float32, bitcast=True) * FP8_FACTOR
     for b in gl.static_range(4):
-        values = _e4m3_to_f32((words >> (8 * b)) & 0xFF, FP8_NATIVE) * scale[:, :, None]
+        values = fp8_e4m3_to_f32((words >> (8 * b)) & 0xFF, FP8_NATIVE) * scale[:, :, None]
         planes.index(b).store(gl.reshape(values.to(gl.bfloat16), [BLOCK_N, 128]))
 
 
@@ -161,14 +151,8 @@ def sparse_mla_sm80_kernel(
     rows_l: gl.constexpr = gl.SliceLayout(1, mma)
     keys_l: gl.constexpr = gl.SliceLayout(0, mma)
 
-    t = gl.program_id(0).to(gl.int64)
-    split = gl.program_id(2)
-    head0 = gl.program_id(1) * BLOCK_H
-    start = split * keys_per_split
-    end = gl.minimum(start + keys_per_split, topk)
-    if SKIP_INVALID_TAIL:
-        end = gl.minimum(end, gl.load(ends_ptr + t))
-    idx_row = idx_ptr + t * stride_it
+    t, split, head0, start, end, idx_row = program_keys(idx_ptr, ends_ptr, topk, keys_per_split, stride_it, BLOCK_H,
+                                                        SKIP_INVALID_TAIL)  # fmt: skip
     num_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
     rope_ptr += _ROPE_COL if KV_FP8 else 512
 

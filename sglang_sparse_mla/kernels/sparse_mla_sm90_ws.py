@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .sparse_mla_gluon_lse import store_lse
+from .sparse_mla_gluon_common import program_keys, store_lse
 
 # The loader partition: its warps and their register budget (the softmax warpgroup takes the rest).
 LOADER_WARPS = 4
@@ -192,14 +192,8 @@ def sparse_mla_sm90_ws_kernel(
     arguments of :func:`.sparse_mla._sparse_mla_bf16_kernel` (``ends_ptr``: each row's valid
     end, read with ``SKIP_INVALID_TAIL``), plus the ring depth, the loader's warps and
     registers and the values warpgroup's registers."""
-    t = gl.program_id(0).to(gl.int64)
-    split = gl.program_id(2)
-    head0 = gl.program_id(1) * BLOCK_H
-    start = split * keys_per_split
-    end = gl.minimum(start + keys_per_split, topk)
-    if SKIP_INVALID_TAIL:
-        end = gl.minimum(end, gl.load(ends_ptr + t))
-    idx_row = idx_ptr + t * stride_it
+    t, split, head0, start, end, idx_row = program_keys(idx_ptr, ends_ptr, topk, keys_per_split, stride_it, BLOCK_H,
+                                                        SKIP_INVALID_TAIL)  # fmt: skip
 
     latent_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, 512], gl.bfloat16)
     rope_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, 64], gl.bfloat16)

@@ -59,15 +59,18 @@ def test_tcgen05_gpus_take_the_tile_that_fits_them():
     assert select_config(128, False, DeviceInfo((9, 0), SMEM_LARGE, 132)) != TCGEN05_BF16_64
 
 
+def misaligned_copy(kv: torch.Tensor) -> torch.Tensor:
+    """``kv`` (uint8 FP8 rows) copied to an address 4 bytes past a 16-byte boundary."""
+    out = torch.zeros(kv.numel() + 16, dtype=torch.uint8, device=kv.device)[4 : 4 + kv.numel()].view(kv.shape)
+    return out.copy_(kv)
+
+
 def test_forcing_it_where_it_cannot_run_is_an_error(target, rng):
+    kv, q, idx = make_inputs(target, rng, 2, 16, 64, 300, "fp8")
     if device_info(target.device).gluon_sm80:
-        kv, q, idx = make_inputs(target, rng, 2, 16, 64, 300, "fp8")
-        misaligned = torch.zeros(kv.numel() + 16, dtype=torch.uint8, device=target.device)[4 : 4 + kv.numel()].view(kv.shape)
-        misaligned.copy_(kv)
         with pytest.raises(ValueError, match="16-byte boundaries \\(here: False\\)"):
-            sparse_mla_forward(q, misaligned, idx, SM_SCALE, config=GLUON_16)
+            sparse_mla_forward(q, misaligned_copy(kv), idx, SM_SCALE, config=GLUON_16)
     else:
-        kv, q, idx = make_inputs(target, rng, 2, 16, 64, 300, "fp8")
         with pytest.raises(ValueError, match="Gluon SM80-class kernel.*usable here: False"):
             sparse_mla_forward(q, kv, idx, SM_SCALE, config=GLUON_16)
 
@@ -169,7 +172,5 @@ def test_batch_invariant_and_split_query(target, rng):
 @on_gluon_gpu
 def test_misaligned_rows_fall_back_to_triton(target, rng):
     kv, q, idx = make_inputs(target, rng, 3, 16, 256, 2048, "fp8")
-    misaligned = torch.zeros(kv.numel() + 16, dtype=torch.uint8, device=target.device)[4 : 4 + kv.numel()].view(kv.shape)
-    misaligned.copy_(kv)
-    out, lse = sparse_mla_decode(q, misaligned, idx, SM_SCALE)
+    out, lse = sparse_mla_decode(q, misaligned_copy(kv), idx, SM_SCALE)
     assert_matches_reference(out, lse, q, kv, idx)

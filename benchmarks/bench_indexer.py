@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sglang_baselines  # noqa: E402
+from sm80_ceilings import mma_v2_tflops  # noqa: E402
 from timing import time_launches  # noqa: E402
 
 from sglang_sparse_mla.kernels import fp8_mqa_logits, fp8_paged_mqa_logits, topk_indices  # noqa: E402
@@ -149,6 +150,7 @@ def rates(ms: float | None, flops: float, nbytes: float, ceilings: dict) -> dict
         "tflops": tflops,
         "gbs": gbs,
         "pct_mma": 100 * tflops / ceilings["mma_tflops"],
+        "pct_mma_v2": 100 * tflops / ceilings["mma_v2_tflops"] if ceilings.get("mma_v2_tflops") else None,
         "pct_bw": 100 * gbs / ceilings["copy_gbs"],
     }
 
@@ -343,6 +345,8 @@ def _fmt(r: dict | None) -> str:
     if not r or r.get("ms") is None:
         return f"{'-':>9} {(r or {}).get('error') or '':.60}"
     extra = f"{r['tflops']:7.1f} TF/s {r['pct_mma']:5.1f}%mma " if r.get("tflops") else ""
+    if r.get("tflops") and r.get("pct_mma_v2") is not None:
+        extra += f"{r['pct_mma_v2']:5.1f}%v2 "
     return f"{r['ms'] * 1e3:9.1f}us {extra}{r['gbs']:7.0f} GB/s {r['pct_bw']:5.1f}%bw"
 
 
@@ -400,9 +404,11 @@ def main() -> None:
         "native_fp8_path": device_info(DEVICE).native_fp8,
     }
     ceilings = measure_ceilings(args.copy_gbs, args.mma_tflops)
+    ceilings["mma_v2_tflops"] = mma_v2_tflops()  # the SM80-class path's tensor-core ceiling
     print(f"# {env}")
     print(f"# ceilings: copy {ceilings['copy_gbs']:.0f} GB/s ({ceilings['copy_source']}), "
-          f"MMA {ceilings['mma_tflops']:.0f} TFLOP/s ({ceilings['mma_source']})")
+          f"MMA {ceilings['mma_tflops']:.0f} TFLOP/s ({ceilings['mma_source']}), "
+          f"bf16 mma_v2 {ceilings['mma_v2_tflops'] or 0:.0f} TFLOP/s (benchmarks/sm80_ceilings.py)")
     print("# TFLOP/s: 2*64*128 flops per valid score; GB/s: ideal bytes moved (see module doc); "
           "times: CUDA-graph replays over rotated input sets, median", flush=True)
 

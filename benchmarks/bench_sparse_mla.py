@@ -11,7 +11,10 @@ Prefill: T = 4096 tokens, each attending top-k 2048 of its causal prefix in an
 FLOPs count 2*(576+512) per (token, head, valid index); bytes count the
 gathered KV rows (1152 B BF16, 656 B FP8) plus q and the output. Prefill rows
 are shared between tokens (as in real prefill) so most of its gathers hit L2:
-its GB/s is "logical" and TFLOP/s is the figure to read.
+its GB/s is "logical" and TFLOP/s is the figure to read. Percentages: of the copy
+bandwidth and the cuBLAS bf16 matmul (%bw, %mma), and of the SM80-class path's own
+ceilings measured in the same run (benchmarks/sm80_ceilings.py): bf16 mma_v2 (%v2)
+and the read rate of random row gathers of the cache's row size (%gath).
 
     python benchmarks/bench_sparse_mla.py --out results.json [--sweep]
 """
@@ -22,13 +25,14 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import sglang_baselines  # noqa: E402
+from sm80_ceilings import gather_gbs, mma_v2_tflops  # noqa: E402
 from timing import Ceilings, measure_ceilings, rotation_count, time_launches  # noqa: E402
 
 from sglang_sparse_mla.kernels import quantize_kv_fp8  # noqa: E402
@@ -120,6 +124,8 @@ def measure(label, calls, flops, bytes_, ceilings: Ceilings, shape):
         gbs=gbs,
         pct_mma=100 * tflops / ceilings.bf16_tflops,
         pct_bw=100 * gbs / ceilings.copy_gbs,
+        pct_mma_v2=100 * tflops / ceilings.mma_v2_tflops if ceilings.mma_v2_tflops else None,
+        pct_gather=100 * gbs / ceilings.gather_gbs[ROW_BYTES[shape["kv"]]] if ceilings.gather_gbs else None,
         spread=timing.spread,
         timing=timing.method,
     )
@@ -321,6 +327,8 @@ def main():
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     ceilings = measure_ceilings()
+    ceilings = replace(ceilings, mma_v2_tflops=mma_v2_tflops(),
+                       gather_gbs={b: gather_gbs(b, gen) for b in sorted(set(ROW_BYTES.values()))})  # fmt: skip
     kv = torch.randn(NUM_SLOTS, 576, device="cuda", generator=gen).bfloat16()
     caches = {"bf16": kv, "fp8": quantize_kv_fp8(kv)}
     if args.sweep_gluon:
@@ -347,14 +355,18 @@ def main():
 def print_table(result):
     c = result["ceilings"]
     print(f"# {result['device']}  torch {result['torch']}  triton {result['triton']}  sglang {result['sglang']}")
-    print(f"# ceilings: copy {c['copy_gbs']:.0f} GB/s, bf16 matmul {c['bf16_tflops']:.0f} TFLOP/s")
-    print(f"{'phase':14}{'kv':5}{'H':>4}{'T':>6}  {'impl':44}{'us':>9}{'TFLOP/s':>9}{'GB/s':>8}{'%bw':>6}{'%mma':>6}")
+    print(f"# ceilings: copy {c['copy_gbs']:.0f} GB/s, bf16 matmul {c['bf16_tflops']:.0f} TFLOP/s; SM80-class: "
+          f"mma_v2 {c['mma_v2_tflops'] or 0:.0f} TFLOP/s, row gathers "
+          + ", ".join(f"{b} B {g:.0f} GB/s" for b, g in (c["gather_gbs"] or {}).items()))  # fmt: skip
+    print(f"{'phase':14}{'kv':5}{'H':>4}{'T':>6}  {'impl':44}{'us':>9}{'TFLOP/s':>9}{'GB/s':>8}{'%bw':>6}{'%mma':>6}"
+          f"{'%v2':>6}{'%gath':>6}")  # fmt: skip
     for r in result["rows"]:
         head = f"{r['phase']:14}{r['kv']:5}{r['heads']:>4}{r['tokens']:>6}  {r['impl'][:43]:44}"
         if "error" in r:
             print(head + "  n/a: " + r["error"][:90])
         else:
-            print(head + f"{r['us']:9.1f}{r['tflops']:9.1f}{r['gbs']:8.0f}{r['pct_bw']:6.0f}{r['pct_mma']:6.0f}")
+            extra = "".join(f"{r[k]:6.0f}" if r.get(k) is not None else f"{'-':>6}" for k in ("pct_mma_v2", "pct_gather"))
+            print(head + f"{r['us']:9.1f}{r['tflops']:9.1f}{r['gbs']:8.0f}{r['pct_bw']:6.0f}{r['pct_mma']:6.0f}" + extra)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,10 @@ def rotation_count(bytes_per_call: int, l2_bytes: int | None = None, minimum: in
 class Ceilings:
     copy_gbs: float  # device-to-device copy, bytes read + written per second / 1e9
     bf16_tflops: float  # 8192^3 bf16 matmul on random data
+    # The SM80-class path's own (benchmarks/sm80_ceilings.py): bf16 mma_v2 from shared memory,
+    # and the read rate of cache rows gathered at random slots, by row bytes.
+    mma_v2_tflops: float | None = None
+    gather_gbs: dict[int, float] | None = None
 
 
 def measure_ceilings() -> Ceilings:

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/glm5_indexer_parity.py [TOKENS]
 
-Layer 0 of the tiny GLM-5 model (``sglang_sparse_mla.tiny_model``, seed 0)
+Layer 0 of the tiny GLM-5 model (``sglang_sparse_mla.testing.tiny_model``, seed 0)
 over TOKENS random tokens (default 1000): the indexer's top-256 positions of
 every token that sees more than 256, scored from FP8 codes and scales three
 ways, then compared with the first:
@@ -38,7 +38,7 @@ from sglang_sparse_mla.kernels import (  # noqa: E402
     quantize_index_keys_to_cache,
     quantize_index_queries,
 )
-from sglang_sparse_mla.tiny_model import random_weights, tiny_config  # noqa: E402
+from sglang_sparse_mla.testing.tiny_model import random_weights, tiny_config  # noqa: E402
 
 HEADS, DIM, ROPE, TOPK = 32, 128, 64, 256
 BF16 = torch.bfloat16

@@ -5,10 +5,11 @@
 One layer of the backend's decode path at DeepSeek-V3.2's attention shape
 (128 query heads, 64 index heads, index_topk 2048, q_lora_rank 1536, hidden
 7168), each of ``batch`` requests ``context`` tokens deep: the indexer
-(:class:`~sglang_sparse_mla.backend.indexer.SparseIndexer` over the test
-suite's stand-in for SGLang's ``Indexer`` weights, norm and rope: projections,
-rotation, FP8 quantization, index-K store, paged logits, top-k and slot
-mapping), the latent KV write and sparse MLA decode. Prints the step's time
+(:class:`~sglang_sparse_mla.backend.indexer.SparseIndexer` over
+:class:`~sglang_sparse_mla.testing.dsa_layer.StubIndexer`, a stand-in for
+SGLang's ``Indexer`` weights, norm and rope: projections, rotation, FP8
+quantization, index-K store, paged logits, top-k and slot mapping), the
+latent KV write and sparse MLA decode. Prints the step's time
 inside a CUDA graph (median replay, as SGLang replays decode steps), also with
 the indexer's rotation and FP8 quantization as the torch ops the fused kernel
 replaced, and the kernels of an eager step from the PyTorch profiler, grouped
@@ -28,15 +29,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "backend"))
-
-from dsa_layer import StubIndexer  # noqa: E402
-
-from sglang_sparse_mla.backend import dispatch  # noqa: E402
-from sglang_sparse_mla.backend.indexer import SparseIndexer  # noqa: E402
-from sglang_sparse_mla.backend.metadata import build_paged  # noqa: E402
-from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs  # noqa: E402
+from sglang_sparse_mla.backend import dispatch
+from sglang_sparse_mla.backend.indexer import SparseIndexer
+from sglang_sparse_mla.backend.metadata import build_paged
+from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs
+from sglang_sparse_mla.testing.dsa_layer import StubIndexer
 
 PAGE = 64
 HEADS, INDEX_HEADS, TOPK, Q_LORA, HIDDEN = 128, 64, 2048, 1536, 7168

@@ -1,7 +1,7 @@
 """``python -m sglang_sparse_mla.demo``: serve a DSA model with the Triton backend, or check its kernels on a CPU.
 
 With a CUDA GPU and SGLang installed: writes the tiny DeepSeek-V3.2-architecture
-model (:mod:`.tiny_model`, random weights) to a temporary directory, serves it
+model (:mod:`.testing.tiny_model`, random weights) to a temporary directory, serves it
 with ``python -m sglang.launch_server --attention-backend triton_sparse_mla``
 (CUDA graphs on, ``--enable-deterministic-inference``), then sends
 
@@ -15,14 +15,14 @@ and one-by-one greedy outputs are identical: deterministic inference makes a
 request's numerics independent of its batch. With ``--default-numerics`` the
 server runs without it, a token's rounding then depends on its batch (split-KV
 counts, GEMM tilings), and on the random-weight model the outputs need only
-agree up to near ties (:mod:`.serving.workload`). Prints a report and shuts
+agree up to near ties (:mod:`.testing.serving.workload`). Prints a report and shuts
 the server down.
 
 Without a GPU (or with ``--chain``): runs the tiny models' attention chain,
 indexer logits -> top-k -> KV slots -> sparse MLA prefill and decode over BF16
 and FP8 caches, through Triton's interpreter (natively on a GPU with
 ``--chain``) at shapes taken from the models' configs, and compares every
-stage with the float64 references (:mod:`.chain_check`).
+stage with the float64 references (:mod:`.testing.chain_check`).
 
 Exit status 0 when every check passed, 1 when one failed, 2 when the serving
 demo cannot run (SGLang missing).
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny_model import ARCHITECTURES, tiny_config
+from .testing.tiny_model import ARCHITECTURES, tiny_config
 
 BACKEND = "triton_sparse_mla"
 
@@ -70,7 +70,7 @@ def run_chain_demo(args) -> int:
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton decorates the kernels
-    from .chain_check import run_chain
+    from .testing.chain_check import run_chain
 
     device = "cuda" if on_gpu else "cpu"
     where = f"natively on {torch.cuda.get_device_name()}" if on_gpu else "through the Triton interpreter (CPU)"
@@ -109,16 +109,16 @@ def run_serving_demo(args) -> int:
     if importlib.util.find_spec("sglang") is None:
         print("SGLang is not installed: pip install 'sglang-sparse-mla[sglang]' (or run with --chain).")
         return 2
-    from .serving.client import flush_cache, generate
-    from .serving.server import Server, ServerError
-    from .serving.workload import (
+    from .testing.serving.client import flush_cache, generate
+    from .testing.serving.server import Server, ServerError
+    from .testing.serving.workload import (
         bit_identical,
         compare_greedy,
         first_logprob_difference,
         shared_prefix_prompts,
         unrelated_prompts,
     )
-    from .tiny_model import write_tiny_model
+    from .testing.tiny_model import write_tiny_model
 
     arch = (args.arch or ["deepseek-v3.2"])[0]
     shared, unrelated = shared_prefix_prompts(4), unrelated_prompts()

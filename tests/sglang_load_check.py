@@ -74,7 +74,7 @@ def main() -> None:
     from sglang.srt.runtime_context import get_context
     from sglang.test.layer_ut_utils import init_single_process_dist
 
-    from sglang_sparse_mla.serving.server import free_port
+    from sglang_sparse_mla.testing.serving.server import free_port
 
     get_context().override_server_args(device="cpu", page_size=64, kv_cache_dtype="bfloat16").install()
     init_single_process_dist(master_port=free_port())

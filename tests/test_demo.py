@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sglang_sparse_mla.chain_check as chain_check
+import sglang_sparse_mla.testing.chain_check as chain_check
 from sglang_sparse_mla import demo
 
 # Tiny requests and a small top-k, so that the interpreter runs them in seconds
@@ -64,7 +64,7 @@ def test_sample_rows_keeps_sparse_rows_and_spreads_the_rest():
 
 
 class _StubServer:
-    """Stands in for :class:`sglang_sparse_mla.serving.server.Server`; records the launch arguments."""
+    """Stands in for :class:`sglang_sparse_mla.testing.serving.server.Server`; records the launch arguments."""
 
     launched: list[list[str]] = []
 
@@ -90,8 +90,8 @@ class _StubServer:
     ],
 )
 def test_serving_demo_judges_batch_against_one_by_one(monkeypatch, capsys, default_numerics, one_by_one_drift, passes):
-    from sglang_sparse_mla.serving import client, server, workload
-    from sglang_sparse_mla.serving.client import Completion
+    from sglang_sparse_mla.testing.serving import client, server, workload
+    from sglang_sparse_mla.testing.serving.client import Completion
 
     def completion(prompt_index: int, drift: str | None, cached: int) -> Completion:
         ids, logprobs, margins = [prompt_index, 1, 2, 3], [-1.0, -1.5, -2.0, -0.5], [0.5, 0.5, 0.5, 0.5]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sglang_sparse_mla.serving.client import Completion
-from sglang_sparse_mla.serving.workload import (
+from sglang_sparse_mla.testing.serving.client import Completion
+from sglang_sparse_mla.testing.serving.workload import (
     bit_identical,
     compare_greedy,
     first_logprob_difference,
@@ -212,7 +212,7 @@ def test_e2e_configs_and_workloads_follow_the_model_shape(tmp_path, monkeypatch,
     """SGLang's DSA paths keep sgl-kernel's top-k where the model allows it (index_topk 2048); one
     results folder holds one model."""
     run_e2e = _load("run_e2e")
-    from sglang_sparse_mla.tiny_model import SHAPES, tiny_config
+    from sglang_sparse_mla.testing.tiny_model import SHAPES, tiny_config
 
     native, small = run_e2e.make_configs(2048), run_e2e.make_configs(256)
     assert "--dsa-topk-backend" not in native["dsa"].args and native["dsa"].env == {}
@@ -245,7 +245,7 @@ def test_stream_generate_times_first_token(tmp_path):
     import threading
     import time
 
-    from sglang_sparse_mla.serving.client import stream_generate
+    from sglang_sparse_mla.testing.serving.client import stream_generate
 
     class Streamer(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's naming)
@@ -312,7 +312,7 @@ def _trace(*events):
 
 
 def test_kernel_table_sums_device_work_per_step():
-    from sglang_sparse_mla.serving.decode_profile import kernel_table
+    from sglang_sparse_mla.testing.serving.decode_profile import kernel_table
 
     trace = _trace(
         ("kernel", "attn", 0.0, 30.0),
@@ -382,7 +382,7 @@ def _profiling_stub_server(events: list):
 def test_profile_decode_starts_the_profile_once_every_request_decodes(tmp_path):
     """profile_decode against a stub server: ``/start_profile`` comes after every first token
     and the trace the server writes is read back (and kept where asked)."""
-    from sglang_sparse_mla.serving.decode_profile import profile_decode
+    from sglang_sparse_mla.testing.serving.decode_profile import profile_decode
 
     events = []
     keep = tmp_path / "traces" / "decode.trace.json.gz"
@@ -394,7 +394,7 @@ def test_profile_decode_starts_the_profile_once_every_request_decodes(tmp_path):
 
 
 def test_profile_prefill_profiles_the_prompt_sent_after_the_start(tmp_path):
-    from sglang_sparse_mla.serving.decode_profile import profile_prefill
+    from sglang_sparse_mla.testing.serving.decode_profile import profile_prefill
 
     events = []
     keep = tmp_path / "prefill.trace.json.gz"
@@ -410,7 +410,7 @@ def test_profile_decode_fails_fast_when_a_request_fails():
     import http.server
     import threading
 
-    from sglang_sparse_mla.serving.decode_profile import profile_decode
+    from sglang_sparse_mla.testing.serving.decode_profile import profile_decode
 
     class Failing(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's naming)
@@ -433,7 +433,7 @@ def test_profile_decode_fails_fast_when_a_request_fails():
 def test_layer_timeline_medians_of_the_typical_layer():
     """Periods start at the anchor; the most common kernel sequence wins, the odd period
     (an extra kernel) is left out; starts are relative to the anchor, medians over periods."""
-    from sglang_sparse_mla.serving.layer_timeline import format_timeline, layer_timeline, per_layer_anchor
+    from sglang_sparse_mla.testing.serving.layer_timeline import format_timeline, layer_timeline, per_layer_anchor
 
     events = []
     for layer, t0 in enumerate((0.0, 100.0, 200.0, 300.0)):
@@ -459,7 +459,7 @@ def test_layer_timeline_takes_the_exact_kernel_name_first():
     """A kernel's full name as anchor cuts only at that kernel, although another kernel's name
     contains it (ours ``_topk_kernel`` and the MoE router's ``deepseek_v3_topk_kernel``); a part of
     a name still matches every kernel that contains it."""
-    from sglang_sparse_mla.serving.layer_timeline import layer_timeline
+    from sglang_sparse_mla.testing.serving.layer_timeline import layer_timeline
 
     events = []
     for t0 in (0.0, 100.0, 200.0):
@@ -473,7 +473,7 @@ def test_e2e_typical_layer_of_a_kept_trace(tmp_path):
     import gzip
     import json
 
-    from sglang_sparse_mla.serving.decode_profile import kernel_table
+    from sglang_sparse_mla.testing.serving.decode_profile import kernel_table
 
     run_e2e = _load("run_e2e")
     events = []

@@ -76,11 +76,11 @@ from pathlib import Path
 
 import torch
 
-from sglang_sparse_mla.serving.client import Completion, flush_cache, generate, stream_generate
-from sglang_sparse_mla.serving.decode_profile import profile_decode, profile_prefill, read_trace
-from sglang_sparse_mla.serving.layer_timeline import layer_timeline, per_layer_anchor
-from sglang_sparse_mla.serving.server import Server, ServerError
-from sglang_sparse_mla.serving.workload import (
+from sglang_sparse_mla.testing.serving.client import Completion, flush_cache, generate, stream_generate
+from sglang_sparse_mla.testing.serving.decode_profile import profile_decode, profile_prefill, read_trace
+from sglang_sparse_mla.testing.serving.layer_timeline import layer_timeline, per_layer_anchor
+from sglang_sparse_mla.testing.serving.server import Server, ServerError
+from sglang_sparse_mla.testing.serving.workload import (
     DEFAULT_TIE_MARGIN,
     bit_identical,
     compare_greedy,
@@ -89,7 +89,7 @@ from sglang_sparse_mla.serving.workload import (
     token_prompts,
     unrelated_prompts,
 )
-from sglang_sparse_mla.tiny_model import ARCHITECTURES, SHAPES, tiny_config, write_tiny_model
+from sglang_sparse_mla.testing.tiny_model import ARCHITECTURES, SHAPES, tiny_config, write_tiny_model
 
 # Every launch: CUDA graphs for the batch sizes the work reaches (its largest batch is 32),
 # and a static memory share that lets two servers run on one GPU.

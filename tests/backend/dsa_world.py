@@ -9,7 +9,7 @@ only what the backend reads (``model_config`` with ``hf_config`` and the MLA
 dims, ``page_size``, ``token_to_kv_pool``, ``req_to_token_pool``, ``device``,
 ``kv_cache_dtype``), because a real ``ModelRunner`` needs a GPU, distributed
 groups and weights; and the indexer's rotary embedding (``NeoxRope`` of
-:mod:`dsa_layer`), whose CPU build needs vLLM.
+:mod:`sglang_sparse_mla.testing.dsa_layer`), whose CPU build needs vLLM.
 
 Requests own 64-token pages; a radix-cache hit is modelled as SGLang does it,
 by pointing the new request's ``req_to_token`` row at the donor's slots for
@@ -24,7 +24,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dsa_layer import InterleavedRope, NeoxRope, check_topk_row, index_scores
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.mem_cache.memory_pool import DSATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
@@ -36,6 +35,7 @@ from sglang_sparse_mla.backend.dispatch import store_kv
 from sglang_sparse_mla.kernels.kv_cache_layout import D_QK, FP8_ROW_BYTES, quantize_kv_fp8
 from sglang_sparse_mla.kernels.reference import sparse_mla_reference
 from sglang_sparse_mla.scheduler_hooks import install_model_hooks
+from sglang_sparse_mla.testing.dsa_layer import InterleavedRope, NeoxRope, check_topk_row, index_scores
 
 PAGE = 64
 # Shapes of the tiny DSA layer: query heads, hidden size, q_lora rank, index_topk.

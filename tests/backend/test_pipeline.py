@@ -14,7 +14,6 @@ from __future__ import annotations
 import pytest
 import torch
 from utils import relative_error
-from dsa_layer import NeoxRope, StubIndexer, check_topk_row, index_scores
 
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.backend.indexer import (
@@ -30,6 +29,7 @@ from sglang_sparse_mla.backend.metadata import build_paged, build_ragged
 from sglang_sparse_mla.kernels import quantize_kv_fp8
 from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs
 from sglang_sparse_mla.kernels.reference import index_fp8_quant_reference, sparse_mla_reference
+from sglang_sparse_mla.testing.dsa_layer import NeoxRope, StubIndexer, check_topk_row, index_scores
 
 PAGE = 64
 CPU = dict(topk=16, index_heads=32, heads=8, prompts=(90, 7), check_every=1)

@@ -9,7 +9,7 @@ start (relative to the anchor), duration and stream. Where kernels of two
 streams overlap, or where the work of one stream waits for another, it shows
 up as starts that do not follow the previous kernel's end.
 
-    python -m sglang_sparse_mla.serving.layer_timeline TRACE.json.gz --anchor _sparse_mla_bf16_kernel
+    python -m sglang_sparse_mla.testing.serving.layer_timeline TRACE.json.gz --anchor _sparse_mla_bf16_kernel
 """
 
 from __future__ import annotations

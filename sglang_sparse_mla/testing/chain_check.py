@@ -8,8 +8,8 @@ softmax scale) and requests laid out on shuffled 64-token pages:
 1. index keys of every token Hadamard-rotated, quantized to FP8 (UE8M0
    scales) and stored in the index-K pages by one kernel
    (``quantize_index_keys_to_cache``, as the backend's
-   :func:`.backend.dispatch.quantize_index_keys`); queries likewise, with
-   their score weights (``quantize_index_queries``);
+   :func:`sglang_sparse_mla.backend.dispatch.quantize_index_keys`); queries
+   likewise, with their score weights (``quantize_index_queries``);
 2. prefill of every prompt: ragged indexer logits over the request's gathered
    keys (``fp8_mqa_logits``), top-k per token (``topk_indices``), logical
    positions mapped to KV slots (``topk_to_kv_slots``, and the mapping fused
@@ -19,8 +19,9 @@ softmax scale) and requests laid out on shuffled 64-token pages:
    MLA decode;
 
 sparse MLA runs over a BF16 cache and a 656-byte FP8 cache. Each stage is
-compared with :mod:`.kernels.reference` (the top-k selection also with the
-float64 logits it should rank), giving one :class:`Check` per metric.
+compared with :mod:`sglang_sparse_mla.kernels.reference` (the top-k
+selection also with the float64 logits it should rank), giving one
+:class:`Check` per metric.
 
 Triton must already be in interpreter mode (``TRITON_INTERPRET=1`` before
 Triton is imported) when this runs on a CPU tensor device.
@@ -34,9 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import dispatch
-from .backend.spec import INDEX_ROW_BYTES, PAGE_SIZE
-from .kernels import (
+from ..backend import dispatch
+from ..backend.spec import INDEX_ROW_BYTES, PAGE_SIZE
+from ..kernels import (
     dequantize_kv_fp8,
     fp8_mqa_logits,
     fp8_paged_mqa_logits,
@@ -45,8 +46,8 @@ from .kernels import (
     topk_indices,
     topk_to_kv_slots,
 )
-from .kernels.kv_cache_layout import D_QK, FP8_ROW_BYTES
-from .kernels.reference import (
+from ..kernels.kv_cache_layout import D_QK, FP8_ROW_BYTES
+from ..kernels.reference import (
     index_fp8_quant_reference,
     mqa_logits_reference,
     paged_mqa_logits_reference,

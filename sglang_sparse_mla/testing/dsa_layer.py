@@ -1,9 +1,10 @@
-"""Pure-torch pieces of a tiny DSA layer shared by the backend tests (no SGLang).
+"""Pure-torch pieces of a tiny DSA layer (no SGLang), shared by the backend tests and
+``benchmarks/profile_decode_layer.py``.
 
 :class:`StubIndexer` carries the attributes of SGLang's ``Indexer`` module
 that :mod:`sglang_sparse_mla.backend.indexer` reads, so the indexer pipeline
 can run where SGLang is not installed (e.g. on a GPU machine); the SGLang
-tests use the real module. :func:`check_topk_rows` is the fp64 top-k check
+tests use the real module. :func:`check_topk_row` is the fp64 top-k check
 both use.
 """
 
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from sglang_sparse_mla.backend.dispatch import gather_index_k
-from sglang_sparse_mla.backend.indexer import index_inputs, sglang_rotates, sglang_scale_formats
-from sglang_sparse_mla.kernels import IndexRope, quantize_index_keys_to_cache, quantize_index_queries
+from ..backend.dispatch import gather_index_k
+from ..backend.indexer import index_inputs, sglang_rotates, sglang_scale_formats
+from ..kernels import IndexRope, quantize_index_keys_to_cache, quantize_index_queries
 
 
 class NeoxRope(torch.nn.Module):

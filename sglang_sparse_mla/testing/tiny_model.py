@@ -1,7 +1,7 @@
 """Seeded tiny DSA checkpoints for end-to-end serving tests.
 
-``python -m sglang_sparse_mla.tiny_model OUT_DIR [--arch deepseek-v3.2|glm-5] [--shape small|released] [--seed N]
-[--layers N] [--force]``
+``python -m sglang_sparse_mla.testing.tiny_model OUT_DIR [--arch deepseek-v3.2|glm-5] [--shape small|released]
+[--seed N] [--layers N] [--force]``
 
 writes a randomly initialised model of the real architecture, small enough to
 load in seconds, in the layout SGLang 0.5.23's DeepSeek loader consumes
@@ -302,7 +302,9 @@ def _size(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sglang_sparse_mla.tiny_model", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sglang_sparse_mla.testing.tiny_model", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing; must be empty)")
     parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
     parser.add_argument(

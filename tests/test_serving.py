@@ -218,6 +218,11 @@ def test_e2e_configs_and_workloads_follow_the_model_shape(tmp_path, monkeypatch,
     assert "--dsa-topk-backend" not in native["dsa"].args and native["dsa"].env == {}
     assert small["fallback"].args[-6:-4] == ("--dsa-topk-backend", "torch") and small["dsa"].env
     assert tuple(native) == run_e2e.CONFIG_NAMES and set(run_e2e.WORKLOADS) == set(SHAPES)
+    # The forced SM80 path: our backend with the environment that selects it, BF16 and FP8 KV.
+    forced = {name: c for name, c in native.items() if name.startswith("ours-sm80")}
+    assert set(forced) == {"ours-sm80", "ours-sm80-fp8", "ours-sm80-det", "ours-sm80-det-no-radix"}
+    assert all(c.env == {"SGLANG_SPARSE_MLA_FORCE_SM80": "1"} and c.args[:2] == run_e2e.OURS for c in forced.values())
+    assert forced["ours-sm80-fp8"].args[-2:] == ("--kv-cache-dtype", "fp8_e4m3")
     for shape, workload in run_e2e.WORKLOADS.items():
         config = tiny_config("deepseek-v3.2", shape)
         assert max(workload.teacher_lengths) > 2 * config["index_topk"]  # well into the sparse region

@@ -5,7 +5,7 @@
 
 Each configuration is one ``python -m sglang.launch_server`` (CUDA graphs on,
 captured up to the work's largest batch, 32) of the tiny model
-(:mod:`sglang_sparse_mla.tiny_model`, written once to DIR; ``--shape released``:
+(:mod:`sglang_sparse_mla.testing.tiny_model`, written once to DIR; ``--shape released``:
 DeepSeek-V3.2's attention shapes, 128 heads and index_topk 2048, with long
 prompts) that runs the work its comparisons need, then stops. One DIR holds
 the results of one model. Results accumulate in DIR/results.json (so
@@ -26,6 +26,10 @@ Configurations (make_configs):
   ours-tp2       ours with --tp 2, FlashInfer all-reduce fusion off (skipped with fewer than 2 GPUs)
   ours-triton    ours with SGLANG_SPARSE_MLA_WARP_SPECIALIZED=0: an SM90 GPU keeps the Triton
                  sparse MLA kernel instead of the warp-specialized Gluon one (throughput, profile)
+  ours-sm80      ours with SGLANG_SPARSE_MLA_FORCE_SM80=1: the kernels, configs and dispatch an
+                 A100 / RTX / DGX Spark runs (no wgmma, TMA or warp specialization), on this GPU
+  ours-sm80-fp8  the same with --kv-cache-dtype fp8_e4m3
+  ours-sm80-det  ours-sm80 with --enable-deterministic-inference, and ours-sm80-det-no-radix
   dsa            --attention-backend dsa: SGLang's Hopper path (FlashMLA sparse
                  prefill, FA3 decode, DeepGEMM indexer logits; with the small
                  shape the torch top-k, as sgl-kernel's asserts index_topk 2048)
@@ -46,17 +50,18 @@ Work (WORK; lengths of the small shape, the released one's in WORKLOADS):
               tokens: output tokens/s, TTFT p50/p90, per-request decode tokens/s
   profile     batches of 1 and 32 throughput-length requests decoding: GPU kernel time of
               20 decode steps, by kernel and by stream, busy time and span, the typical
-              layer's timeline (serving/layer_timeline.py); then one
+              layer's timeline (testing/serving/layer_timeline.py); then one
               throughput-length prompt's prefill (SGLang's torch profiler;
-              serving/decode_profile.py); traces kept in DIR/traces/CONFIG/
+              testing/serving/decode_profile.py); traces kept in DIR/traces/CONFIG/
 
 Comparisons (summary): radix batch vs the same backend's no-radix one by one
-(greedy agreement, near-tie rule of sglang_sparse_mla.serving.workload, and the
-logprob drift before any difference; pass/fail only for ours-det, which must be
-bit-identical); teacher-forced and greedy logprobs of ours vs dsa, ours vs
-fallback, ours-fp8 vs dsa-fp8 and ours-tp2 vs ours (teacher-forced judged against
-SGLang's own spread, fallback vs dsa: see LOGPROB_PAIRS), ours-fp8 vs ours and
-fallback vs dsa (reported); soak non-finite count; throughput and TTFT tables.
+(greedy agreement, near-tie rule of sglang_sparse_mla.testing.serving.workload, and the
+logprob drift before any difference; pass/fail only for ours-det and ours-sm80-det,
+which must be bit-identical); teacher-forced and greedy logprobs of ours and
+ours-sm80 vs dsa and vs fallback, ours-fp8 vs dsa-fp8 and ours-tp2 vs ours
+(teacher-forced judged against SGLang's own spread, fallback vs dsa: see
+LOGPROB_PAIRS), ours-fp8 vs ours, ours-sm80-fp8 vs ours-sm80 and fallback vs dsa
+(reported); soak non-finite count; throughput and TTFT tables.
 """
 
 from __future__ import annotations
@@ -113,6 +118,8 @@ NO_RADIX = ("--disable-radix-cache",)
 DETERMINISTIC = ("--enable-deterministic-inference",)
 # NVLink multicast stays off for multi-GPU runs (the shared test hosts require it; SGLang's
 # default leaves it off too): NCCL NVLS, PyTorch symmetric memory, NVSHMEM.
+# The path of GPUs without Hopper's instructions, forced on this one.
+FORCE_SM80 = {"SGLANG_SPARSE_MLA_FORCE_SM80": "1"}
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -145,6 +152,10 @@ def make_configs(index_topk: int) -> dict[str, Config]:
             gpus=2,
         ),
         "ours-triton": Config(OURS, ("throughput", "profile"), env={"SGLANG_SPARSE_MLA_WARP_SPECIALIZED": "0"}),
+        "ours-sm80": Config(OURS, ("radix", "teacher", "greedy", "soak", "throughput", "profile"), env=FORCE_SM80),
+        "ours-sm80-fp8": Config((*OURS, *FP8), ("teacher", "greedy", "throughput", "profile"), env=FORCE_SM80),
+        "ours-sm80-det": Config((*OURS, *DETERMINISTIC), ("radix",), env=FORCE_SM80),
+        "ours-sm80-det-no-radix": Config((*OURS, *DETERMINISTIC, *NO_RADIX), ("one_by_one",), env=FORCE_SM80),
         "dsa": Config(
             dsa, ("radix", "teacher", "greedy", "throughput", "profile"), env=dsa_env, modules=("flash_mla",)
         ),
@@ -174,6 +185,9 @@ LOGPROB_PAIRS = (
     ("ours-fp8", "dsa-fp8", True),
     ("ours-tp2", "ours", True),
     ("ours-fp8", "ours", False),
+    ("ours-sm80", "dsa", True),
+    ("ours-sm80", "fallback", True),
+    ("ours-sm80-fp8", "ours-sm80", False),
     (*SPREAD_PAIR, False),
 )
 # (backend, exact): the radix batch against the same requests one by one with the radix
@@ -181,7 +195,7 @@ LOGPROB_PAIRS = (
 # bit-exact: by default a token's rounding depends on the batch it runs in (split-KV
 # counts, GEMM tilings), and with the chaotic random-weight tiny model the
 # drift can flip a greedy token; those pairs are reported, not judged.
-RADIX_PAIRS = (("ours", False), ("dsa", False), ("ours-det", True))
+RADIX_PAIRS = (("ours", False), ("dsa", False), ("ours-det", True), ("ours-sm80-det", True))
 
 RADIX_TOKENS = 48
 SOAK_REQUESTS, SOAK_STEPS = 32, 3000

@@ -36,6 +36,10 @@ class TritonSparseMLABackend(AttentionBackend):
     # back to one device-to-host read of the longest sequence when the
     # scheduler sent no host mirror.
     needs_cpu_seq_lens = False
+    # Never the dense MHA path of SGLang's ``dsa`` backend for short prefills: every
+    # batch runs sparse MLA over the indexer's top-k. SGLang's DSA attention dispatch
+    # (``handle_attention_dsa``) and its DSA attention test kit read this flag.
+    use_mha = False
 
     def __init__(self, model_runner, speculative_step_id: int | None = None):
         super().__init__()

@@ -1,6 +1,6 @@
 """What the Gluon sparse MLA kernels (:mod:`.sparse_mla_sm80`, :mod:`.sparse_mla_sm90_ws`) share:
-a program's token and range of top-k entries, and the log-sum-exp store in the format
-:func:`.sparse_mla._merge_splits_kernel` reads."""
+a program's token and range of top-k entries, the online-softmax step of a key tile, and the
+log-sum-exp store in the format :func:`.sparse_mla._merge_splits_kernel` reads."""
 
 from __future__ import annotations
 
@@ -24,6 +24,20 @@ def program_keys(idx_ptr, ends_ptr, topk, keys_per_split, stride_it, BLOCK_H: gl
     if SKIP_INVALID_TAIL:
         end = gl.minimum(end, gl.load(ends_ptr + t))
     return t, split, head0, start, end, idx_ptr + t * stride_it
+
+
+@gluon.jit
+def online_softmax_step(s, valid, m_i, l_i, qk_scale_log2):
+    """One key tile's scores ``s`` ``[BLOCK_H, BLOCK_N]`` (keys where ``valid`` is false are
+    masked to ``-inf``) into the running max ``m_i`` and sum ``l_i`` (log2 domain). Returns
+    ``(p, alpha, m_i, l_i)``: the tile's unnormalized probabilities and the factor that rescales
+    what was accumulated before it; a head with no valid key so far keeps ``p = 0``, ``alpha = 1``."""
+    s = gl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_base = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_base)
+    p = gl.exp2(s - m_base[:, None])
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 
 
 @gluon.jit

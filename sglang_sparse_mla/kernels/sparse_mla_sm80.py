@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .fp8_convert import fp8_e4m3_to_f32
 from .kv_cache_layout import FP8_ROPE_OFFSET, FP8_SCALE_OFFSET
-from .sparse_mla_gluon_common import program_keys, store_lse
+from .sparse_mla_gluon_common import online_softmax_step, program_keys, store_lse
 
 # A CTA-wide barrier: ``gl.barrier`` in Triton 3.8, ``gl.thread_barrier`` in 3.6.
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -223,13 +223,7 @@ def sparse_mla_sm80_kernel(
                 s = mma_v2(q_smem.index(b).slice(c, _QK_CHUNK, dim=1).load(dot_a),
                            tile.index(t0 + b).slice(c, _QK_CHUNK, dim=1).permute((1, 0)).load(dot_b), s)  # fmt: skip
         _, valid = _tile_slots(idx_row, n0, end, num_slots, keys_l, BLOCK_N)
-        s = gl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_base = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_base)
-        p = gl.exp2(s - m_base[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = online_softmax_step(s, valid, m_i, l_i, qk_scale_log2)
         p = gl.convert_layout(p.to(gl.bfloat16), dot_a)
         acc0 = _pv(p, tile.index(t0 + 0), acc0, alpha, dot_b)
         acc1 = _pv(p, tile.index(t0 + 1), acc1, alpha, dot_b)

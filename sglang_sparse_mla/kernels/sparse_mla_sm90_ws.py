@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .sparse_mla_gluon_common import program_keys, store_lse
+from .sparse_mla_gluon_common import online_softmax_step, program_keys, store_lse
 
 # The loader partition: its warps and their register budget (the softmax warpgroup takes the rest).
 LOADER_WARPS = 4
@@ -118,13 +118,7 @@ def _scores_and_softmax(q_smem, qr_smem, kv_smem, kr_smem, p_smem, scale_smem, r
                           is_async=True)  # fmt: skip
         s = warpgroup_mma(qr_smem, rope.permute((1, 0)), s, is_async=True)
         s, _, _, _, _ = warpgroup_mma_wait(0, deps=[s, q_smem, qr_smem, latent, rope])
-        s = gl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_base = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_base)
-        p = gl.exp2(s - m_base[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = online_softmax_step(s, valid, m_i, l_i, qk_scale_log2)
         mbarrier.wait(p_empty, (i & 1) ^ 1)  # the other warpgroup is done with the previous P
         p_smem.store(p.to(gl.bfloat16))
         scale_smem.store(alpha)

@@ -65,6 +65,12 @@ def poisoned(shape, dtype, device):
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
+def poisoned_outputs(tokens: int, heads: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN-filled ``out`` ``[tokens, heads, 512]`` bf16 and ``lse`` ``[tokens, heads]`` fp32 for a
+    launch to overwrite: any element it leaves unwritten fails the reference comparison."""
+    return poisoned((tokens, heads, 512), torch.bfloat16, device), poisoned((tokens, heads), torch.float32, device)
+
+
 @pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
 @pytest.mark.parametrize("heads", [8, 16, 32, 64, 128])
 @pytest.mark.parametrize("num_kv_splits", [None, 1, 3])
@@ -73,8 +79,7 @@ def test_decode_matches_reference(target, rng, arch_path, kv_format, heads, num_
     topk = target.pick(cpu=96, gpu=2048)
     num_slots = target.pick(cpu=700, gpu=1 << 20)
     kv, q, idx = make_inputs(target, rng, tokens, heads, topk, num_slots, kv_format)
-    out = poisoned((tokens, heads, 512), torch.bfloat16, target.device)
-    lse = poisoned((tokens, heads), torch.float32, target.device)
+    out, lse = poisoned_outputs(tokens, heads, target.device)
     sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, out=out, lse=lse)
     assert_matches_reference(out, lse, q, kv, idx)
 
@@ -89,8 +94,7 @@ def test_few_token_decode_uses_small_head_blocks(target, rng, arch_path, heads, 
     topk = target.pick(cpu=96, gpu=2048)
     num_slots = target.pick(cpu=700, gpu=1 << 20)
     kv, q, idx = make_inputs(target, rng, tokens, heads, topk, num_slots, "bf16")
-    out = poisoned((tokens, heads, 512), torch.bfloat16, target.device)
-    lse = poisoned((tokens, heads), torch.float32, target.device)
+    out, lse = poisoned_outputs(tokens, heads, target.device)
     sparse_mla_decode(q, kv, idx, SM_SCALE, out=out, lse=lse)
     assert_matches_reference(out, lse, q, kv, idx)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from utils import relative_error
-from test_sparse_mla import SM_SCALE, assert_matches_reference, make_inputs, make_q, poisoned
+from test_sparse_mla import SM_SCALE, assert_matches_reference, make_inputs, make_q, poisoned_outputs
 
 from sglang_sparse_mla.kernels import quantize_kv_fp8
 from sglang_sparse_mla.kernels.device_info import GLUON_SM80_ENV, DeviceInfo, device_info
@@ -91,8 +91,7 @@ def test_fp8_matches_reference_and_triton(target, rng, arch_path, heads, num_kv_
     kv, q, idx = make_inputs(target, rng, tokens, heads, 2048, 1 << 20, "fp8")
     info = device_info(target.device)
     assert select_config(heads, True, info).gluon_sm80
-    out = poisoned((tokens, heads, 512), torch.bfloat16, target.device)
-    lse = poisoned((tokens, heads), torch.float32, target.device)
+    out, lse = poisoned_outputs(tokens, heads, target.device)
     sparse_mla_decode(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, out=out, lse=lse)
     assert_matches_reference(out, lse, q, kv, idx)
     triton_out, _ = sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits,
@@ -106,8 +105,7 @@ def test_fp8_matches_reference_and_triton(target, rng, arch_path, heads, num_kv_
 def test_bf16_variant_matches_reference(target, rng, arch_path, config, heads):
     tokens = 37
     kv, q, idx = make_inputs(target, rng, tokens, heads, 2048, 1 << 20, "bf16")
-    out = poisoned((tokens, heads, 512), torch.bfloat16, target.device)
-    lse = poisoned((tokens, heads), torch.float32, target.device)
+    out, lse = poisoned_outputs(tokens, heads, target.device)
     sparse_mla_forward(q, kv, idx, SM_SCALE, config=config, out=out, lse=lse)
     assert_matches_reference(out, lse, q, kv, idx)
 
@@ -132,8 +130,7 @@ def test_fp8_rows_at_the_limits(target, rng, arch_path):
     idx[:, 4] = idx[:, 5]
     idx[1] = torch.arange(topk, device=target.device) % 64  # zero rows only
     idx[2, 100:] = -1
-    out = poisoned((tokens, heads, 512), torch.bfloat16, target.device)
-    lse = poisoned((tokens, heads), torch.float32, target.device)
+    out, lse = poisoned_outputs(tokens, heads, target.device)
     sparse_mla_decode(q, cache, idx, SM_SCALE, out=out, lse=lse)
     assert_matches_reference(out, lse, q, cache, idx)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from utils import relative_error
-from test_sparse_mla import SM_SCALE, assert_matches_reference, make_inputs, poisoned
+from test_sparse_mla import SM_SCALE, assert_matches_reference, make_inputs, poisoned_outputs
 
 from sglang_sparse_mla.kernels.device_info import WARP_SPECIALIZED_ENV, DeviceInfo, device_info
 from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_decode, sparse_mla_forward, sparse_mla_prefill
@@ -78,8 +78,7 @@ def test_the_environment_switch_keeps_hopper_on_triton(monkeypatch):
 @pytest.mark.parametrize("tokens", [1, 37])
 def test_matches_reference_and_triton(target, rng, heads, num_kv_splits, tokens):
     kv, q, idx = make_inputs(target, rng, tokens, heads, 2048, 1 << 20, "bf16")
-    out = poisoned((tokens, heads, 512), torch.bfloat16, target.device)
-    lse = poisoned((tokens, heads), torch.float32, target.device)
+    out, lse = poisoned_outputs(tokens, heads, target.device)
     kwargs = dict(num_kv_splits=num_kv_splits, out=out, lse=lse)
     sparse_mla_forward(q, kv, idx, SM_SCALE, config=WARP_SPECIALIZED_SM90, **kwargs)
     assert_matches_reference(out, lse, q, kv, idx)

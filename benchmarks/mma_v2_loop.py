@@ -7,9 +7,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from sglang_sparse_mla.kernels.sparse_mla_gluon_common import cta_barrier
+
 BM, BN, BK = 128, 64, 64
-# A CTA-wide barrier: ``gl.barrier`` in Triton 3.8, ``gl.thread_barrier`` in 3.6.
-_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit
@@ -31,7 +31,7 @@ def mma_v2_loop_kernel(a_ptr, b_ptr, out_ptr, iters, BM: gl.constexpr, BN: gl.co
     for s in gl.static_range(2):
         a_smem.index(s).store(gl.load(a_ptr + s * BM * BK + rows_m[:, None] * BK + cols_k[None, :]))
         b_smem.index(s).store(gl.load(b_ptr + s * BK * BN + rows_k[:, None] * BN + cols_n[None, :]))
-    _cta_barrier()
+    cta_barrier()
     acc = gl.zeros([BM, BN], gl.float32, mma)
     for i in range(iters):
         acc = mma_v2(a_smem.index(i % 2).load(dot_a), b_smem.index(i % 2).load(dot_b), acc)

@@ -1,6 +1,7 @@
 """What the Gluon sparse MLA kernels (:mod:`.sparse_mla_sm80`, :mod:`.sparse_mla_sm90_ws`) share:
-a program's token and range of top-k entries, the online-softmax step of a key tile, and the
-log-sum-exp store in the format :func:`.sparse_mla._merge_splits_kernel` reads."""
+a program's token and range of top-k entries, the online-softmax step of a key tile, the
+log-sum-exp store in the format :func:`.sparse_mla._merge_splits_kernel` reads, and the CTA-wide
+barrier under the name of the running Triton."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 _LN2 = gl.constexpr(0.6931471805599453)
+# A CTA-wide barrier: ``gl.barrier`` in Triton 3.8, ``gl.thread_barrier`` in 3.6.
+cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit

@@ -42,10 +42,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .fp8_convert import fp8_e4m3_to_f32
 from .kv_cache_layout import FP8_ROPE_OFFSET, FP8_SCALE_OFFSET
-from .sparse_mla_gluon_common import online_softmax_step, program_keys, store_lse
+from .sparse_mla_gluon_common import cta_barrier, online_softmax_step, program_keys, store_lse
 
-# A CTA-wide barrier: ``gl.barrier`` in Triton 3.8, ``gl.thread_barrier`` in 3.6.
-_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 # ``async_load`` in Triton 3.8; 3.6 names it ``async_copy_global_to_shared`` (3.8 keeps the alias).
 _async_load = async_copy.async_copy_global_to_shared
 # Column of an FP8 row's first scale word (int32 view) and first rope value (bf16 view).
@@ -201,7 +199,7 @@ def sparse_mla_sm80_kernel(
         stage = i % STAGES
         n0 = start + i * BLOCK_N
         async_copy.wait_group(STAGES - 2)  # this thread's copies of tile i have landed
-        _cta_barrier()  # everyone's, and every warp is done with tile i - 1 (its stage is refilled next)
+        cta_barrier()  # everyone's, and every warp is done with tile i - 1 (its stage is refilled next)
         ahead = i + STAGES - 1
         if ahead < num_tiles:
             _issue_tile(kv_ptr, rope_ptr, idx_row, start + ahead * BLOCK_N, end, num_slots, stride_kv, stride_rope,
@@ -209,7 +207,7 @@ def sparse_mla_sm80_kernel(
         async_copy.commit_group()
         if KV_FP8:
             _dequantize_tile(kv_ring.index(stage), scale_ring.index(stage), planes, FP8_NATIVE, FP8_FACTOR, BLOCK_N)
-            _cta_barrier()  # the whole bf16 tile before any warp reads it
+            cta_barrier()  # the whole bf16 tile before any warp reads it
             tile = planes
             t0 = 0
         else:

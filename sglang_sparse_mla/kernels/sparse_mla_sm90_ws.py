@@ -48,15 +48,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .sparse_mla_gluon_common import online_softmax_step, program_keys, store_lse
+from .sparse_mla_gluon_common import cta_barrier, online_softmax_step, program_keys, store_lse
 
 # The loader partition: its warps and their register budget (the softmax warpgroup takes the rest).
 LOADER_WARPS = 4
 LOADER_REGS = 56
 # The warpgroup that runs PV for the high 256 output columns.
 VALUES_REGS = 192
-# A CTA-wide barrier: ``gl.barrier`` in Triton 3.8, ``gl.thread_barrier`` in 3.6.
-_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit
@@ -123,7 +121,7 @@ def _scores_and_softmax(q_smem, qr_smem, kv_smem, kr_smem, p_smem, scale_smem, r
         p_smem.store(p.to(gl.bfloat16))
         scale_smem.store(alpha)
         fence_async_shared()  # P is read by wgmma (async proxy)
-        _cta_barrier()  # every thread's part of P and alpha before the hand-over
+        cta_barrier()  # every thread's part of P and alpha before the hand-over
         mbarrier.arrive(p_full, count=1)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         acc = warpgroup_mma(p_smem, latent.slice(0, 256, dim=1), acc, is_async=True)
@@ -133,7 +131,7 @@ def _scores_and_softmax(q_smem, qr_smem, kv_smem, kr_smem, p_smem, scale_smem, r
     has_keys = l_i > 0.0
     mbarrier.wait(p_empty, (i & 1) ^ 1)  # the last rescale factor has been read
     scale_smem.store(gl.where(has_keys, 1.0 / gl.where(has_keys, l_i, 1.0), 0.0))
-    _cta_barrier()
+    cta_barrier()
     mbarrier.arrive(done, count=1)
     return acc, m_i, l_i
 
@@ -158,7 +156,7 @@ def _values_high(kv_smem, p_smem, scale_smem, ready, empty, p_full, p_empty, don
         acc = acc * alpha[:, None]
         acc = warpgroup_mma(p_smem, latent.slice(256, 256, dim=1), acc, is_async=True)
         acc, _, _ = warpgroup_mma_wait(0, deps=[acc, p_smem, latent])
-        _cta_barrier()  # every thread has read alpha and its wgmma has read P
+        cta_barrier()  # every thread has read alpha and its wgmma has read P
         mbarrier.arrive(p_empty, count=1)
         mbarrier.arrive(empty.index(stage), count=1)
         i += 1
@@ -218,7 +216,7 @@ def sparse_mla_sm90_ws_kernel(
     qr_rows = qr_ptr + t * stride_qrt + heads.to(gl.int64)[:, None] * stride_qrh
     qr_smem.store(gl.load(qr_rows + d_rope[None, :], mask=gl.broadcast(head_ok, qr_rows)[0], other=0.0))
     fence_async_shared()  # each thread's Q stores, before wgmma reads them through the async proxy
-    _cta_barrier()  # every warp's Q rows (and the barrier inits) before either partition starts
+    cta_barrier()  # every warp's Q rows (and the barrier inits) before either partition starts
 
     acc, m_i, l_i = gl.warp_specialize(
         [

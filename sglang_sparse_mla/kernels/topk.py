@@ -35,19 +35,23 @@ Split rows (few long rows, e.g. decode batches of 1-64 requests): one
 program per row would leave most SMs idle, so each row is cut into
 ``segments`` of consecutive positions, one program each, and the same
 ``tau`` is found by a radix select whose histograms are built by all of a
-row's programs together: four launches, one per byte of the key (most
+row's programs together: four rounds, one per byte of the key (most
 significant first), each program adding the 256-bin histogram of the next
 byte of its keys that share the bytes found so far to the row's histogram in
 global memory (integer atomics: the sums, hence the result, do not depend on
 their order); every program finds the bytes so far from the row's
-histograms itself. The last of them also stores, per segment, the count of
+histograms itself. The last round also stores, per segment, the count of
 its keys above ``tau``'s leading 24 bits and the suffix sums of its last-byte
-histogram, from which a fifth launch gets, for each segment, how many keys
+histogram, from which a last phase gets, for each segment, how many keys
 above ``tau`` and ties precede it: every program then writes its selected
 positions at their final place, in the same order and with the same tie rule
-as above. No candidate buffer (nothing to overflow at any row length), no
-host synchronization, scratch sized from the shapes (CUDA-graph capturable).
-The dispatch rule is :func:`use_split_rows`.
+as above. On a GPU the five phases are one cooperative launch, the programs
+of a row meeting at a grid barrier (an atomic counter) between phases, so
+every program of the launch is resident at once (:func:`split_grid` sizes
+it); the interpreter, which runs programs one after another, launches each
+phase separately. No candidate buffer (nothing to overflow at any row
+length), no host synchronization, scratch sized from the shapes (CUDA-graph
+capturable). The dispatch rule is :func:`use_split_rows`.
 
 Inputs must be NaN-free. ``+inf`` and ``-inf`` are ordinary values (+inf
 largest, -inf smallest): a ``-inf`` inside a row's window is selected when
@@ -56,14 +60,14 @@ the row has fewer than ``k`` larger entries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim, check_same_device
-from .device_info import device_info
+from .device_info import device_info, is_interpreter
 from .topk_to_kv_slots import positions_to_slots, request_slot_row, validate_slot_mapping
 
 MAX_K = 2048  # the DSA models' index_topk; larger k needs configs that spill
@@ -78,8 +82,8 @@ class TopKConfig:
     Split rows: ``split_rows`` forces the split-row path on (``True``) or off
     (``False``), ``None`` leaves it to :func:`use_split_rows`;
     ``split_block`` positions a split-row program streams at a time (a power
-    of two in ``[32, 8192]``); ``split_programs_per_sm`` the programs the
-    segment length aims at (:func:`split_segment`).
+    of two in ``[32, 8192]``); ``split_programs_per_sm`` the programs per SM the
+    grid aims at (:func:`split_grid`), at most :data:`MAX_SPLIT_PROGRAMS_PER_SM`.
     """
 
     chunks: int
@@ -88,7 +92,7 @@ class TopKConfig:
     num_stages: int
     split_rows: bool | None = None
     split_block: int = 1024
-    split_programs_per_sm: int = 2
+    split_programs_per_sm: int = 4
 
 
 def default_config(k: int) -> TopKConfig:
@@ -103,10 +107,15 @@ def sweep_configs(k: int) -> list[TopKConfig]:
     At 16 warps a row of up to 8192 positions fits in registers without
     spills on every target (no bounding passes for decode rows up to 8k);
     16384 spills at 16 warps, and at 32 warps (64 registers a thread) on
-    sm86/89 or sm120.
+    sm86/89 or sm120. The split-row candidates vary the streaming block and
+    the programs per SM.
     """
     d = default_config(k)
-    return [d, TopKConfig(d.chunks, d.cap, 16, d.num_stages), TopKConfig(d.chunks, max(d.cap, 8192), 16, d.num_stages)]
+    split = [
+        replace(d, split_rows=True, split_block=block, split_programs_per_sm=per_sm)
+        for block, per_sm in ((2048, 4), (1024, 2), (2048, 2))
+    ]
+    return [d, TopKConfig(d.chunks, d.cap, 16, d.num_stages), TopKConfig(d.chunks, max(d.cap, 8192), 16, d.num_stages)] + split
 
 
 # Persistent grid: programs per SM (each owns one scratch row when rows are long).
@@ -114,33 +123,43 @@ _PROGRAMS_PER_SM = 4
 _SPLIT_NUM_WARPS = 4
 _RADIX_BINS = 256  # split rows: one key byte per histogram round
 _SEGMENT_BLOCK = 256  # split rows: earlier segments' counts summed this many at a time
+# Split rows, per row: the four key-byte histograms and the grid-barrier counter (padded to 8).
+_SYNC_COLS = tl.constexpr(4 * _RADIX_BINS + 8)
+# Split-row programs an SM must hold at once (the compile tests check that they fit every arch).
+MAX_SPLIT_PROGRAMS_PER_SM = 4
 
 
 def use_split_rows(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) -> bool:
     """Whether :func:`topk_indices` splits rows across programs.
 
     One program per row keeps at most ``num_rows`` SMs busy, each running the
-    row's bounding passes and radix rounds in sequence (an 8448-wide row
-    takes about 27 us on an H200, so 1-32 rows cost 25-30 us however many
-    SMs idle). Split rows cost five launches and a memset, plus time that
-    grows with the total positions (the histogram atomics), so they pay for
-    few, long rows only. Rule, from H200 timings of both paths
-    (``benchmarks/results/2026-12-03_nvidia-h200/``): split when the rows
-    leave most SMs idle (``8 * num_rows <= num_sms``: 1-16 rows on 132 SMs)
-    and are longer than four candidate capacities (``num_cols > 4 * cfg.cap``:
-    shorter rows cost the per-row path little more than the split's fixed
-    launches). ``cfg.split_rows`` overrides it.
+    row's bounding passes and radix rounds in sequence, so few rows leave most
+    of the GPU idle however long they are. Split rows spread each row over
+    several programs of one cooperative launch (plus a memset), which pays
+    while the rows fit one launch (``num_rows <= split_programs_per_sm *
+    num_sms``) and are longer than the candidate capacity (shorter rows are
+    selected in registers in one pass). Measured in
+    ``benchmarks/results/`` (``bench_indexer.py --sections topk``).
+    ``cfg.split_rows`` overrides it.
     """
     if cfg.split_rows is not None:
         return cfg.split_rows
-    return 8 * num_rows <= num_sms and num_cols > 4 * cfg.cap
+    return num_rows <= cfg.split_programs_per_sm * num_sms and num_cols > cfg.cap
 
 
-def split_segment(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) -> int:
-    """Positions per split-row program: the power of two (at least one
-    ``split_block``) that makes about ``split_programs_per_sm`` programs per SM."""
-    target = cfg.split_programs_per_sm * num_sms
-    return max(cfg.split_block, triton.next_power_of_2(triton.cdiv(num_rows * num_cols, target)))
+def split_grid(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) -> tuple[int, int, int]:
+    """``(segment, segments, rows_per_launch)`` of the split-row path: positions
+    per program (a multiple of ``split_block``), segments per row, and the rows
+    one launch takes (more rows take several launches). A launch is
+    ``segments * rows_per_launch <= split_programs_per_sm * num_sms``
+    programs, all resident at once, as its grid barriers require."""
+    programs = cfg.split_programs_per_sm * num_sms
+    rows_per_launch = max(1, min(num_rows, programs))
+    per_row = max(1, programs // rows_per_launch)
+    segment = triton.cdiv(triton.cdiv(num_cols, per_row), cfg.split_block) * cfg.split_block
+    segment = max(segment, cfg.split_block)
+    return segment, max(1, triton.cdiv(num_cols, segment)), rows_per_launch
+
 
 _EMIT_BLOCK = 1024
 # Leading key bits the lower-bound search resolves (sign, exponent, 11 mantissa
@@ -386,141 +405,111 @@ def _radix_digit(hist_ptr, need):
     largest byte ``d`` with at least ``need`` keys at or above it, and the
     ``need`` left among the keys equal to ``d`` (``need`` minus those above)."""
     bins = tl.arange(0, 256)
-    counts = tl.load(hist_ptr + bins)
+    counts = tl.load(hist_ptr + bins, cache_modifier=".cg")  # other SMs' atomics: skip L1
     at_least = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts
     d = tl.max(tl.where(at_least >= need, bins, 0), 0)
     return d, need - tl.sum(tl.where(bins > d, counts, 0), 0)
 
 
 @triton.jit
-def _split_threshold(hist_row, k, ROUNDS: tl.constexpr):
-    """The leading ``ROUNDS`` bytes of ``tau`` (right-aligned) and the keys
-    still wanted among those sharing them, from the row's first ``ROUNDS``
+def _split_threshold(hist_row, k, rounds):
+    """The leading ``rounds`` bytes of ``tau`` (right-aligned) and the keys
+    still wanted among those sharing them, from the row's first ``rounds``
     histograms; after 4 rounds ``tau`` itself and the ties it takes."""
     prefix = tl.zeros([], tl.uint32)
     need = k
-    for r in tl.static_range(ROUNDS):
+    for r in range(rounds):
         d, need = _radix_digit(hist_row + r * 256, need)
         prefix = (prefix << 8) | d.to(tl.uint32)
     return prefix, need
 
 
 @triton.jit
-def _split_histogram_kernel(
-    logits_ptr,
-    lengths_ptr,
-    row_starts_ptr,
-    hist_ptr,
-    seg_counts_ptr,
-    num_cols,
-    k,
-    segment,
-    segments,
-    stride_lr,
-    ROUND: tl.constexpr,
-    HAS_ROW_STARTS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Round ``ROUND`` (0-3) of the split-row radix select; program
-    ``(segment, row)``. Adds the histogram of key byte ``ROUND`` of the
-    segment's keys whose leading ``ROUND`` bytes are ``tau``'s to the row's
-    histogram ``ROUND``. Round 3 also stores the segment's counts
-    ``[suffix sums of that histogram (256) | keys above tau's leading 24 bits]``.
-    Rows with at most ``k`` entries (all selected) are skipped."""
-    seg = tl.program_id(0)
-    row = tl.program_id(1)
-    start, length = _row_window(lengths_ptr, row_starts_ptr, row, num_cols, HAS_ROW_STARTS)
-    if length > k:
-        row64 = tl.cast(row, tl.int64)
-        hist_row = hist_ptr + row64 * (4 * 256)
-        prefix, _ = _split_threshold(hist_row, k, ROUND)
-        row_ptr = logits_ptr + row64 * stride_lr + start
-        bins = tl.arange(0, 256)
-        counts = tl.zeros([256], tl.int32)
-        above = tl.zeros([BLOCK], tl.int32)
-        first = seg * segment
-        end = tl.minimum(first + segment, length)
-        for c0 in range(first, end, BLOCK):
-            cols = c0 + tl.arange(0, BLOCK)
-            ok = cols < end
-            keys = _ordered_key(tl.load(row_ptr + cols, mask=ok, other=0.0))
-            match = ok
-            if ROUND > 0:
-                lead = keys >> (32 - 8 * ROUND)
-                match = ok & (lead == prefix)
-                if ROUND == 3:
-                    above += (ok & (lead > prefix)).to(tl.int32)
-            digit = tl.where(match, (keys >> (24 - 8 * ROUND)) & 255, 0).to(tl.int32)
-            # Unmatched lanes counted in bin 0, then taken out again.
-            unmatched = BLOCK - tl.sum(match.to(tl.int32), 0)
-            counts += tl.histogram(digit, 256) - tl.where(bins == 0, unmatched, 0)
-        tl.atomic_add(hist_row + ROUND * 256 + bins, counts, mask=counts > 0)
-        if ROUND == 3:
-            seg_row = seg_counts_ptr + (row64 * segments + seg) * 257
-            tl.store(seg_row + bins, tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts)
-            tl.store(seg_row + 256, tl.sum(above, 0))
+def _row_barrier(counter_ptr, target):
+    """Grid barrier among the programs of one row: counts this program in at
+    ``counter_ptr`` and waits until ``target`` have arrived. Only valid when
+    they are all resident at once (a cooperative launch guarantees it)."""
+    tl.debug_barrier()  # this program's histogram and count writes precede the arrival
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    while arrived < target:
+        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
 
 
 @triton.jit
-def _split_emit_kernel(
-    logits_ptr,
-    lengths_ptr,
-    row_starts_ptr,
-    out_ptr,
-    hist_ptr,
-    seg_counts_ptr,
-    req_to_token_ptr,
-    req_pool_indices_ptr,
-    token_to_req_ptr,
-    num_cols,
-    k,
-    segment,
-    segments,
-    tokens_per_req,
-    slot_cols,
-    stride_lr,
-    stride_or,
-    stride_r2t,
-    HAS_ROW_STARTS: tl.constexpr,
-    MAP_SLOTS: tl.constexpr,
-    HAS_TOKEN_TO_REQ: tl.constexpr,
-    BLOCK: tl.constexpr,
-    SEGMENT_BLOCK: tl.constexpr,
-):
-    """Last split-row launch, program ``(segment, row)``: the selected
-    positions of the segment at their place in the row's output (the keys
-    above ``tau`` and ties taken in earlier segments counted from their
-    stored counts), and (segment 0) the ``-1`` padding."""
-    seg = tl.program_id(0)
-    row = tl.program_id(1)
-    row64 = tl.cast(row, tl.int64)
-    start, length = _row_window(lengths_ptr, row_starts_ptr, row, num_cols, HAS_ROW_STARTS)
-    row_ptr = logits_ptr + row64 * stride_lr + start
-    out_row = out_ptr + row64 * stride_or
-    slot_row = out_row
-    if MAP_SLOTS:
-        slot_row = request_slot_row(
-            req_to_token_ptr, req_pool_indices_ptr, token_to_req_ptr, row, tokens_per_req, stride_r2t,
-            HAS_TOKEN_TO_REQ,
-        )
-    first = seg * segment
-    end = tl.minimum(first + segment, length)
-    # tau = 0 when the row has at most k entries: every valid key is above it.
-    tau = tl.zeros([], tl.uint32)
-    ties_wanted = k
+def _split_histogram_round(row_ptr, hist_row, seg_row, first, end, prefix, rnd, BLOCK: tl.constexpr):
+    """Round ``rnd`` (0-3) of the split-row radix select for one segment
+    ``[first, end)``: adds the histogram of key byte ``rnd`` of its keys whose
+    leading ``rnd`` bytes are ``prefix`` (``tau``'s) to the row's histogram ``rnd``. Round 3
+    also stores the segment's counts at ``seg_row``:
+    ``[suffix sums of that histogram (256) | keys above tau's leading 24 bits]``.
+
+    A block with many matching keys is binned in registers (``tl.histogram``,
+    whose cost grows with the block, matched or not); one with at most
+    ``BLOCK // 32`` (the usual case after round 0 or 1, where only keys near
+    ``tau`` match) adds its keys one by one with integer atomics (to the row's
+    histogram, or in round 3 to the segment's own counts, zeroed first), so
+    that no more than one key in 32 of a row ever lands on one address that way.
+    """
+    bins = tl.arange(0, 256)
+    counts = tl.zeros([256], tl.int32)
+    above = tl.zeros([BLOCK], tl.int32)
+    if rnd == 3:
+        scatter_row = seg_row
+        tl.store(seg_row + bins, counts)
+        tl.debug_barrier()  # zeroed before any thread adds to it
+    else:
+        scatter_row = hist_row + rnd * 256
+    for c0 in range(first, end, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < end
+        keys = _ordered_key(tl.load(row_ptr + cols, mask=ok, other=0.0))
+        lead = (keys >> (31 - 8 * rnd)) >> 1  # the leading rnd bytes (0 in round 0)
+        match = ok & (lead == prefix)
+        above += (ok & (lead > prefix)).to(tl.int32)
+        digit = tl.where(match, (keys >> (24 - 8 * rnd)) & 255, 0).to(tl.int32)
+        matched = tl.sum(match.to(tl.int32), 0)
+        if matched > BLOCK // 32:
+            # Unmatched lanes counted in bin 0, then taken out again.
+            counts += tl.histogram(digit, 256) - tl.where(bins == 0, BLOCK - matched, 0)
+        elif matched > 0:
+            tl.atomic_add(scatter_row + digit, tl.full([BLOCK], 1, tl.int32), mask=match, sem="relaxed")
+    if rnd == 3:
+        tl.debug_barrier()  # every thread's atomics are done
+        counts += tl.load(seg_row + bins, cache_modifier=".cg")
+        tl.atomic_add(hist_row + rnd * 256 + bins, counts, mask=counts > 0, sem="relaxed")
+        tl.debug_barrier()  # read before overwritten
+        tl.store(seg_row + bins, tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts)
+        tl.store(seg_row + 256, tl.sum(above, 0))
+    else:
+        tl.atomic_add(hist_row + rnd * 256 + bins, counts, mask=counts > 0, sem="relaxed")
+
+
+@triton.jit
+def _split_emit_segment(
+    row_ptr, seg_rows, out_row, slot_row, seg, first, end, length, k, tau, ties_wanted, slot_cols,
+    MAP_SLOTS: tl.constexpr, BLOCK: tl.constexpr, SEGMENT_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Last split-row phase for one segment: its selected positions at their
+    place in the row's output (the keys above ``tau`` and the first
+    ``ties_wanted`` keys equal to it, counting those of earlier segments from
+    their stored counts at ``seg_rows``), and (segment 0) the ``-1`` padding.
+    A row of at most ``k`` entries takes them all (``tau`` unused)."""
     taken = tl.minimum(first, length)
     ties_seen = tl.zeros([], tl.int32)
-    if length > k:
-        tau, ties_wanted = _split_threshold(hist_ptr + row64 * (4 * 256), k, 4)
+    if length <= k:
+        tau = tl.zeros([], tl.uint32)  # every valid key is above it
+        ties_wanted = k
+    else:
         last = (tau & 255).to(tl.int32)
         above = tl.zeros([], tl.int32)
         for s0 in range(0, seg, SEGMENT_BLOCK):
             earlier = s0 + tl.arange(0, SEGMENT_BLOCK)
             m = earlier < seg
-            seg_rows = seg_counts_ptr + (row64 * segments + earlier) * 257
-            at_tau = tl.load(seg_rows + last, mask=m, other=0)
-            over_tau = tl.load(seg_rows + last + 1, mask=m & (last < 255), other=0)
-            above += tl.sum(tl.load(seg_rows + 256, mask=m, other=0) + over_tau, 0)
+            counts_row = seg_rows + earlier * 257
+            at_tau = tl.load(counts_row + last, mask=m, other=0, cache_modifier=".cg")
+            over_tau = tl.load(counts_row + last + 1, mask=m & (last < 255), other=0, cache_modifier=".cg")
+            above += tl.sum(tl.load(counts_row + 256, mask=m, other=0, cache_modifier=".cg") + over_tau, 0)
             ties_seen += tl.sum(at_tau - over_tau, 0)
         taken = above + tl.minimum(ties_seen, ties_wanted)
     end = tl.where(taken < k, end, first)  # the row is full before this segment
@@ -535,6 +524,78 @@ def _split_emit_kernel(
         for c0 in range(tl.minimum(length, k), k, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
             tl.store(out_row + cols, tl.full([BLOCK], -1, tl.int32), mask=cols < k)
+
+
+@triton.jit
+def _split_rows_kernel(
+    logits_ptr,
+    lengths_ptr,
+    row_starts_ptr,
+    out_ptr,
+    sync_ptr,
+    seg_counts_ptr,
+    req_to_token_ptr,
+    req_pool_indices_ptr,
+    token_to_req_ptr,
+    row0,
+    num_cols,
+    k,
+    segment,
+    segments,
+    tokens_per_req,
+    slot_cols,
+    stride_lr,
+    stride_or,
+    stride_r2t,
+    FIRST_PHASE: tl.constexpr,
+    LAST_PHASE: tl.constexpr,
+    HAS_ROW_STARTS: tl.constexpr,
+    MAP_SLOTS: tl.constexpr,
+    HAS_TOKEN_TO_REQ: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SEGMENT_BLOCK: tl.constexpr,
+):
+    """Split-row top-k, program ``(segment, row - row0)``: phases
+    ``FIRST_PHASE .. LAST_PHASE`` (0-3 the histogram rounds, 4 the emit) for
+    one segment of one row. With several phases, the programs of a row meet
+    at a grid barrier (:func:`_row_barrier`) between them: the launch must be
+    cooperative. ``sync_ptr`` holds per row ``[4 histograms of 256 | barrier
+    counter]`` (``_SYNC_COLS`` wide, zero before the first phase); rows with
+    at most ``k`` entries (all selected) skip the rounds."""
+    seg = tl.program_id(0)
+    row = row0 + tl.program_id(1)
+    row64 = tl.cast(row, tl.int64)
+    start, length = _row_window(lengths_ptr, row_starts_ptr, row, num_cols, HAS_ROW_STARTS)
+    row_ptr = logits_ptr + row64 * stride_lr + start
+    hist_row = sync_ptr + row64 * _SYNC_COLS
+    seg_rows = seg_counts_ptr + row64 * segments * 257
+    first = seg * segment
+    end = tl.minimum(first + segment, length)
+    # tau's bytes resolved so far and the keys still wanted among those sharing them.
+    prefix, need = _split_threshold(hist_row, k, FIRST_PHASE)
+    for phase in tl.static_range(FIRST_PHASE, LAST_PHASE + 1):
+        if length > k:
+            if phase > FIRST_PHASE:
+                if segments > 1:
+                    _row_barrier(hist_row + 4 * 256, (phase - FIRST_PHASE) * segments)
+                else:
+                    tl.debug_barrier()  # this program's own atomics are done
+                d, need = _radix_digit(hist_row + (phase - 1) * 256, need)
+                prefix = (prefix << 8) | d.to(tl.uint32)
+            if phase < 4:
+                _split_histogram_round(row_ptr, hist_row, seg_rows + seg * 257, first, end, prefix, phase, BLOCK)
+        if phase == 4:
+            out_row = out_ptr + row64 * stride_or
+            slot_row = out_row
+            if MAP_SLOTS:
+                slot_row = request_slot_row(
+                    req_to_token_ptr, req_pool_indices_ptr, token_to_req_ptr, row, tokens_per_req, stride_r2t,
+                    HAS_TOKEN_TO_REQ,
+                )
+            _split_emit_segment(
+                row_ptr, seg_rows, out_row, slot_row, seg, first, end, length, k, prefix, need, slot_cols,
+                MAP_SLOTS, BLOCK, SEGMENT_BLOCK,
+            )  # fmt: skip
 
 
 def _validate(logits, lengths, k, row_starts, out):
@@ -572,8 +633,11 @@ def _check_config(cfg: TopKConfig, k: int) -> None:
             raise ValueError(f"config.{name} must be a power of two, got {value}")
         if not low <= value <= high:
             raise ValueError(f"config.{name} must be in [{low}, {high}], got {value}")
-    if cfg.split_programs_per_sm < 1:
-        raise ValueError(f"config.split_programs_per_sm must be at least 1, got {cfg.split_programs_per_sm}")
+    if not 1 <= cfg.split_programs_per_sm <= MAX_SPLIT_PROGRAMS_PER_SM:
+        raise ValueError(
+            f"config.split_programs_per_sm must be in [1, {MAX_SPLIT_PROGRAMS_PER_SM}] (programs resident at once), "
+            f"got {cfg.split_programs_per_sm}"
+        )
 
 
 def topk_indices(
@@ -639,21 +703,22 @@ def topk_indices(
     stride_r2t = req_to_token.stride(0) if map_slots else 0
     flags = dict(HAS_ROW_STARTS=row_starts is not None, MAP_SLOTS=map_slots, HAS_TOKEN_TO_REQ=token_to_req is not None)
     if use_split_rows(num_rows, num_cols, num_sms, cfg):
-        segment = split_segment(num_rows, num_cols, num_sms, cfg)
-        segments = max(1, triton.cdiv(num_cols, segment))
-        hist = torch.zeros(num_rows, 4 * _RADIX_BINS, dtype=torch.int32, device=device)
+        segment, segments, rows_per_launch = split_grid(num_rows, num_cols, num_sms, cfg)
+        sync = torch.zeros(num_rows, _SYNC_COLS.value, dtype=torch.int32, device=device)
         seg_counts = torch.empty(num_rows, segments, _RADIX_BINS + 1, dtype=torch.int32, device=device)
-        grid = (segments, num_rows)
-        for rnd in range(4):
-            _split_histogram_kernel[grid](
-                logits, lengths, starts, hist, seg_counts, num_cols, k, segment, segments, logits.stride(0),
-                ROUND=rnd, HAS_ROW_STARTS=row_starts is not None, BLOCK=cfg.split_block, num_warps=_SPLIT_NUM_WARPS,
-            )  # fmt: skip
-        _split_emit_kernel[grid](
-            logits, lengths, starts, out, hist, seg_counts, *slot_tables, num_cols, k, segment, segments,
-            tokens_per_req, slot_cols, logits.stride(0), out.stride(0), stride_r2t,
-            BLOCK=cfg.split_block, SEGMENT_BLOCK=_SEGMENT_BLOCK, num_warps=_SPLIT_NUM_WARPS, **flags,
-        )  # fmt: skip
+        # One cooperative launch (grid barriers between the phases) on a GPU;
+        # the interpreter runs programs one after another: a launch a phase.
+        phases = [(0, 4)] if not is_interpreter() else [(p, p) for p in range(5)]
+        launch = {} if is_interpreter() else {"launch_cooperative_grid": True}
+        for row0 in range(0, num_rows, rows_per_launch):
+            grid = (segments, min(rows_per_launch, num_rows - row0))
+            for first_phase, last_phase in phases:
+                _split_rows_kernel[grid](
+                    logits, lengths, starts, out, sync, seg_counts, *slot_tables, row0, num_cols, k, segment,
+                    segments, tokens_per_req, slot_cols, logits.stride(0), out.stride(0), stride_r2t,
+                    FIRST_PHASE=first_phase, LAST_PHASE=last_phase, BLOCK=cfg.split_block,
+                    SEGMENT_BLOCK=_SEGMENT_BLOCK, num_warps=_SPLIT_NUM_WARPS, **launch, **flags,
+                )  # fmt: skip
         return out
 
     programs = min(num_rows, _PROGRAMS_PER_SM * num_sms)

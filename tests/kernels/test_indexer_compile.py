@@ -2,8 +2,9 @@
 
 Compiles (without a GPU) each configuration the launchers can pick or a
 benchmark sweep can try, for SM80/86/89/90/120 and for the forced SM80 path on
-an SM90, and checks shared memory against the arch's opt-in limit and that
-ptxas spilled nothing. SM80/86 (and the forced path) compile the emulated FP8
+an SM90, and checks shared memory against the arch's opt-in limit, that
+ptxas spilled nothing, and that the programs of a cooperative launch that an
+SM must hold at once fit its registers and shared memory. SM80/86 (and the forced path) compile the emulated FP8
 path (uint8 codes -> fp16 dots), the others native FP8 dots.
 
 Compilation runs outside the interpreter through ``target_compile.compile_many``
@@ -25,6 +26,7 @@ PAGED = "sglang_sparse_mla.kernels.fp8_paged_mqa_logits"
 TOPK = "sglang_sparse_mla.kernels.topk"
 INDEX_FP8 = "sglang_sparse_mla.kernels.index_fp8_quant"
 HEADS = 64
+REGISTERS_PER_SM = 65536  # every arch from sm80 to sm121
 BLOCK_SIZE = 64
 K = 2048
 
@@ -63,6 +65,7 @@ class Job:
     num_warps: int
     num_stages: int
     aligned: tuple
+    resident: int = 1  # programs an SM must hold at once (cooperative launches)
 
 
 def _fp8_ptr(native: bool) -> str:
@@ -121,38 +124,30 @@ def _topk_jobs(target, capability):
     aligned = ("logits_ptr", "lengths_ptr", "row_starts_ptr", "out_ptr", "scratch_ptr", "stride_lr", "stride_or")
     # Plain selection with the default; every candidate with all options on
     # (the fused slot mapping is the variant with the most live values).
-    variants = [(module.default_config(K), False)] + [(cfg, True) for cfg in module.sweep_configs(K)]
+    per_row = [cfg for cfg in module.sweep_configs(K) if not cfg.split_rows]
+    variants = [(module.default_config(K), False)] + [(cfg, True) for cfg in per_row]
     for cfg, options in variants:
         constexprs = dict(HAS_ROW_STARTS=options, MAP_SLOTS=options, HAS_TOKEN_TO_REQ=options,
                           CHUNKS=cfg.chunks, CAP=cfg.cap, EMIT_BLOCK=module._EMIT_BLOCK)
         yield Job(target, "topk", f"{cfg} options={options}", TOPK, "_topk_kernel", signature, constexprs,
                   capability, cfg.num_warps, cfg.num_stages, aligned)
-    # Split rows: the four histogram rounds and the emit pass, plain and with every option.
-    split_block = module.default_config(K).split_block
+    # Split rows: the cooperative launch of all five phases, plain and with
+    # every option; MAX_SPLIT_PROGRAMS_PER_SM programs must fit an SM at once.
     signature = dict(
-        logits_ptr="*fp32", lengths_ptr="*i32", row_starts_ptr="*i32", hist_ptr="*i32", seg_counts_ptr="*i32",
-        num_cols="i32", k="i32", segment="i32", segments="i32", stride_lr="i32",
-    )  # fmt: skip
-    aligned = ("logits_ptr", "lengths_ptr", "row_starts_ptr", "hist_ptr", "seg_counts_ptr", "stride_lr")
-    for rnd in range(4):
-        for options in (False, True):
-            constexprs = dict(ROUND=rnd, HAS_ROW_STARTS=options, BLOCK=split_block)
-            yield Job(target, "topk", f"split histogram round={rnd} options={options}", TOPK,
-                      "_split_histogram_kernel", signature, constexprs, capability, module._SPLIT_NUM_WARPS, 1,
-                      aligned)  # fmt: skip
-    signature = dict(
-        logits_ptr="*fp32", lengths_ptr="*i32", row_starts_ptr="*i32", out_ptr="*i32", hist_ptr="*i32",
+        logits_ptr="*fp32", lengths_ptr="*i32", row_starts_ptr="*i32", out_ptr="*i32", sync_ptr="*i32",
         seg_counts_ptr="*i32", req_to_token_ptr="*i32", req_pool_indices_ptr="*i32", token_to_req_ptr="*i32",
-        num_cols="i32", k="i32", segment="i32", segments="i32", tokens_per_req="i32", slot_cols="i32",
-        stride_lr="i32", stride_or="i32", stride_r2t="i32",
+        row0="i32", num_cols="i32", k="i32", segment="i32", segments="i32", tokens_per_req="i32",
+        slot_cols="i32", stride_lr="i32", stride_or="i32", stride_r2t="i32",
     )  # fmt: skip
-    aligned = ("logits_ptr", "lengths_ptr", "row_starts_ptr", "out_ptr", "hist_ptr", "seg_counts_ptr", "stride_lr",
+    aligned = ("logits_ptr", "lengths_ptr", "row_starts_ptr", "out_ptr", "sync_ptr", "seg_counts_ptr", "stride_lr",
                "stride_or")  # fmt: skip
-    for options in (False, True):
-        constexprs = dict(HAS_ROW_STARTS=options, MAP_SLOTS=options, HAS_TOKEN_TO_REQ=options, BLOCK=split_block,
-                          SEGMENT_BLOCK=module._SEGMENT_BLOCK)  # fmt: skip
-        yield Job(target, "topk", f"split emit options={options}", TOPK, "_split_emit_kernel", signature,
-                  constexprs, capability, module._SPLIT_NUM_WARPS, 1, aligned)  # fmt: skip
+    blocks = sorted({cfg.split_block for cfg in module.sweep_configs(K)})
+    for block, options in [(b, False) for b in blocks] + [(b, True) for b in blocks]:
+        constexprs = dict(FIRST_PHASE=0, LAST_PHASE=4, HAS_ROW_STARTS=options, MAP_SLOTS=options,
+                          HAS_TOKEN_TO_REQ=options, BLOCK=block, SEGMENT_BLOCK=module._SEGMENT_BLOCK)  # fmt: skip
+        yield Job(target, "topk", f"split rows block={block} options={options}", TOPK, "_split_rows_kernel", signature,
+                  constexprs, capability, module._SPLIT_NUM_WARPS, 1, aligned,
+                  module.MAX_SPLIT_PROGRAMS_PER_SM)  # fmt: skip
 
 
 def _index_fp8_jobs(target, capability):
@@ -213,7 +208,8 @@ def reports() -> list[dict]:
         assert report.error is None, f"{job.target} {job.kernel} {job.label}: {report.error}"
     return [
         {"target": j.target, "kernel": j.kernel, "label": j.label, "capability": j.capability,
-         "shared_bytes": r.shared_bytes, "registers": r.registers, "spill_bytes": r.spill_bytes}
+         "shared_bytes": r.shared_bytes, "registers": r.registers, "spill_bytes": r.spill_bytes,
+         "num_warps": j.num_warps, "resident": j.resident}
         for j, r in zip(jobs, compiled, strict=True)
     ]  # fmt: skip
 
@@ -230,4 +226,8 @@ def test_configs_fit(reports, target, kernel):
         what = f"{target} {kernel} {r['label']}"
         assert r["shared_bytes"] <= limit, f"{what}: {r['shared_bytes']} B of shared memory > {limit}"
         assert r["spill_bytes"] == 0, f"{what}: {r['spill_bytes']} B spilled ({r['registers']} registers)"
+        n = r["resident"]
+        assert n * r["shared_bytes"] <= limit, f"{what}: {n} programs need {n * r['shared_bytes']} B > {limit}"
+        registers = n * r["registers"] * 32 * r["num_warps"]
+        assert registers <= REGISTERS_PER_SM, f"{what}: {n} programs need {registers} registers > {REGISTERS_PER_SM}"
 

@@ -9,7 +9,8 @@ import torch
 
 from sglang_sparse_mla.kernels import topk_indices, topk_to_kv_slots
 from sglang_sparse_mla.kernels.reference import topk_indices_reference, topk_to_kv_slots_reference
-from sglang_sparse_mla.kernels.topk import TopKConfig, default_config, sweep_configs, use_split_rows
+from sglang_sparse_mla.kernels.device_info import device_info
+from sglang_sparse_mla.kernels.topk import TopKConfig, default_config, split_grid, sweep_configs, use_split_rows
 
 # Small chunk / candidate sizes make tiny CPU rows take every path of the
 # one-program-per-row kernel: the register-only path (length <= cap), the
@@ -266,17 +267,62 @@ def test_split_rows_match_per_row_path(target, rng, pattern, batch):
 
 
 def test_split_rows_every_length(target, rng):
-    """Row t has length t (0 .. N, some shorter than k), several segments each."""
-    cols, k = target.pick(cpu=(70, 20), gpu=(3000, 2048))
+    """Row t has length t (0 .. N, some shorter than k), several segments
+    each: the rows go in slices small enough that a launch gives each row
+    several programs."""
+    cols, k, slice_rows = target.pick(cpu=(70, 20, 2), gpu=(3000, 2048, 16))
     rows = cols + 1
     logits = torch.randn(rows, cols, generator=rng, device=target.device)
     logits[:, ::3] = logits[:, :1]  # ties with the first column
     lengths = torch.arange(rows, dtype=torch.int32, device=target.device)
-    # GPU: 512-position segments (about 256 programs per SM aimed at), 6 per row.
-    split_cfg = target.pick(cpu=SPLIT_CPU, gpu=replace(SPLIT_GPU, split_block=256, split_programs_per_sm=256))
-    split = topk_indices(logits, lengths, k, config=split_cfg)
+    # GPU: 256-position blocks, 12 segments a row.
+    split_cfg = target.pick(cpu=SPLIT_CPU, gpu=replace(SPLIT_GPU, split_block=256))
+    per_row_cfg = path_config(target, "per_row")
+    for r0 in range(0, rows, slice_rows):
+        part, part_lengths = logits[r0 : r0 + slice_rows], lengths[r0 : r0 + slice_rows]
+        split = topk_indices(part, part_lengths, k, config=split_cfg)
+        assert torch.equal(split, topk_indices(part, part_lengths, k, config=per_row_cfg)), f"rows from {r0}"
+        assert_rows_match(split, topk_indices_reference(part, part_lengths, k))
+
+
+def test_split_rows_more_rows_than_one_launch(target, rng):
+    """Forced split rows beyond what one launch holds take several launches."""
+    rows, cols, k = target.pick(cpu=(40, 200, 16), gpu=(600, 20000, 2048))
+    logits = pattern_logits(target, rng, "two_levels", rows, cols)
+    lengths = random_lengths(target, rng, rows, cols, k)
+    cfg = path_config(target, "split")
+    assert split_grid(rows, cols, device_info(target.device).num_sms, cfg)[2] < rows
+    split = topk_indices(logits, lengths, k, config=cfg)
     assert torch.equal(split, topk_indices(logits, lengths, k, config=path_config(target, "per_row")))
-    assert_rows_match(split, topk_indices_reference(logits, lengths, k))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph")
+@pytest.mark.parametrize("path", ["per_row", "split"])
+def test_cuda_graph_replay(target, rng, path):
+    """Decode captures the top-k in a CUDA graph: a replay over new logits
+    and lengths in the captured buffers returns the eager selection (the
+    split path's cooperative launch and its zeroed barrier counters are
+    captured too)."""
+    if not target.gpu:
+        pytest.skip("the interpreter does not capture")
+    rows, cols, k = 8, 65536, 2048
+    cfg = path_config(target, path)
+    logits = torch.empty(rows, cols, device=target.device)
+    lengths = torch.empty(rows, dtype=torch.int32, device=target.device)
+    logits.copy_(distinct_logits(target, rng, rows, cols))
+    lengths.copy_(random_lengths(target, rng, rows, cols, k))
+    topk_indices(logits, lengths, k, config=cfg)  # compiles before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = topk_indices(logits, lengths, k, config=cfg)
+    for _ in range(2):
+        logits.copy_(pattern_logits(target, rng, "two_levels", rows, cols))
+        lengths.copy_(random_lengths(target, rng, rows, cols, k).flip(0))
+        out.fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, topk_indices(logits, lengths, k, config=cfg))
+        assert_rows_match(out, topk_indices_reference(logits, lengths, k))
 
 
 @pytest.mark.parametrize("pattern", ["random", "narrow_band"])
@@ -300,9 +346,8 @@ def test_rows_of_a_million(target, rng, pattern):
 
 def test_split_rows_dispatch_rule():
     cfg = default_config(2048)
-    assert use_split_rows(16, 32768, 132, cfg) and use_split_rows(1, 1 << 20, 132, cfg)
-    assert not use_split_rows(32, 131072, 132, cfg)  # 32 rows: one program a row is faster
-    assert not use_split_rows(8, 8448, 132, cfg)  # short rows: the split's launches cost more
+    assert use_split_rows(1, 8448, 132, cfg) and use_split_rows(1, 1 << 20, 132, cfg)
+    assert use_split_rows(32, 131072, 132, cfg) and use_split_rows(64, 8448, 132, cfg)
     assert not use_split_rows(4096, 8192, 132, cfg)  # prefill: the rows fill the GPU
     assert not use_split_rows(1, cfg.cap, 132, cfg)  # rows in registers
     assert use_split_rows(4096, 100, 132, replace(cfg, split_rows=True))

@@ -66,6 +66,7 @@ class CompileJob:
     num_warps: int
     num_stages: int
     aligned: tuple[str, ...] = ()
+    maxnreg: int | None = None  # the launch's register cap per thread, if it sets one
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ class CompileReport:
     error: str | None = None
 
 
-def compile_for_target(fn, signature, constexprs, capability, num_warps, num_stages, aligned=()) -> CompileReport:
+def compile_for_target(
+    fn, signature, constexprs, capability, num_warps, num_stages, aligned=(), maxnreg=None
+) -> CompileReport:
     """Compile a ``@triton.jit`` or ``@gluon.jit`` kernel (not interpreted) for ``sm_<capability>``."""
     import triton
     import triton.backends.nvidia as nvidia_backend
@@ -91,7 +94,7 @@ def compile_for_target(fn, signature, constexprs, capability, num_warps, num_sta
     kernel = triton.compile(
         source(fn, sig, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options={"num_warps": num_warps, "num_stages": num_stages} | ({"maxnreg": maxnreg} if maxnreg else {}),
     )
     cuobjdump = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -110,7 +113,8 @@ def _compile_one(job: dict) -> dict:
     fn = getattr(importlib.import_module(module), name)
     try:
         report = compile_for_target(
-            fn, job["signature"], job["constexprs"], job["capability"], job["num_warps"], job["num_stages"], job["aligned"]
+            fn, job["signature"], job["constexprs"], job["capability"], job["num_warps"], job["num_stages"], job["aligned"],
+            job["maxnreg"],
         )
     except Exception as err:  # reported per job; the test shows the message
         report = CompileReport(0, 0, 0, f"{type(err).__name__}: {err}")

@@ -113,7 +113,7 @@ def sweep_configs(k: int) -> list[TopKConfig]:
     d = default_config(k)
     split = [
         replace(d, split_rows=True, split_block=block, split_programs_per_sm=per_sm)
-        for block, per_sm in ((2048, 4), (1024, 2), (2048, 2))
+        for block, per_sm in ((1024, 4), (2048, 4), (1024, 2))
     ]
     return [d, TopKConfig(d.chunks, d.cap, 16, d.num_stages), TopKConfig(d.chunks, max(d.cap, 8192), 16, d.num_stages)] + split
 
@@ -125,8 +125,11 @@ _RADIX_BINS = 256  # split rows: one key byte per histogram round
 _SEGMENT_BLOCK = 256  # split rows: earlier segments' counts summed this many at a time
 # Split rows, per row: the four key-byte histograms and the grid-barrier counter (padded to 8).
 _SYNC_COLS = tl.constexpr(4 * _RADIX_BINS + 8)
-# Split-row programs an SM must hold at once (the compile tests check that they fit every arch).
+# Split-row programs an SM must hold at once: the launch caps each thread's registers so that
+# this many fit the 64K registers of an SM on every arch (the compile tests check that they then
+# fit without spills, and in shared memory): otherwise a cooperative launch of them fails.
 MAX_SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_MAX_REGISTERS = 65536 // (32 * _SPLIT_NUM_WARPS * MAX_SPLIT_PROGRAMS_PER_SM)
 
 
 def use_split_rows(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) -> bool:
@@ -709,7 +712,7 @@ def topk_indices(
         # One cooperative launch (grid barriers between the phases) on a GPU;
         # the interpreter runs programs one after another: a launch a phase.
         phases = [(0, 4)] if not is_interpreter() else [(p, p) for p in range(5)]
-        launch = {} if is_interpreter() else {"launch_cooperative_grid": True}
+        launch = {} if is_interpreter() else {"launch_cooperative_grid": True, "maxnreg": SPLIT_MAX_REGISTERS}
         for row0 in range(0, num_rows, rows_per_launch):
             grid = (segments, min(rows_per_launch, num_rows - row0))
             for first_phase, last_phase in phases:

@@ -66,6 +66,7 @@ class Job:
     num_stages: int
     aligned: tuple
     resident: int = 1  # programs an SM must hold at once (cooperative launches)
+    maxnreg: int | None = None  # the launch's register cap per thread
 
 
 def _fp8_ptr(native: bool) -> str:
@@ -147,7 +148,7 @@ def _topk_jobs(target, capability):
                           HAS_TOKEN_TO_REQ=options, BLOCK=block, SEGMENT_BLOCK=module._SEGMENT_BLOCK)  # fmt: skip
         yield Job(target, "topk", f"split rows block={block} options={options}", TOPK, "_split_rows_kernel", signature,
                   constexprs, capability, module._SPLIT_NUM_WARPS, 1, aligned,
-                  module.MAX_SPLIT_PROGRAMS_PER_SM)  # fmt: skip
+                  module.MAX_SPLIT_PROGRAMS_PER_SM, module.SPLIT_MAX_REGISTERS)  # fmt: skip
 
 
 def _index_fp8_jobs(target, capability):
@@ -200,7 +201,8 @@ def reports() -> list[dict]:
     jobs = [j for j in compile_jobs() if toolchain_accepts(j.capability)]
     compiled = compile_many(
         [
-            CompileJob(f"{j.module}:{j.function}", j.signature, j.constexprs, j.capability, j.num_warps, j.num_stages, j.aligned)
+            CompileJob(f"{j.module}:{j.function}", j.signature, j.constexprs, j.capability, j.num_warps, j.num_stages,
+                       j.aligned, j.maxnreg)  # fmt: skip
             for j in jobs
         ]
     )

@@ -84,7 +84,8 @@ def _load(name: str):
 
 def test_stage_parts_round_trip(tmp_path):
     """pack (recompress, split, manifest) -> receive over two calls -> assemble: the same wheels."""
-    stage_parts = _load("stage_parts")
+    from devtools.gpu_machine import stage_parts
+
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     contents = {}

@@ -1,5 +1,8 @@
 """End-to-end GPU runs: the tiny DSA model served by SGLang, our backend against SGLang's own.
 
+The logic of ``benchmarks/e2e/run_e2e.py`` (its command line is :func:`main`), here so
+that tests import it:
+
     python benchmarks/e2e/run_e2e.py --out DIR [--configs ours,ours-no-radix,...] [--arch glm-5] [--shape released]
     python benchmarks/e2e/run_e2e.py --out DIR --configs none --merge A.json B.json   (summary only, any machine)
 

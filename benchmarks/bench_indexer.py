@@ -51,8 +51,7 @@ import sglang_baselines  # noqa: E402
 from sm80_ceilings import mma_v2_tflops  # noqa: E402
 from timing import time_launches  # noqa: E402
 
-from sglang_sparse_mla.kernels import fp8_mqa_logits, fp8_paged_mqa_logits, topk_indices  # noqa: E402
-from sglang_sparse_mla.kernels.device_info import device_info  # noqa: E402
+from sglang_sparse_mla.kernels import device_info, fp8_mqa_logits, fp8_paged_mqa_logits, topk_indices  # noqa: E402
 from sglang_sparse_mla.kernels.topk import default_config as topk_default_config  # noqa: E402
 from sglang_sparse_mla.kernels.topk import sweep_configs as topk_sweep_configs  # noqa: E402
 from sglang_sparse_mla.kernels.topk import use_split_rows  # noqa: E402

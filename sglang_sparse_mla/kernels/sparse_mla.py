@@ -65,6 +65,23 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _program_keys(idx_ptr, ends_ptr, num_heads, topk, keys_per_split, stride_it, BLOCK_H: tl.constexpr,
+                  SKIP_INVALID_TAIL: tl.constexpr):  # fmt: skip
+    """Grid ``(tokens, head blocks, splits)``: this program's token ``t`` (int64), split, heads
+    and their mask, entries ``[start, end)`` of the token's top-k row (its split, cut at the
+    row's valid end with ``SKIP_INVALID_TAIL``) and that row's pointer; the Gluon kernels'
+    twin is :func:`.sparse_mla_gluon_common.program_keys`."""
+    t = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(2)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, topk)
+    if SKIP_INVALID_TAIL:
+        end = tl.minimum(end, tl.load(ends_ptr + t))
+    return t, split, heads, heads < num_heads, start, end, idx_ptr + t * stride_it
+
+
+@triton.jit
 def _slots(idx_row, n0, end, num_slots, BLOCK_N: tl.constexpr):
     """Slots ``n0 .. n0 + BLOCK_N`` of a top-k row: (int64 slot, valid mask);
     entries past ``end``, negative or out of range are invalid (slot 0)."""
@@ -143,15 +160,9 @@ def _sparse_mla_bf16_kernel(
 ):
     """BF16 cache: one ``[BLOCK_N, 512]`` tile per step is K (with its rope
     part) and V; the pipeliner streams it through shared memory."""
-    t = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(2)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_mask = heads < num_heads
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, topk)
-    idx_row = idx_ptr + t * stride_it
-    if SKIP_INVALID_TAIL:
-        end = tl.minimum(end, tl.load(ends_ptr + t))
+    t, split, heads, head_mask, start, end, idx_row = _program_keys(
+        idx_ptr, ends_ptr, num_heads, topk, keys_per_split, stride_it, BLOCK_H, SKIP_INVALID_TAIL
+    )
     q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
     d_latent = tl.arange(0, 512)
     d_rope = tl.arange(0, 64)
@@ -243,15 +254,9 @@ def _sparse_mla_fp8_kernel(
     same column order, and each plane's output is stored back to its columns.
     Dequantized values are rounded to bf16 and both products run in bf16.
     """
-    t = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(2)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_mask = heads < num_heads
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, topk)
-    idx_row = idx_ptr + t * stride_it
-    if SKIP_INVALID_TAIL:
-        end = tl.minimum(end, tl.load(ends_ptr + t))
+    t, split, heads, head_mask, start, end, idx_row = _program_keys(
+        idx_ptr, ends_ptr, num_heads, topk, keys_per_split, stride_it, BLOCK_H, SKIP_INVALID_TAIL
+    )
     q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
     plane_cols = 4 * tl.arange(0, 128)
     q0 = tl.load(q_rows + plane_cols[None, :], mask=head_mask[:, None], other=0.0)

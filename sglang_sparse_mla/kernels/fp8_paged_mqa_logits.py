@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_ndim, check_same_device
-from .device_info import device_info
+from .device_info import SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL, device_info
 from .mqa_logits_common import (
     INDEX_HEAD_DIM,
     MQALogitsConfig,
@@ -45,7 +45,6 @@ from .mqa_logits_common import (
     scale_factor,
     weighted_relu_scores,
 )
-from .sparse_mla_configs import SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL
 
 # (smem class, native fp8) -> configuration; ``tokens`` caps the query tokens
 # of one request handled per program. The block-table -> key-tile indirection

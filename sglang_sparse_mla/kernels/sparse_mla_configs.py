@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .device_info import DeviceInfo
+from .device_info import SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL, DeviceInfo, smem_class
 from .kv_cache_layout import D_LATENT, D_QK, FP8_ROW_BYTES
 
 
@@ -38,11 +38,6 @@ class SparseMLAConfig:
         return max(1, min(self.block_h // 16, self.num_warps))
 
 
-# Shared-memory classes, by the opt-in limit per block (bytes).
-SMEM_LARGE = 227 * 1024  # SM90, SM100, SM110
-SMEM_MEDIUM = 163 * 1024  # SM80, SM87
-SMEM_SMALL = 99 * 1024  # SM86, SM89, SM120, SM121
-
 # (smem class, kv_fp8, head bucket) -> config, from H100 sweeps
 # (benchmarks/results). Head buckets: <=16, <=32, more. A 64-head block turns
 # the BF16 products into Hopper wgmma; FP8 rows are dequantized in registers,
@@ -67,16 +62,6 @@ _CONFIGS: dict[tuple[int, bool, int], SparseMLAConfig] = {
     (SMEM_SMALL, True, 32): SparseMLAConfig(32, 32, 8, 2),
     (SMEM_SMALL, True, 64): SparseMLAConfig(32, 32, 8, 2),
 }
-
-
-def smem_class(max_shared_memory: int) -> int:
-    for limit in (SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL):
-        if max_shared_memory >= limit:
-            return limit
-    raise RuntimeError(
-        f"the GPU offers {max_shared_memory} bytes of shared memory per block; "
-        f"sparse MLA needs at least {SMEM_SMALL}"
-    )
 
 
 def head_bucket(num_heads: int) -> int:

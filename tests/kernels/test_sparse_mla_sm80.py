@@ -19,12 +19,16 @@ from test_sparse_mla import (
 )
 
 from sglang_sparse_mla.kernels import quantize_kv_fp8
-from sglang_sparse_mla.kernels.device_info import GLUON_SM80_ENV, DeviceInfo, device_info
-from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_decode, sparse_mla_forward, sparse_mla_prefill
-from sglang_sparse_mla.kernels.sparse_mla_configs import (
+from sglang_sparse_mla.kernels.device_info import (
+    GLUON_SM80_ENV,
     SMEM_LARGE,
     SMEM_MEDIUM,
     SMEM_SMALL,
+    DeviceInfo,
+    device_info,
+)
+from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_decode, sparse_mla_forward, sparse_mla_prefill
+from sglang_sparse_mla.kernels.sparse_mla_configs import (
     TCGEN05_BF16_64,
     SparseMLAConfig,
     select_config,

@@ -10,14 +10,9 @@ import torch
 from utils import relative_error
 from test_sparse_mla import SM_SCALE, assert_matches_reference, end_rows_in_padding, make_inputs, poisoned_outputs
 
-from sglang_sparse_mla.kernels.device_info import WARP_SPECIALIZED_ENV, DeviceInfo, device_info
+from sglang_sparse_mla.kernels.device_info import SMEM_LARGE, WARP_SPECIALIZED_ENV, DeviceInfo, device_info
 from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_decode, sparse_mla_forward, sparse_mla_prefill
-from sglang_sparse_mla.kernels.sparse_mla_configs import (
-    SMEM_LARGE,
-    WARP_SPECIALIZED_SM90,
-    SparseMLAConfig,
-    select_config,
-)
+from sglang_sparse_mla.kernels.sparse_mla_configs import WARP_SPECIALIZED_SM90, SparseMLAConfig, select_config
 
 HOPPER = DeviceInfo((9, 0), SMEM_LARGE, 132, warp_specialized=True)
 HOPPER_WITHOUT_WS = DeviceInfo((9, 0), SMEM_LARGE, 132)

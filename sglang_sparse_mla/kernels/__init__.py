@@ -3,7 +3,8 @@
 from .device_info import DeviceInfo, device_info
 from .fp8_mqa_logits import fp8_mqa_logits
 from .fp8_paged_mqa_logits import fp8_paged_mqa_logits
-from .index_fp8_quant import IndexNorm, IndexRope, quantize_index_keys_to_cache, quantize_index_queries
+from .index_format import IndexNorm, IndexRope
+from .index_fp8_quant import quantize_index_keys_to_cache, quantize_index_queries
 from .kv_cache_layout import dequantize_kv_fp8, quantize_kv_fp8
 from .kv_cache_store import store_latent_rows
 from .sparse_mla import SparseMLAPlan, plan_sparse_mla, sparse_mla_decode, sparse_mla_forward, sparse_mla_prefill

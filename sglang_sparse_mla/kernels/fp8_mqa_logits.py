@@ -23,8 +23,8 @@ import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim, check_same_device
 from .device_info import SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL, device_info
+from .index_format import INDEX_HEAD_DIM
 from .mqa_logits_common import (
-    INDEX_HEAD_DIM,
     MQALogitsConfig,
     MQALogitsConfigTable,
     check_config,

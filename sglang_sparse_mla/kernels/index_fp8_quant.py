@@ -48,19 +48,12 @@ import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim, check_same_device
 from .device_info import is_interpreter
+from .fp8_convert import round_to_bf16
 from .index_format import INDEX_HEAD_DIM as HEAD_DIM  # the name test_indexer_compile.py reads
 from .index_format import INDEX_ROW_BYTES, ROPE_DIM, SCALE_FORMATS, IndexNorm, IndexRope, hadamard_signs
 
 BLOCK_ROWS = 32  # rows per program; fixed, so a row's result never depends on the batch
 NUM_WARPS = 4
-
-
-@triton.jit
-def _round_to_bf16(y):
-    """fp32 ``y`` rounded to the nearest bf16 (ties to even), kept in fp32: integer arithmetic on the
-    bits, as the interpreter's own fp32 -> bf16 cast truncates."""
-    bits = y.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -178,7 +171,7 @@ def _index_fp8_kernel(
             rotated = tl.dot(x.to(tl.float32), signs.to(tl.float32))
         else:
             rotated = tl.dot(x, signs)
-        xf = _round_to_bf16(rotated * ROTATE_SCALE)
+        xf = round_to_bf16(rotated * ROTATE_SCALE)
     else:
         xf = x.to(tl.float32)
 
@@ -254,7 +247,7 @@ def _index_fp8_rope_kernel(
     re = tl.fma(xe, cos, _negate(xo * sin))
     ro = tl.fma(xe, sin, xo * cos)
     if ROUND_BF16:
-        re, ro, xr = _round_to_bf16(re), _round_to_bf16(ro), _round_to_bf16(xr)
+        re, ro, xr = round_to_bf16(re), round_to_bf16(ro), round_to_bf16(xr)
 
     amax = tl.maximum(tl.maximum(tl.max(tl.abs(re), axis=1), tl.max(tl.abs(ro), axis=1)), tl.max(tl.abs(xr), axis=1))
     scale = _row_scale(tl.maximum(amax, 1e-4), UE8M0)

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim, check_same_device
 from .device_info import DeviceInfo, device_info, is_interpreter
-from .fp8_convert import EMULATED_FP8_FACTOR, fp8_e4m3_to_f32
+from .fp8_convert import EMULATED_FP8_FACTOR, fp8_e4m3_to_f32, round_to_bf16
 from .kv_cache_layout import D_LATENT, D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, as_slot_rows
 from .sparse_mla_configs import (
     SparseMLAConfig,
@@ -190,10 +190,10 @@ def _sparse_mla_bf16_kernel(
 
 @triton.jit
 def _to_bf16(x, INTERPRETED: tl.constexpr):
-    """fp32 -> bf16 rounded to nearest even (the interpreter's cast truncates)."""
+    """fp32 -> bf16 rounded to nearest even. The interpreter's cast truncates (and mangles
+    subnormals): there the value is rounded first and its upper half taken bit for bit."""
     if INTERPRETED:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        bits = round_to_bf16(x).to(tl.uint32, bitcast=True)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(tl.bfloat16)

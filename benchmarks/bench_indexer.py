@@ -24,8 +24,8 @@ short kernels. Counting conventions:
   scales of the valid positions (paged) or all keys (ragged), the queries and
   weights, and the fp32 logits written; top-k: the logits read and the
   indices written.
-* Ceilings are measured (a 1 GiB device copy; an 8192^3 FP8 ``_scaled_mm``,
-  else a bf16 matmul) unless given on the command line.
+* Ceilings are measured by ``timing`` (a 2 GiB device copy; an 8192^3 FP8
+  ``_scaled_mm``, else a bf16 matmul) unless given on the command line.
 """
 
 from __future__ import annotations
@@ -42,17 +42,15 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sglang_baselines  # noqa: E402
 from sm80_ceilings import mma_v2_tflops  # noqa: E402
-from timing import time_launches  # noqa: E402
+from timing import measure_copy_gbs, measure_matmul_tflops, time_launches  # noqa: E402
 
-from sglang_sparse_mla.kernels import fp8_mqa_logits, fp8_paged_mqa_logits, topk_indices  # noqa: E402
-from sglang_sparse_mla.kernels.device_info import device_info  # noqa: E402
+from sglang_sparse_mla.kernels import device_info, fp8_mqa_logits, fp8_paged_mqa_logits, topk_indices  # noqa: E402
 from sglang_sparse_mla.kernels.topk import default_config as topk_default_config  # noqa: E402
 from sglang_sparse_mla.kernels.topk import sweep_configs as topk_sweep_configs  # noqa: E402
 from sglang_sparse_mla.kernels.topk import use_split_rows  # noqa: E402
@@ -106,33 +104,17 @@ def try_bench(fn, sets) -> tuple[float | None, str | None]:
 
 
 def measure_ceilings(copy_gbs: float | None, mma_tflops: float | None) -> dict:
+    """The copy and MMA ceilings (FP8: the indexer's products are FP8), measured by
+    ``timing`` unless given on the command line."""
     out = {}
     if copy_gbs is None:
-        src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE).random_()
-        dst = torch.empty_like(src)
-        ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=100, return_mode="median")
-        copy_gbs = 2 * src.numel() / (ms * 1e-3) / 1e9
-        out["copy_source"] = "measured: 1 GiB device copy (read + write)"
-        del src, dst
+        copy_gbs = measure_copy_gbs()
+        out["copy_source"] = "measured: 2 GiB device copy (read + write)"
     else:
         out["copy_source"] = "command line"
     if mma_tflops is None:
-        n = 8192
-        a = torch.randn(n, n, device=DEVICE).to(torch.float8_e4m3fn)
-        b = torch.randn(n, n, device=DEVICE).to(torch.float8_e4m3fn)
-        one = torch.ones((), device=DEVICE)
-        try:
-            ms = do_bench(
-                lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
-                warmup=5, rep=100, return_mode="median",
-            )
-            out["mma_source"] = "measured: 8192^3 FP8 torch._scaled_mm"
-        except Exception as err:
-            a, b = a.bfloat16(), b.bfloat16()
-            ms = do_bench(lambda: a @ b, warmup=5, rep=100, return_mode="median")
-            out["mma_source"] = f"measured: 8192^3 bf16 matmul (FP8 _scaled_mm failed: {type(err).__name__})"
-        mma_tflops = 2 * n**3 / (ms * 1e-3) / 1e12
-        del a, b
+        mma_tflops, what = measure_matmul_tflops(fp8=True)
+        out["mma_source"] = f"measured: {what}"
     else:
         out["mma_source"] = "command line"
     torch.cuda.empty_cache()

@@ -35,10 +35,14 @@ import sglang_baselines  # noqa: E402
 from sm80_ceilings import gather_gbs, mma_v2_tflops  # noqa: E402
 from timing import Ceilings, measure_ceilings, rotation_count, time_launches  # noqa: E402
 
-from sglang_sparse_mla.kernels import quantize_kv_fp8  # noqa: E402
-from sglang_sparse_mla.kernels.device_info import device_info  # noqa: E402
-from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_forward  # noqa: E402
-from sglang_sparse_mla.kernels.sparse_mla_configs import SparseMLAConfig, select_config, triton_config  # noqa: E402
+from sglang_sparse_mla.kernels import (  # noqa: E402
+    SparseMLAConfig,
+    device_info,
+    quantize_kv_fp8,
+    select_config,
+    sparse_mla_forward,
+    triton_config,
+)
 
 TOPK = 2048
 NUM_SLOTS = 1 << 20

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env baselines test sweep bench indexer-sweep indexer profile
 #
 # (no STEP = env baselines test bench indexer profile). Wheels it needs come from .stage/ in the
-# checkout (made here by `bash benchmarks/stage_wheels.sh`, carried to the
+# checkout (made by `bash devtools/gpu_machine/stage_wheels.sh`, carried to the
 # machine): pytest if missing, and SGLang 0.5.23's kernels for the baselines
 # (the sglang wheel without its Rust .so files, plus the pure-Python packages
 # its import chain needs). Results go to $OUT (or benchmarks/results/run/),

@@ -32,7 +32,7 @@ import torch
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.backend.indexer import SparseIndexer
 from sglang_sparse_mla.backend.metadata import build_paged
-from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs
+from sglang_sparse_mla.kernels.index_format import INDEX_ROW_BYTES, hadamard_signs
 from sglang_sparse_mla.testing.dsa_layer import StubIndexer
 
 PAGE = 64
@@ -49,7 +49,7 @@ def decode_step(batch: int, context: int, device: torch.device):
     req_to_token = (page_of[:, :, None] * PAGE + torch.arange(PAGE, device=device)).view(batch, -1)
     req_to_token = req_to_token[:, : context + 1].to(torch.int32).contiguous()
     kv = torch.randn(pages * PAGE, 1, 576, generator=gen, device=device).bfloat16()
-    index = torch.zeros(pages, PAGE * 132, dtype=torch.uint8, device=device)
+    index = torch.zeros(pages, PAGE * INDEX_ROW_BYTES, dtype=torch.uint8, device=device)
     cached = req_to_token[:, :context].reshape(-1)
     keys = torch.randn(cached.shape[0], 128, generator=gen, device=device).bfloat16()
     dispatch.quantize_index_keys(index, cached, keys, rotate=False, scale_format="fp32")

@@ -19,9 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import time_launches
 
-from sglang_sparse_mla.kernels import topk_indices
-from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_forward
-from sglang_sparse_mla.kernels.sparse_mla_configs import SparseMLAConfig
+from sglang_sparse_mla.kernels import SparseMLAConfig, sparse_mla_forward, topk_indices
 from sglang_sparse_mla.kernels.topk import TopKConfig
 
 out = {}

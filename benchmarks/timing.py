@@ -100,20 +100,45 @@ class Ceilings:
     gather_gbs: dict[int, float] | None = None
 
 
-def measure_ceilings() -> Ceilings:
-    """Measure the two ceilings the benchmarks report against."""
-    n = 1 << 30  # 2 GiB of bf16 each way
+def measure_copy_gbs() -> float:
+    """Device-to-device copy of 2 GiB of bf16: bytes read + written per second / 1e9."""
+    n = 1 << 30
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     # Eager: captured in a CUDA graph, the copy becomes a memcpy node, which
     # measured slower than the eager copy on the H100.
     copy = time_launches([lambda: dst.copy_(src)], repeats=30, warmup=10, graph=False)
     del src, dst
+    return 2 * n * 2 / (copy.ms * 1e-3) / 1e9
+
+
+def measure_matmul_tflops(fp8: bool = False) -> tuple[float, str]:
+    """TFLOP/s of an 8192^3 matmul on random data, and what was measured: bf16, or with
+    ``fp8`` e4m3 through ``torch._scaled_mm`` (the bf16 matmul where that fails)."""
     size = 8192
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    mm = time_launches([lambda: a @ b], repeats=30, warmup=10)
-    return Ceilings(
-        copy_gbs=2 * n * 2 / (copy.ms * 1e-3) / 1e9,
-        bf16_tflops=2 * size**3 / (mm.ms * 1e-3) / 1e12,
-    )
+    what = f"{size}^3 bf16 matmul"
+    mm = None
+    if fp8:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        one = torch.ones((), device="cuda")
+        try:
+            mm = time_launches(
+                [lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)],
+                repeats=30, warmup=10,
+            )  # fmt: skip
+            what = f"{size}^3 FP8 torch._scaled_mm"
+        except Exception as err:
+            what += f" (FP8 _scaled_mm failed: {type(err).__name__})"
+        del a8, b8
+    if mm is None:
+        mm = time_launches([lambda: a @ b], repeats=30, warmup=10)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * size**3 / (mm.ms * 1e-3) / 1e12, what
+
+
+def measure_ceilings() -> Ceilings:
+    """Measure the two ceilings the benchmarks report against."""
+    return Ceilings(copy_gbs=measure_copy_gbs(), bf16_tflops=measure_matmul_tflops()[0])

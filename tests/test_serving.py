@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import random
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from sglang_sparse_mla.testing.serving import e2e
 from sglang_sparse_mla.testing.serving.client import Completion
 from sglang_sparse_mla.testing.serving.workload import (
     bit_identical,
@@ -21,8 +20,6 @@ from sglang_sparse_mla.testing.serving.workload import (
     shared_prefix_prompts,
     token_prompts,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def response(ids, logprobs, top2, input_logprobs=None, cached=0):
@@ -73,18 +70,10 @@ def test_logprob_difference_and_prompts():
     assert token_prompts([4, 2], seed=1) == token_prompts([4, 2], seed=1) != token_prompts([4, 2], seed=2)
 
 
-def _load(name: str):
-    """A module of benchmarks/e2e (not a package) by file name."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "e2e" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_stage_parts_round_trip(tmp_path):
     """pack (recompress, split, manifest) -> receive over two calls -> assemble: the same wheels."""
-    stage_parts = _load("stage_parts")
+    from devtools.gpu_machine import stage_parts
+
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     contents = {}
@@ -123,8 +112,7 @@ def test_stage_parts_round_trip(tmp_path):
 
 
 def test_e2e_summary_of_recorded_results():
-    """run_e2e's comparisons over results as the GPU runs record them (no server needed)."""
-    run_e2e = _load("run_e2e")
+    """The e2e comparisons over results as the GPU runs record them (no server needed)."""
     topk = 2  # teacher positions 0, 1 dense, 2, 3 sparse
 
     def completions(ids_list, shift=0.0, input_logprobs=(), sparse_shift=None):
@@ -143,7 +131,7 @@ def test_e2e_summary_of_recorded_results():
             "radix": completions(same),
             "teacher": completions(same, input_logprobs=teacher),
             "greedy": completions(same),
-            "soak": {"requests": 32, "tokens": 96000, "min_steps": run_e2e.SOAK_STEPS, "non_finite": 0, "seconds": 9.0},
+            "soak": {"requests": 32, "tokens": 96000, "min_steps": e2e.SOAK_STEPS, "non_finite": 0, "seconds": 9.0},
             "throughput": {
                 "levels": [
                     {
@@ -174,14 +162,14 @@ def test_e2e_summary_of_recorded_results():
         "fallback": {"teacher": completions(same, 0.0, teacher, sparse_shift=0.05)},
         "ours-tp2": {"error": "server exited with 1:\nRuntimeError: NCCL"},
     }
-    summary = run_e2e.summarize(results, tie_margin=0.1, max_spread_ratio=2.0, index_topk=topk)
+    summary = e2e.summarize(results, tie_margin=0.1, max_spread_ratio=2.0, index_topk=topk)
     # Default numerics are batch dependent: reported, not judged; deterministic mode must be exact.
     default_radix = summary["radix_vs_no_radix_ours"]
     assert default_radix["ok"] is None and not default_radix["agree_up_to_near_ties"]
     assert default_radix["matches"][1].startswith("DIVERGED at token 1")
     assert summary["radix_vs_no_radix_ours-det"]["ok"]
     results["ours-det-no-radix"] = {"one_by_one": completions(same, shift=1e-3)}  # same tokens, other logprobs
-    assert not run_e2e.summarize(results, 0.1, 2.0, topk)["radix_vs_no_radix_ours-det"]["ok"]
+    assert not e2e.summarize(results, 0.1, 2.0, topk)["radix_vs_no_radix_ours-det"]["ok"]
     ours_dsa = summary["ours_vs_dsa"]
     assert ours_dsa["teacher"][0]["mean_abs"] == pytest.approx(0.01)
     assert ours_dsa["teacher_by_region"]["dense"] == {"n": 4, "mean_abs": pytest.approx(0.01)}
@@ -201,38 +189,37 @@ def test_e2e_summary_of_recorded_results():
     results["ours"]["teacher"] = completions(same, 0.0, teacher, sparse_shift=0.1)  # 0.09 sparse: 2.25x spread
     results["ours"]["soak"]["non_finite"] = 3
     results["ours-det-no-radix"] = {"one_by_one": completions([[1, 2, 3], [4, 6]])}
-    summary = run_e2e.summarize(results, 0.1, 2.0, topk)
+    summary = e2e.summarize(results, 0.1, 2.0, topk)
     assert summary["ours_vs_dsa"]["spread_ratio"]["sparse"] == pytest.approx(2.25) and not summary["ours_vs_dsa"]["ok"]
     assert not summary["soak_ours"]["ok"] and not summary["radix_vs_no_radix_ours-det"]["ok"]
     del results["fallback"]  # no spread measured: reported only
-    assert "ok" not in run_e2e.summarize(results, 0.1, 2.0, topk)["ours_vs_dsa"]
+    assert "ok" not in e2e.summarize(results, 0.1, 2.0, topk)["ours_vs_dsa"]
 
 
 def test_e2e_configs_and_workloads_follow_the_model_shape(tmp_path, monkeypatch, capsys):
     """SGLang's DSA paths keep sgl-kernel's top-k where the model allows it (index_topk 2048); one
     results folder holds one model."""
-    run_e2e = _load("run_e2e")
     from sglang_sparse_mla.testing.tiny_model import SHAPES, tiny_config
 
-    native, small = run_e2e.make_configs(2048), run_e2e.make_configs(256)
+    native, small = e2e.make_configs(2048), e2e.make_configs(256)
     assert "--dsa-topk-backend" not in native["dsa"].args and native["dsa"].env == {}
     assert small["fallback"].args[-6:-4] == ("--dsa-topk-backend", "torch") and small["dsa"].env
-    assert tuple(native) == run_e2e.CONFIG_NAMES and set(run_e2e.WORKLOADS) == set(SHAPES)
+    assert tuple(native) == e2e.CONFIG_NAMES and set(e2e.WORKLOADS) == set(SHAPES)
     # The forced SM80 path: our backend with the environment that selects it, BF16 and FP8 KV.
     forced = {name: c for name, c in native.items() if name.startswith("ours-sm80")}
     assert set(forced) == {"ours-sm80", "ours-sm80-fp8", "ours-sm80-det", "ours-sm80-det-no-radix"}
-    assert all(c.env == {"SGLANG_SPARSE_MLA_FORCE_SM80": "1"} and c.args[:2] == run_e2e.OURS for c in forced.values())
+    assert all(c.env == {"SGLANG_SPARSE_MLA_FORCE_SM80": "1"} and c.args[:2] == e2e.OURS for c in forced.values())
     assert forced["ours-sm80-fp8"].args[-2:] == ("--kv-cache-dtype", "fp8_e4m3")
-    for shape, workload in run_e2e.WORKLOADS.items():
+    for shape, workload in e2e.WORKLOADS.items():
         config = tiny_config("deepseek-v3.2", shape)
         assert max(workload.teacher_lengths) > 2 * config["index_topk"]  # well into the sparse region
         assert workload.input_tokens + workload.output_tokens <= config["max_position_embeddings"]
-    assert run_e2e.WORKLOADS["released"].requests(1) == 4 and run_e2e.WORKLOADS["small"].requests(32) == 128
+    assert e2e.WORKLOADS["released"].requests(1) == 4 and e2e.WORKLOADS["small"].requests(32) == 128
 
     (tmp_path / "results.json").write_text('{"_meta": {"arch": "deepseek-v3.2", "gpu": "H200"}}')
     monkeypatch.setattr("sys.argv", ["run_e2e.py", "--out", str(tmp_path), "--configs", "ours", "--shape", "released"])
     with pytest.raises(SystemExit) as exit_info:
-        run_e2e.main()
+        e2e.main()
     assert exit_info.value.code == 2 and "another model" in capsys.readouterr().err
     assert not list(tmp_path.glob("model-*"))
     # Results of the released shape recorded without a layer count are of its 2 layers.
@@ -240,7 +227,7 @@ def test_e2e_configs_and_workloads_follow_the_model_shape(tmp_path, monkeypatch,
     argv = ["run_e2e.py", "--out", str(tmp_path), "--configs", "ours", "--shape", "released", "--layers", "3"]
     monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(SystemExit) as exit_info:
-        run_e2e.main()
+        e2e.main()
     assert exit_info.value.code == 2 and "'layers': 2" in capsys.readouterr().err
 
 
@@ -283,26 +270,25 @@ def test_stream_generate_times_first_token(tmp_path):
 
 def test_e2e_work_selects_steps_of_each_configuration(tmp_path, monkeypatch, capsys):
     """--work runs only the named steps of each configuration's own work; unknown steps are refused."""
-    run_e2e = _load("run_e2e")
     ran: dict[str, tuple[str, ...]] = {}
 
     def run_config(name, config, workload, model, out, startup_timeout):
         ran[name] = config.work
         return {}
 
-    monkeypatch.setattr(run_e2e, "run_config", run_config)
-    monkeypatch.setattr(run_e2e, "write_tiny_model", lambda *args: None)
-    monkeypatch.setattr(run_e2e.torch.cuda, "get_device_name", lambda: "stub GPU")
+    monkeypatch.setattr(e2e, "run_config", run_config)
+    monkeypatch.setattr(e2e, "write_tiny_model", lambda *args: None)
+    monkeypatch.setattr(e2e.torch.cuda, "get_device_name", lambda: "stub GPU")
     argv = ["run_e2e.py", "--out", str(tmp_path), "--configs", "ours,fallback", "--work", "teacher,throughput,soak"]
     monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(SystemExit) as exit_info:
-        run_e2e.main()
+        e2e.main()
     assert exit_info.value.code == 0
     assert ran == {"ours": ("teacher", "soak", "throughput"), "fallback": ("teacher", "throughput")}
 
     monkeypatch.setattr("sys.argv", [*argv[:-1], "teacher,warmup"])
     with pytest.raises(SystemExit) as exit_info:
-        run_e2e.main()
+        e2e.main()
     assert exit_info.value.code == 2 and "unknown work ['warmup']" in capsys.readouterr().err
 
 
@@ -474,13 +460,12 @@ def test_layer_timeline_takes_the_exact_kernel_name_first():
 
 
 def test_e2e_typical_layer_of_a_kept_trace(tmp_path):
-    """run_e2e cuts a kept decode trace at its longest once-a-layer kernel (not the twice-a-layer one)."""
+    """The e2e run cuts a kept decode trace at its longest once-a-layer kernel (not the twice-a-layer one)."""
     import gzip
     import json
 
     from sglang_sparse_mla.testing.serving.decode_profile import kernel_table
 
-    run_e2e = _load("run_e2e")
     events = []
     for layer in range(4):  # one step of 4 layers: moe twice a layer (longer in total), attn once
         t0 = 100.0 * layer
@@ -491,6 +476,6 @@ def test_e2e_typical_layer_of_a_kept_trace(tmp_path):
         json.dump(trace, handle)
     kernels = kernel_table(trace, steps=1)["kernels"]
     assert kernels[0]["name"] == "moe"
-    layer = run_e2e.typical_layer(path, kernels, layers=4)
+    layer = e2e.typical_layer(path, kernels, layers=4)
     assert layer["anchor"] == "attn" and layer["period_us"] == 100.0 and layer["layers"] == 3
-    assert run_e2e.typical_layer(path, kernels, layers=5) is None
+    assert e2e.typical_layer(path, kernels, layers=5) is None

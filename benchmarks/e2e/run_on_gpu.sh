@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU machine, once install_runtime.sh has installed the core tier: the
-# end-to-end jobs in one call, results to $OUT (or benchmarks/results/e2e-run/).
+# On the GPU machine, once devtools/gpu_machine/install_runtime.sh has installed the
+# core tier: the end-to-end jobs in one call, results to $OUT (or benchmarks/results/e2e-run/).
 #
 #   bash benchmarks/e2e/run_on_gpu.sh JOB ...
 #
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/../.."
 RESULTS=${OUT:-$PWD/benchmarks/results/e2e-run}
 WORK=${E2E_WORK:-/tmp/e2e}
 mkdir -p "$RESULTS" "$WORK"
-bash benchmarks/e2e/install_runtime.sh >"$RESULTS/install.txt" 2>&1 || { cat "$RESULTS/install.txt"; exit 1; }
+bash devtools/gpu_machine/install_runtime.sh >"$RESULTS/install.txt" 2>&1 || { cat "$RESULTS/install.txt"; exit 1; }
 PY=${E2E_VENV:-/tmp/e2e-venv}/bin/python
 export PYTHONUNBUFFERED=1
 pkill -f sglang.launch_server && sleep 5

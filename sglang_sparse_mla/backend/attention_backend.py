@@ -194,11 +194,10 @@ class TritonSparseMLABackend(AttentionBackend):
         decode") SGLang forks its alternate stream before calling the indexer and queues
         ``q_b_proj`` there after it, joining both after. Nothing else orders that GEMM, so at
         replay it starts at the fork and holds the SMs while the indexer's small projections and
-        quantization wait (run 6 profile, 16 layers, median layer: at batch 1 the ``wk`` GEMM took
-        12 us beside it, 3 in SGLang's ``dsa``; at batch 32 the indexer stalled 19 us). SGLang's own indexer
-        queues its key path on that stream first, which holds the GEMM back until then; ours
-        makes the stream wait for its quantized queries, so the GEMM runs beside the logits
-        and top-k. The conditions are SGLang's for that branch (its DCP variant never runs
+        quantization wait (measured: docs/performance.md, "Measurements behind the dispatch
+        rules"). SGLang's own indexer queues its key path on that stream first, which holds
+        the GEMM back until then; ours makes the stream wait for its quantized queries, so the
+        GEMM runs beside the logits and top-k. The conditions are SGLang's for that branch (its DCP variant never runs
         with this backend, which refuses DCP).
         """
         from sglang.srt.model_executor.runner import get_is_capture_mode

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from .spec import INDEX_HEAD_DIM, INDEX_ROW_BYTES, PAGE_SIZE
+from ..kernels.index_format import INDEX_HEAD_DIM, INDEX_ROW_BYTES, INDEX_SCALE_BYTES
+from .spec import PAGE_SIZE
 
 # Bytes of index logits materialised at once by a ragged extend; larger
 # batches are scored in row chunks through one reused buffer.
@@ -66,7 +67,7 @@ def _index_pages(index_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     pages = index_buffer.view(index_buffer.shape[0], PAGE_SIZE * INDEX_ROW_BYTES)
     key_bytes = PAGE_SIZE * INDEX_HEAD_DIM
     keys = pages[:, :key_bytes].view(pages.shape[0], PAGE_SIZE, INDEX_HEAD_DIM)
-    scales = pages[:, key_bytes:].view(pages.shape[0], PAGE_SIZE, 4)
+    scales = pages[:, key_bytes:].view(pages.shape[0], PAGE_SIZE, INDEX_SCALE_BYTES)
     return keys, scales
 
 

@@ -8,13 +8,13 @@ start-up error messages, each naming the flag to change.
 from __future__ import annotations
 
 from ..kernels.kv_cache_layout import D_LATENT, D_QK, D_ROPE, FP8_ROW_BYTES
-from ..kernels.mqa_logits_common import INDEX_HEAD_DIM, SUPPORTED_INDEX_HEADS
+from ..kernels.index_format import INDEX_HEAD_DIM
+from ..kernels.mqa_logits_common import SUPPORTED_INDEX_HEADS
 
 BACKEND_NAME = "triton_sparse_mla"
 
 # DSA models page their KV and index-K caches in 64-token pages.
 PAGE_SIZE = 64
-INDEX_ROW_BYTES = INDEX_HEAD_DIM + 4  # fp8 key bytes + one float32 scale
 
 # ``--kv-cache-dtype`` values served (SGLang's DSA default turns ``auto`` into
 # one of them): 576 bf16 values or the 656-byte FP8 row per token.

@@ -18,6 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+# Shared-memory classes, by the opt-in limit per block (bytes): every kernel's configuration
+# table is keyed by them.
+SMEM_LARGE = 227 * 1024  # SM90, SM100, SM110
+SMEM_MEDIUM = 163 * 1024  # SM80, SM87
+SMEM_SMALL = 99 * 1024  # SM86, SM89, SM120, SM121
+
 FORCE_SM80_ENV = "SGLANG_SPARSE_MLA_FORCE_SM80"
 WARP_SPECIALIZED_ENV = "SGLANG_SPARSE_MLA_WARP_SPECIALIZED"
 GLUON_SM80_ENV = "SGLANG_SPARSE_MLA_GLUON_SM80"
@@ -98,11 +104,22 @@ class DeviceInfo:
         return self.capability >= (8, 9)
 
 
+def smem_class(max_shared_memory: int) -> int:
+    """The largest shared-memory class a GPU offering ``max_shared_memory`` bytes per block fits."""
+    for limit in (SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL):
+        if max_shared_memory >= limit:
+            return limit
+    raise RuntimeError(
+        f"the GPU offers {max_shared_memory} bytes of shared memory per block; "
+        f"sparse MLA needs at least {SMEM_SMALL}"
+    )
+
+
 # The interpreter runs every configuration; it reports an SM90-class device so
 # that launchers take their most general path.
-_INTERPRETER_DEVICE = DeviceInfo(capability=(9, 0), max_shared_memory=232448, num_sms=8)
+_INTERPRETER_DEVICE = DeviceInfo(capability=(9, 0), max_shared_memory=SMEM_LARGE, num_sms=8)
 # Ampere A100/A800: 164 KiB of shared memory per SM, 163 KiB opt-in per block.
-_SM80_DEVICE_SMEM = 166912
+_SM80_DEVICE_SMEM = SMEM_MEDIUM
 
 
 @functools.lru_cache(maxsize=None)

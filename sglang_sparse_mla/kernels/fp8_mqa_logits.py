@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim, check_same_device
-from .device_info import device_info
+from .device_info import SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL, device_info
+from .index_format import INDEX_HEAD_DIM
 from .mqa_logits_common import (
-    INDEX_HEAD_DIM,
     MQALogitsConfig,
     MQALogitsConfigTable,
     check_config,
@@ -38,7 +38,6 @@ from .mqa_logits_common import (
     scale_factor,
     weighted_relu_scores,
 )
-from .sparse_mla_configs import SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL
 
 # (smem class, native fp8) -> configuration. Large: SM90/SM100 (wgmma, 227 KiB);
 # medium: SM80 (163 KiB); small: SM86/89/120 (99 KiB). On SM90 a 4-warp program

@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_ndim, check_same_device
-from .device_info import device_info
+from .device_info import SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL, device_info
+from .index_format import INDEX_HEAD_DIM, INDEX_ROW_BYTES
 from .mqa_logits_common import (
-    INDEX_HEAD_DIM,
     MQALogitsConfig,
     MQALogitsConfigTable,
     check_config,
@@ -45,7 +45,6 @@ from .mqa_logits_common import (
     scale_factor,
     weighted_relu_scores,
 )
-from .sparse_mla_configs import SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL
 
 # (smem class, native fp8) -> configuration; ``tokens`` caps the query tokens
 # of one request handled per program. The block-table -> key-tile indirection
@@ -174,16 +173,16 @@ def _validate(q, kv_cache, weights, context_lens, block_table, max_context_len):
     if next_n < 1:
         raise ValueError(f"q must have next_n >= 1 tokens per request, got shape {tuple(q.shape)}")
     check_dtype("kv_cache", kv_cache, torch.uint8)
-    check_ndim("kv_cache", kv_cache, 4, f"[num_blocks, block_size, 1, {INDEX_HEAD_DIM + 4}]")
+    check_ndim("kv_cache", kv_cache, 4, f"[num_blocks, block_size, 1, {INDEX_ROW_BYTES}]")
     check_dim("kv_cache", kv_cache, 2, 1, "kv heads")
-    check_dim("kv_cache", kv_cache, 3, INDEX_HEAD_DIM + 4, "fp8 key bytes + float32 scale")
+    check_dim("kv_cache", kv_cache, 3, INDEX_ROW_BYTES, "fp8 key bytes + float32 scale")
     block_size = kv_cache.shape[1]
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"kv_cache block_size must be a power of two, got {block_size}")
     if kv_cache.numel() > 0:
-        if kv_cache.stride(3) != 1 or kv_cache.stride(1) != INDEX_HEAD_DIM + 4:
+        if kv_cache.stride(3) != 1 or kv_cache.stride(1) != INDEX_ROW_BYTES:
             raise ValueError(
-                f"kv_cache blocks must be dense ({block_size} x {INDEX_HEAD_DIM + 4} bytes), "
+                f"kv_cache blocks must be dense ({block_size} x {INDEX_ROW_BYTES} bytes), "
                 f"got strides {kv_cache.stride()}"
             )
         if kv_cache.stride(0) % 4 or kv_cache.storage_offset() % 4:

@@ -41,8 +41,6 @@ the kernel runs on SM80/86 as well.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,19 +48,12 @@ import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim, check_same_device
 from .device_info import is_interpreter
+from .fp8_convert import round_to_bf16
+from .index_format import INDEX_HEAD_DIM as HEAD_DIM  # the name test_indexer_compile.py reads
+from .index_format import INDEX_ROW_BYTES, ROPE_DIM, SCALE_FORMATS, IndexNorm, IndexRope, hadamard_signs
 
-HEAD_DIM = 128
-ROW_BYTES = HEAD_DIM + 4  # an index-K slot: 128 code bytes + one float32 scale
 BLOCK_ROWS = 32  # rows per program; fixed, so a row's result never depends on the batch
 NUM_WARPS = 4
-
-
-@triton.jit
-def _round_to_bf16(y):
-    """fp32 ``y`` rounded to the nearest bf16 (ties to even), kept in fp32: integer arithmetic on the
-    bits, as the interpreter's own fp32 -> bf16 cast truncates."""
-    bits = y.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -180,7 +171,7 @@ def _index_fp8_kernel(
             rotated = tl.dot(x.to(tl.float32), signs.to(tl.float32))
         else:
             rotated = tl.dot(x, signs)
-        xf = _round_to_bf16(rotated * ROTATE_SCALE)
+        xf = round_to_bf16(rotated * ROTATE_SCALE)
     else:
         xf = x.to(tl.float32)
 
@@ -256,7 +247,7 @@ def _index_fp8_rope_kernel(
     re = tl.fma(xe, cos, _negate(xo * sin))
     ro = tl.fma(xe, sin, xo * cos)
     if ROUND_BF16:
-        re, ro, xr = _round_to_bf16(re), _round_to_bf16(ro), _round_to_bf16(xr)
+        re, ro, xr = round_to_bf16(re), round_to_bf16(ro), round_to_bf16(xr)
 
     amax = tl.maximum(tl.maximum(tl.max(tl.abs(re), axis=1), tl.max(tl.abs(ro), axis=1)), tl.max(tl.abs(xr), axis=1))
     scale = _row_scale(tl.maximum(amax, 1e-4), UE8M0)
@@ -268,45 +259,6 @@ def _index_fp8_rope_kernel(
         scale, rows, ok, token, head, scales_ptr, loc_ptr, page_size,
         gate_ptr, stride_gt, head_scale, softmax_scale, weights_ptr, PAGED, HAS_GATE, D,
     )  # fmt: skip
-
-
-@functools.lru_cache(maxsize=8)
-def hadamard_signs(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The ``dim x dim`` Walsh-Hadamard matrix of ``+-1`` (``dim`` a power of two; exact in every float
-    dtype)."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < dim:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h.to(dtype=dtype, device=device)
-
-
-SCALE_FORMATS = ("ue8m0", "fp32")
-ROPE_DIM = 64  # the DSA indexers' rope width: the leading 64 of the 128 values
-
-
-@dataclass(frozen=True)
-class IndexRope:
-    """The rope of SGLang's fused DSA indexer kernels, applied in fp32 inside the quantization:
-    value pairs ``(2i, 2i + 1)`` of the leading :data:`ROPE_DIM` values of each row turn by angle
-    ``i`` of the row's position, ``cos = cos_sin_cache[pos, i]``, ``sin = cos_sin_cache[pos, 32 + i]``
-    (interleaved rope, rope part first).
-
-    ``cos_sin_cache``: ``[max_position, 64]`` float32/bf16 (the indexer's ``rotary_emb.cos_sin_cache``),
-    last dimension contiguous; ``positions``: ``[T]`` int32/int64, one per token, in range.
-    """
-
-    cos_sin_cache: torch.Tensor
-    positions: torch.Tensor
-
-
-@dataclass(frozen=True)
-class IndexNorm:
-    """LayerNorm of each key row before the rope, in fp32: ``(x - mean) * rsqrt(var + eps) * weight
-    + bias`` (biased variance); ``weight``, ``bias``: ``[128]`` float32."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    eps: float
 
 
 def _is_ue8m0(scale_format: str) -> bool:
@@ -449,10 +401,10 @@ def quantize_index_keys_to_cache(
     check_ndim("loc", loc, 1, "[T]")
     check_dim("loc", loc, 0, k.shape[0], "one slot per key")
     check_dtype("kv_cache", kv_cache, torch.uint8)
-    check_ndim("kv_cache", kv_cache, 4, f"[num_pages, page_size, 1, {ROW_BYTES}]")
-    if kv_cache.shape[2:] != (1, ROW_BYTES) or not kv_cache.is_contiguous():
+    check_ndim("kv_cache", kv_cache, 4, f"[num_pages, page_size, 1, {INDEX_ROW_BYTES}]")
+    if kv_cache.shape[2:] != (1, INDEX_ROW_BYTES) or not kv_cache.is_contiguous():
         raise ValueError(
-            f"kv_cache must be a contiguous [num_pages, page_size, 1, {ROW_BYTES}] uint8 tensor, "
+            f"kv_cache must be a contiguous [num_pages, page_size, 1, {INDEX_ROW_BYTES}] uint8 tensor, "
             f"got shape {tuple(kv_cache.shape)}"
         )
     if norm is not None and rope is None:

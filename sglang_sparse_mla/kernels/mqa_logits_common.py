@@ -33,11 +33,10 @@ import triton
 import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim
-from .device_info import DeviceInfo
+from .device_info import SMEM_SMALL, DeviceInfo, smem_class
 from .fp8_convert import EMULATED_FP8_FACTOR, fp8_e4m3_to_f16
-from .sparse_mla_configs import SMEM_SMALL, smem_class
+from .index_format import INDEX_HEAD_DIM
 
-INDEX_HEAD_DIM = 128
 SUPPORTED_INDEX_HEADS = (32, 64)
 # Widest MMA N (tokens x heads) a configuration may ask for.
 MAX_MMA_N = 256

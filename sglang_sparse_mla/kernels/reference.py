@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .index_fp8_quant import IndexNorm, IndexRope, hadamard_signs
+from .index_format import INDEX_SCALE_BYTES, IndexNorm, IndexRope, hadamard_signs
 from .kv_cache_layout import D_LATENT, as_slot_rows, dequantize_kv_fp8
 
 
@@ -107,7 +107,7 @@ def index_k_cache_rows(kv_cache: torch.Tensor, block_table_row: torch.Tensor, nu
     (``[num_blocks, block_size, 1, D + 4]`` uint8: per block, the
     ``block_size * D`` key bytes, then ``block_size`` float32 scales)."""
     num_blocks, block_size, _, row_bytes = kv_cache.shape
-    head_dim = row_bytes - 4
+    head_dim = row_bytes - INDEX_SCALE_BYTES
     flat = kv_cache.reshape(num_blocks, block_size * row_bytes)
     keys = flat[:, : block_size * head_dim].reshape(num_blocks, block_size, head_dim)
     scales = flat[:, block_size * head_dim :].contiguous().view(torch.float32)

@@ -31,13 +31,15 @@ cache with more than 32 heads runs the warp-specialized Gluon kernel of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from .checks import check_dim, check_dtype, check_last_dim_contiguous, check_ndim, check_same_device
-from .device_info import device_info, is_interpreter
-from .fp8_convert import EMULATED_FP8_FACTOR, fp8_e4m3_to_f32
+from .device_info import DeviceInfo, device_info, is_interpreter
+from .fp8_convert import EMULATED_FP8_FACTOR, fp8_e4m3_to_f32, round_to_bf16
 from .kv_cache_layout import D_LATENT, D_QK, D_ROPE, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, as_slot_rows
 from .sparse_mla_configs import (
     SparseMLAConfig,
@@ -60,6 +62,23 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _program_keys(idx_ptr, ends_ptr, num_heads, topk, keys_per_split, stride_it, BLOCK_H: tl.constexpr,
+                  SKIP_INVALID_TAIL: tl.constexpr):  # fmt: skip
+    """Grid ``(tokens, head blocks, splits)``: this program's token ``t`` (int64), split, heads
+    and their mask, entries ``[start, end)`` of the token's top-k row (its split, cut at the
+    row's valid end with ``SKIP_INVALID_TAIL``) and that row's pointer; the Gluon kernels'
+    twin is :func:`.sparse_mla_gluon_common.program_keys`."""
+    t = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(2)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, topk)
+    if SKIP_INVALID_TAIL:
+        end = tl.minimum(end, tl.load(ends_ptr + t))
+    return t, split, heads, heads < num_heads, start, end, idx_ptr + t * stride_it
 
 
 @triton.jit
@@ -141,15 +160,9 @@ def _sparse_mla_bf16_kernel(
 ):
     """BF16 cache: one ``[BLOCK_N, 512]`` tile per step is K (with its rope
     part) and V; the pipeliner streams it through shared memory."""
-    t = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(2)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_mask = heads < num_heads
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, topk)
-    idx_row = idx_ptr + t * stride_it
-    if SKIP_INVALID_TAIL:
-        end = tl.minimum(end, tl.load(ends_ptr + t))
+    t, split, heads, head_mask, start, end, idx_row = _program_keys(
+        idx_ptr, ends_ptr, num_heads, topk, keys_per_split, stride_it, BLOCK_H, SKIP_INVALID_TAIL
+    )
     q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
     d_latent = tl.arange(0, 512)
     d_rope = tl.arange(0, 64)
@@ -177,10 +190,10 @@ def _sparse_mla_bf16_kernel(
 
 @triton.jit
 def _to_bf16(x, INTERPRETED: tl.constexpr):
-    """fp32 -> bf16 rounded to nearest even (the interpreter's cast truncates)."""
+    """fp32 -> bf16 rounded to nearest even. The interpreter's cast truncates (and mangles
+    subnormals): there the value is rounded first and its upper half taken bit for bit."""
     if INTERPRETED:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        bits = round_to_bf16(x).to(tl.uint32, bitcast=True)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(tl.bfloat16)
@@ -241,15 +254,9 @@ def _sparse_mla_fp8_kernel(
     same column order, and each plane's output is stored back to its columns.
     Dequantized values are rounded to bf16 and both products run in bf16.
     """
-    t = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(2)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_mask = heads < num_heads
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, topk)
-    idx_row = idx_ptr + t * stride_it
-    if SKIP_INVALID_TAIL:
-        end = tl.minimum(end, tl.load(ends_ptr + t))
+    t, split, heads, head_mask, start, end, idx_row = _program_keys(
+        idx_ptr, ends_ptr, num_heads, topk, keys_per_split, stride_it, BLOCK_H, SKIP_INVALID_TAIL
+    )
     q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
     plane_cols = 4 * tl.arange(0, 128)
     q0 = tl.load(q_rows + plane_cols[None, :], mask=head_mask[:, None], other=0.0)
@@ -411,6 +418,76 @@ def _output_buffer(name, buf, shape, dtype, device) -> torch.Tensor:
     return buf
 
 
+@dataclass(frozen=True)
+class SparseMLAPlan:
+    """What one sparse MLA launch runs: the tile configuration, the split of each top-k row
+    into ``num_kv_splits`` ranges of ``keys_per_split`` entries (a multiple of ``block_n``),
+    and the grid ``(tokens, head blocks, splits)``."""
+
+    config: SparseMLAConfig
+    num_tokens: int
+    head_blocks: int
+    num_kv_splits: int
+    keys_per_split: int
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.num_tokens, self.head_blocks, self.num_kv_splits)
+
+    @property
+    def split_output(self) -> bool:
+        """Programs write normalized fp32 partials that a second kernel merges."""
+        return self.num_kv_splits > 1
+
+
+def plan_sparse_mla(
+    num_tokens: int,
+    num_heads: int,
+    topk: int,
+    kv_fp8: bool,
+    rows_aligned: bool,
+    info: DeviceInfo,
+    num_kv_splits: int | None = None,
+    config: SparseMLAConfig | None = None,
+    batch_invariant: bool = False,
+) -> SparseMLAPlan:
+    """The launch :func:`sparse_mla_forward` makes for these shapes on ``info``'s device.
+
+    ``rows_aligned``: every cache row starts on a 16-byte boundary (the Gluon SM80-class
+    kernel needs it; without it the Triton kernel runs, and an explicit Gluon ``config``
+    is refused). ``num_kv_splits=None`` splits by occupancy, or by the top-k width alone
+    with ``batch_invariant``.
+    """
+    # The head block may follow the batch size only where the split does too.
+    by_occupancy = num_kv_splits is None and not batch_invariant
+    cfg = config or select_config(num_heads, kv_fp8, info, num_tokens if by_occupancy else None)
+    if cfg.gluon_sm80:
+        if config is None and not rows_aligned:
+            cfg = triton_config(num_heads, kv_fp8, info)
+        elif not (info.gluon_sm80 and rows_aligned):
+            raise ValueError(
+                f"{cfg} is the Gluon SM80-class kernel: it needs a GPU, Triton with Gluon's Ampere ops, "
+                f"SGLANG_SPARSE_MLA_GLUON_SM80 unset or 1 (usable here: {info.gluon_sm80}) and cache rows "
+                f"on 16-byte boundaries (here: {rows_aligned})"
+            )
+    if cfg.warp_specialized and (kv_fp8 or not info.warp_specialized):
+        raise ValueError(
+            f"{cfg} is the warp-specialized kernel: it needs a BF16 cache on an SM90 GPU, Triton 3.6+ and "
+            f"SGLANG_SPARSE_MLA_WARP_SPECIALIZED unset or 1; got a {'FP8' if kv_fp8 else 'BF16'} cache "
+            f"on sm{info.capability[0]}{info.capability[1]} (warp-specialized kernels usable: {info.warp_specialized})"
+        )
+    head_blocks = triton.cdiv(num_heads, cfg.block_h)
+    if num_kv_splits is None and batch_invariant:
+        num_kv_splits = batch_invariant_num_kv_splits(topk)
+    elif num_kv_splits is None:
+        num_kv_splits = choose_num_kv_splits(num_tokens * head_blocks, topk, cfg, info)
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    keys_per_split = triton.cdiv(triton.cdiv(max(topk, 1), num_kv_splits), cfg.block_n) * cfg.block_n
+    num_kv_splits = max(1, triton.cdiv(topk, keys_per_split))
+    return SparseMLAPlan(cfg, num_tokens, head_blocks, num_kv_splits, keys_per_split)
+
+
 def sparse_mla_forward(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -437,133 +514,90 @@ def sparse_mla_forward(
     q, q_rope = _query_parts(q, q_rope)
     rows = _validate(q, q_rope, kv_cache, indices, d_v)
     num_tokens, num_heads, _ = q.shape
-    topk = indices.shape[1]
     out = _output_buffer("out", out, (num_tokens, num_heads, d_v), torch.bfloat16, q.device)
     lse = _output_buffer("lse", lse, (num_tokens, num_heads), torch.float32, q.device)
     if num_tokens == 0:
         return out, lse
-
     info = device_info(q.device)
-    # The head block may follow the batch size only where the split does too.
-    by_occupancy = num_kv_splits is None and not batch_invariant
-    cfg = config or select_config(num_heads, rows.is_fp8, info, num_tokens if by_occupancy else None)
-    if cfg.gluon_sm80:
-        aligned = _rows_16_byte_aligned(rows)  # its 16-byte copies need aligned rows
-        if config is None and not aligned:
-            cfg = triton_config(num_heads, rows.is_fp8, info)
-        elif not (info.gluon_sm80 and aligned):
-            raise ValueError(
-                f"{cfg} is the Gluon SM80-class kernel: it needs a GPU, Triton with Gluon's Ampere ops, "
-                f"SGLANG_SPARSE_MLA_GLUON_SM80 unset or 1 (usable here: {info.gluon_sm80}) and cache rows "
-                f"on 16-byte boundaries (here: {aligned})"
-            )
-    if cfg.warp_specialized and (rows.is_fp8 or not info.warp_specialized):
-        raise ValueError(
-            f"{cfg} is the warp-specialized kernel: it needs a BF16 cache on an SM90 GPU, Triton 3.6+ and "
-            f"SGLANG_SPARSE_MLA_WARP_SPECIALIZED unset or 1; got a {'FP8' if rows.is_fp8 else 'BF16'} cache "
-            f"on sm{info.capability[0]}{info.capability[1]} (warp-specialized kernels usable: {info.warp_specialized})"
-        )
-    head_blocks = triton.cdiv(num_heads, cfg.block_h)
-    if num_kv_splits is None and batch_invariant:
-        num_kv_splits = batch_invariant_num_kv_splits(topk)
-    elif num_kv_splits is None:
-        num_kv_splits = choose_num_kv_splits(num_tokens * head_blocks, topk, cfg, info)
-    if num_kv_splits < 1:
-        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
-    keys_per_split = triton.cdiv(triton.cdiv(max(topk, 1), num_kv_splits), cfg.block_n) * cfg.block_n
-    num_kv_splits = max(1, triton.cdiv(topk, keys_per_split))
+    aligned = _rows_16_byte_aligned(rows)
+    plan = plan_sparse_mla(
+        num_tokens, num_heads, indices.shape[1], rows.is_fp8, aligned, info, num_kv_splits, config, batch_invariant
+    )
+    _launch(plan, q, q_rope, rows, indices, sm_scale, out, lse, skip_invalid_tail, info)
+    return out, lse
 
-    if num_kv_splits == 1:
+
+def _launch(plan: SparseMLAPlan, q, q_rope, rows, indices, sm_scale, out, lse, skip_invalid_tail, info) -> None:
+    """Run ``plan``: the valid-end scan (``skip_invalid_tail``), the attention kernel its
+    configuration names, and the merge of the split partials into ``out`` and ``lse``."""
+    cfg = plan.config
+    num_tokens, num_heads, d_v = out.shape
+    topk = indices.shape[1]
+    if plan.split_output:
+        part_out = torch.empty(num_tokens, num_heads, plan.num_kv_splits, d_v, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_tokens, num_heads, plan.num_kv_splits, dtype=torch.float32, device=q.device)
+        stride_os, stride_ls = part_out.stride(2), part_lse.stride(2)
+    else:
         part_out, part_lse = out, lse
         stride_os, stride_ls = 0, 0
-    else:
-        part_out = torch.empty(num_tokens, num_heads, num_kv_splits, d_v, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(num_tokens, num_heads, num_kv_splits, dtype=torch.float32, device=q.device)
-        stride_os, stride_ls = part_out.stride(2), part_lse.stride(2)
 
     ends = indices  # unread unless skip_invalid_tail
     if skip_invalid_tail:
         ends = torch.empty(num_tokens, dtype=torch.int32, device=q.device)
         _valid_ends_kernel[(num_tokens,)](
-            indices, ends, topk, rows.num_slots, indices.stride(0), SCAN=1024, num_warps=4
+            idx_ptr=indices, ends_ptr=ends, topk=topk, num_slots=rows.num_slots, stride_it=indices.stride(0),
+            SCAN=1024, num_warps=4,
         )  # fmt: skip
-    grid = (num_tokens, head_blocks, num_kv_splits)
-    q_strides = (*q.stride()[:2], *q_rope.stride()[:2])
-    shape_args = (num_heads, rows.num_slots, topk, keys_per_split, sm_scale * _LOG2E, *q_strides)
-    out_args = (
-        indices.stride(0),
-        part_out.stride(0),
-        part_out.stride(1),
-        stride_os,
-        part_lse.stride(0),
-        part_lse.stride(1),
-        stride_ls,
-    )
-    meta = dict(
-        BLOCK_H=cfg.block_h,
-        BLOCK_N=cfg.block_n,
-        SPLIT_OUTPUT=num_kv_splits > 1,
-        SKIP_INVALID_TAIL=skip_invalid_tail,
-        num_warps=cfg.num_warps,
-    )
+    # The arguments every attention kernel takes, by name (see _sparse_mla_bf16_kernel).
+    common = dict(
+        q_ptr=q, qr_ptr=q_rope, idx_ptr=indices, ends_ptr=ends, out_ptr=part_out, lse_ptr=part_lse,
+        num_heads=num_heads, num_slots=rows.num_slots, topk=topk, keys_per_split=plan.keys_per_split,
+        qk_scale_log2=sm_scale * _LOG2E,
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_qrt=q_rope.stride(0), stride_qrh=q_rope.stride(1),
+        stride_it=indices.stride(0),
+        stride_ot=part_out.stride(0), stride_oh=part_out.stride(1), stride_os=stride_os,
+        stride_lt=part_lse.stride(0), stride_lh=part_lse.stride(1), stride_ls=stride_ls,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, SPLIT_OUTPUT=plan.split_output,
+        SKIP_INVALID_TAIL=skip_invalid_tail, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    fp8_format = dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else EMULATED_FP8_FACTOR)
     if cfg.gluon_sm80:
         from . import sparse_mla_sm80  # imports Gluon: only where info.gluon_sm80 says it exists
 
         kv, rope = (rows.words, rows.rope) if rows.is_fp8 else (rows.latent, rows.latent)
-        sparse_mla_sm80.sparse_mla_sm80_kernel[grid](
-            q, q_rope, kv, rope, indices, ends, part_out, part_lse,
-            *shape_args,
-            kv.stride(0), rope.stride(0),
-            *out_args,
-            STAGES=cfg.num_stages,
-            WARPS_M=cfg.warps_m,
-            KV_FP8=rows.is_fp8,
-            FP8_NATIVE=info.native_fp8,
-            FP8_FACTOR=1.0 if info.native_fp8 else EMULATED_FP8_FACTOR,
-            **meta,
+        sparse_mla_sm80.sparse_mla_sm80_kernel[plan.grid](
+            **common, kv_ptr=kv, rope_ptr=rope, stride_kv=kv.stride(0), stride_rope=rope.stride(0),
+            STAGES=cfg.num_stages, WARPS_M=cfg.warps_m, KV_FP8=rows.is_fp8, **fp8_format,
         )  # fmt: skip
     elif rows.is_fp8:
-        _sparse_mla_fp8_kernel[grid](
-            q, q_rope, rows.words, rows.rope, indices, ends, part_out, part_lse,
-            *shape_args,
-            rows.words.stride(0), rows.rope.stride(0),
-            *out_args,
-            FP8_NATIVE=info.native_fp8,
-            FP8_FACTOR=1.0 if info.native_fp8 else EMULATED_FP8_FACTOR,
-            UPCAST=is_interpreter(),
-            num_stages=cfg.num_stages,
-            **meta,
+        _sparse_mla_fp8_kernel[plan.grid](
+            **common, words_ptr=rows.words, rope_ptr=rows.rope,
+            stride_words=rows.words.stride(0), stride_rope=rows.rope.stride(0),
+            UPCAST=is_interpreter(), num_stages=cfg.num_stages, **fp8_format,
+        )  # fmt: skip
+    elif cfg.warp_specialized:
+        from . import sparse_mla_sm90_ws as ws  # imports Gluon: only where info.warp_specialized says it exists
+
+        ws.sparse_mla_sm90_ws_kernel[plan.grid](
+            **common, kv_ptr=rows.latent, stride_kv=rows.latent.stride(0),
+            STAGES=cfg.num_stages, LOADER_WARPS=ws.LOADER_WARPS, LOADER_REGS=ws.LOADER_REGS,
+            VALUES_REGS=ws.VALUES_REGS,
         )  # fmt: skip
     else:
-        # The warp-specialized kernel takes the BF16 kernel's arguments, plus its partitions' shape.
-        if cfg.warp_specialized:
-            from . import sparse_mla_sm90_ws as ws  # imports Gluon: only where info.warp_specialized says it exists
-
-            kernel = ws.sparse_mla_sm90_ws_kernel
-            variant = dict(STAGES=cfg.num_stages, LOADER_WARPS=ws.LOADER_WARPS, LOADER_REGS=ws.LOADER_REGS,
-                           VALUES_REGS=ws.VALUES_REGS)  # fmt: skip
-        else:
-            kernel = _sparse_mla_bf16_kernel
-            variant = dict(UPCAST=is_interpreter(), num_stages=cfg.num_stages)
-        kernel[grid](
-            q, q_rope, rows.latent, indices, ends, part_out, part_lse,
-            *shape_args,
-            rows.latent.stride(0),
-            *out_args,
-            **variant,
-            **meta,
+        _sparse_mla_bf16_kernel[plan.grid](
+            **common, kv_ptr=rows.latent, stride_kv=rows.latent.stride(0),
+            UPCAST=is_interpreter(), num_stages=cfg.num_stages,
         )  # fmt: skip
-    if num_kv_splits > 1:
-        splits_pow2 = triton.next_power_of_2(num_kv_splits)
+    if plan.split_output:
+        splits_pow2 = triton.next_power_of_2(plan.num_kv_splits)
         merge_block_d = min(d_v, max(64, 4096 // splits_pow2))  # <= 4096 partial values per program
         _merge_splits_kernel[(num_tokens, num_heads, d_v // merge_block_d)](
-            part_out, part_lse, out, lse, num_kv_splits,
-            *part_out.stride()[:3], *part_lse.stride(), *out.stride()[:2], *lse.stride(),
-            SPLITS=splits_pow2,
-            BLOCK_D=merge_block_d,
-            num_warps=4,
+            part_out_ptr=part_out, part_lse_ptr=part_lse, out_ptr=out, lse_ptr=lse, num_splits=plan.num_kv_splits,
+            stride_pt=part_out.stride(0), stride_ph=part_out.stride(1), stride_ps=part_out.stride(2),
+            stride_plt=part_lse.stride(0), stride_plh=part_lse.stride(1), stride_pls=part_lse.stride(2),
+            stride_ot=out.stride(0), stride_oh=out.stride(1), stride_lt=lse.stride(0), stride_lh=lse.stride(1),
+            SPLITS=splits_pow2, BLOCK_D=merge_block_d, num_warps=4,
         )  # fmt: skip
-    return out, lse
 
 
 def sparse_mla_decode(

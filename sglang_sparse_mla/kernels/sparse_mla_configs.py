@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .device_info import DeviceInfo
+from .device_info import SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL, DeviceInfo, smem_class
 from .kv_cache_layout import D_LATENT, D_QK, FP8_ROW_BYTES
 
 
@@ -37,11 +37,6 @@ class SparseMLAConfig:
         """Warps of the Gluon SM80 kernel that split the head block (16 heads each)."""
         return max(1, min(self.block_h // 16, self.num_warps))
 
-
-# Shared-memory classes, by the opt-in limit per block (bytes).
-SMEM_LARGE = 227 * 1024  # SM90, SM100, SM110
-SMEM_MEDIUM = 163 * 1024  # SM80, SM87
-SMEM_SMALL = 99 * 1024  # SM86, SM89, SM120, SM121
 
 # (smem class, kv_fp8, head bucket) -> config, from H100 sweeps
 # (benchmarks/results). Head buckets: <=16, <=32, more. A 64-head block turns
@@ -69,26 +64,16 @@ _CONFIGS: dict[tuple[int, bool, int], SparseMLAConfig] = {
 }
 
 
-def smem_class(max_shared_memory: int) -> int:
-    for limit in (SMEM_LARGE, SMEM_MEDIUM, SMEM_SMALL):
-        if max_shared_memory >= limit:
-            return limit
-    raise RuntimeError(
-        f"the GPU offers {max_shared_memory} bytes of shared memory per block; "
-        f"sparse MLA needs at least {SMEM_SMALL}"
-    )
-
-
 def head_bucket(num_heads: int) -> int:
     return 16 if num_heads <= 16 else 32 if num_heads <= 32 else 64
 
 
 # BF16 launches of at most this many (token, 64-head block) programs before the
 # split (decode batches of 1-2 tokens at 128 heads) run 16-head blocks instead:
-# 8x the programs, each reading the same rows from L2. H200, 128 heads, top-k
-# 2048: 13.1 vs 20.7 us at 1 token, 17.8 vs 22.0 at 2; from 4 tokens on the
-# 64-head block is as fast or faster (benchmarks/results/2026-11-26_nvidia-h200/).
-# Where the warp-specialized kernel runs, FEW_PROGRAMS_WARP_SPECIALIZED below.
+# 8x the programs, each reading the same rows from L2, are faster there; from 4
+# tokens on the 64-head block is as fast or faster. Where the warp-specialized
+# kernel runs, FEW_PROGRAMS_WARP_SPECIALIZED below. The measurements behind this
+# and the rules below: docs/performance.md, "Measurements behind the dispatch rules".
 FEW_PROGRAMS = 4
 _FEW_PROGRAMS_CONFIGS = {
     SMEM_LARGE: SparseMLAConfig(16, 64, 4, 2),
@@ -99,15 +84,11 @@ _FEW_PROGRAMS_CONFIGS = {
 
 # SM90, BF16 cache, more than 32 heads: the warp-specialized Gluon kernel (a
 # 4-warp loader gathers 64-row tiles into a two-stage ring; one warpgroup runs
-# QK and the softmax, both run PV; num_warps is the softmax warpgroup's).
-# H200, top-k 2048, against the 64-head Triton config: 1.4x at 8 tokens,
-# 1.5-1.8x at 32-128 and in 4096-token prefill (64 and 128 heads; first
-# version, 1.03-1.15x slower than this one). Launches of at most FEW_PROGRAMS_WARP_SPECIALIZED programs
-# (1 token at 128 heads, 1-2 at 64) stay on 16-head Triton blocks: 14.6 vs
-# 18.7 us at 1 token and 128 heads, 14.4 vs 16.0 at 2 tokens and 64 heads;
-# from 4 programs the warp-specialized kernel is faster (16.9 vs 17.8 us at 2
-# tokens and 128 heads, 17.5 vs 19.0 at 4 tokens and 64 heads;
-# benchmarks/results/2026-11-26_nvidia-h200/run7/kernels/).
+# QK and the softmax, both run PV; num_warps is the softmax warpgroup's): faster
+# than the 64-head Triton config from 8 tokens on and in prefill. Launches of at
+# most FEW_PROGRAMS_WARP_SPECIALIZED programs (1 token at 128 heads, 1-2 at 64)
+# stay on 16-head Triton blocks, which are faster there; from 4 programs the
+# warp-specialized kernel is faster.
 WARP_SPECIALIZED_SM90 = SparseMLAConfig(64, 64, 4, 2, warp_specialized=True)
 FEW_PROGRAMS_WARP_SPECIALIZED = 2
 
@@ -115,10 +96,9 @@ FEW_PROGRAMS_WARP_SPECIALIZED = 2
 # gathered tile once into shared memory (:mod:`.sparse_mla_sm80`). 16-head blocks of
 # 32 keys fit every class (94 KB); 32-head blocks of 32 keys (8 warps, 114 KB) the
 # larger two, of 64 keys (190 KB) the largest. Its accumulators cap the head block at
-# 32: 64-head blocks spill on every target. H200 sweep of the candidates, native and
-# forced SM80 path (benchmarks/results/2026-12-03_nvidia-h200/): at 16 heads 32 keys
-# and a two-stage ring are best or within 3% (a deeper ring or 64 keys lose in prefill);
-# at 128 heads 64-key tiles are 1.25-1.5x faster than 32-key ones.
+# 32: 64-head blocks spill on every target. By the sweep of the candidates (native
+# and forced SM80 path): 32 keys and a two-stage ring at 16 heads (a deeper ring or
+# 64 keys lose in prefill), 64-key tiles at 128 heads where they fit.
 _GLUON_FP8_CONFIGS: dict[tuple[int, int], SparseMLAConfig] = {
     (SMEM_LARGE, 16): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),
     (SMEM_LARGE, 32): SparseMLAConfig(32, 64, 8, 2, gluon_sm80=True),
@@ -133,7 +113,7 @@ _GLUON_FP8_CONFIGS: dict[tuple[int, int], SparseMLAConfig] = {
 
 
 # BF16 caches, at most 16 heads (DeepSeek-V3.2 and GLM-5 at TP 8), on SM90: the same Gluon
-# kernel without dequantization, faster than the Triton kernel there in the same H200
+# kernel without dequantization, faster than the Triton kernel there in the same
 # sweep (decode 32 and 128 tokens, 4096-token prefill). Elsewhere the Triton kernel is
 # kept: on the smaller classes one CTA of it fits an SM (slower on the forced SM80 path at
 # 128 tokens), and SM100+ has not been measured.

@@ -4,9 +4,10 @@ The kernel :func:`.sparse_mla.sparse_mla_forward` launches on SM90 GPUs for
 a BF16 cache and more than 32 heads (see :mod:`.sparse_mla_configs`); same
 grid, arguments and results as the Triton BF16 kernel there. It exists
 because Triton's own pipeline runs the row gathers, both products and the
-softmax one after the other in the same warps (Nsight: latency-bound, issue
-slots 29% busy at 32 decode tokens), and Triton's automatic Hopper warp
-specialization applies to TMA loads only, which cannot gather rows on SM90.
+softmax one after the other in the same warps (Nsight Compute: latency-bound;
+docs/performance.md, "Measurements behind the dispatch rules"), and Triton's
+automatic Hopper warp specialization applies to TMA loads only, which cannot
+gather rows on SM90.
 
 One CTA owns a token, 64 heads and a contiguous range of the token's top-k
 list, in three partitions of one warpgroup each:
@@ -25,7 +26,7 @@ list, in three partitions of one warpgroup each:
 Each compute warpgroup releases the stage through its "empty" barrier (two
 arrivals). One warpgroup computing the whole ``QK^T`` reads the 64 x 576
 query from shared memory once per tile, not twice (the first version split
-N between the warpgroups: 1.03-1.15x slower), and its ``QK^T`` of the next
+N between the warpgroups and was slower), and its ``QK^T`` of the next
 tile overlaps the other's ``PV``. Invalid entries (negative, out of range,
 past the split or the row's valid tail) are zero-filled rows masked to
 ``-inf``. Results: a normalized fp32 partial with its log2-sum-exp per

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backend import dispatch
-from ..backend.spec import INDEX_ROW_BYTES, PAGE_SIZE
+from ..backend.spec import PAGE_SIZE
 from ..kernels import (
     dequantize_kv_fp8,
     fp8_mqa_logits,
@@ -46,6 +46,7 @@ from ..kernels import (
     topk_indices,
     topk_to_kv_slots,
 )
+from ..kernels.index_format import INDEX_ROW_BYTES
 from ..kernels.kv_cache_layout import D_QK, FP8_ROW_BYTES
 from ..kernels.reference import (
     index_fp8_quant_reference,

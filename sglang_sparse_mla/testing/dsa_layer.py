@@ -15,6 +15,7 @@ import torch
 from ..backend.dispatch import gather_index_k
 from ..backend.indexer import index_inputs, sglang_rotates, sglang_scale_formats
 from ..kernels import IndexRope, quantize_index_keys_to_cache, quantize_index_queries
+from ..kernels.index_format import INDEX_ROW_BYTES
 
 
 class NeoxRope(torch.nn.Module):
@@ -124,7 +125,7 @@ def index_scores(indexer, x: torch.Tensor, q_lora: torch.Tensor, rows: torch.Ten
     q_fp8, q_scale, _ = quantize_index_queries(
         inputs.query[rows], inputs.gate[rows], 1.0, 1.0, rotate=rotate, scale_format=query_format, rope=rope
     )
-    pages = torch.zeros(-(-x.shape[0] // 64), 64, 1, 132, dtype=torch.uint8, device=x.device)
+    pages = torch.zeros(-(-x.shape[0] // 64), 64, 1, INDEX_ROW_BYTES, dtype=torch.uint8, device=x.device)
     slots = torch.arange(x.shape[0], device=x.device)
     quantize_index_keys_to_cache(
         inputs.key, slots, pages, rotate=rotate, scale_format=key_format, rope=inputs.rope, norm=inputs.norm

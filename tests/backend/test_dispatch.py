@@ -8,7 +8,7 @@ from utils import assert_fp8_codes_match
 
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.kernels import IndexNorm, IndexRope, quantize_kv_fp8
-from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs
+from sglang_sparse_mla.kernels.index_format import hadamard_signs
 from sglang_sparse_mla.kernels.reference import index_fp8_quant_reference
 
 PAGE, ROW = 64, 132

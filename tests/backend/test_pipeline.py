@@ -27,7 +27,7 @@ from sglang_sparse_mla.backend.indexer import (
 )
 from sglang_sparse_mla.backend.metadata import build_paged, build_ragged
 from sglang_sparse_mla.kernels import quantize_kv_fp8
-from sglang_sparse_mla.kernels.index_fp8_quant import hadamard_signs
+from sglang_sparse_mla.kernels.index_format import hadamard_signs
 from sglang_sparse_mla.kernels.reference import index_fp8_quant_reference, sparse_mla_reference
 from sglang_sparse_mla.testing.dsa_layer import NeoxRope, StubIndexer, check_topk_row, index_scores
 

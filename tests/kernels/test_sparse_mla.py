@@ -38,6 +38,16 @@ def make_indices(target, rng, tokens: int, topk: int, num_slots: int) -> torch.T
     return idx
 
 
+def end_rows_in_padding(idx: torch.Tensor, rng, edges) -> None:
+    """Rows as top-k writes them for the first tokens of a prompt: row ``t`` keeps its first
+    ``counts[t]`` entries, then ``-1``. The first rows' counts are ``edges`` (capped at the top-k
+    width), the others random."""
+    tokens, topk = idx.shape
+    counts = torch.randint(0, topk + 1, (tokens,), generator=rng, device=idx.device)
+    counts[: len(edges)] = torch.tensor([min(e, topk) for e in edges], device=idx.device)[:tokens]
+    idx[torch.arange(topk, device=idx.device)[None, :] >= counts[:, None]] = -1
+
+
 def make_q(target, rng, tokens: int, heads: int) -> torch.Tensor:
     return (2 * torch.randn(tokens, heads, 576, generator=rng, device=target.device)).bfloat16()
 
@@ -120,10 +130,7 @@ def test_skipping_the_invalid_tail_changes_no_bit(target, rng, kv_format, num_kv
     topk = target.pick(cpu=128, gpu=2048)
     num_slots = target.pick(cpu=500, gpu=1 << 16)
     kv, q, idx = make_inputs(target, rng, tokens, heads, topk, num_slots, kv_format)
-    edges = [0, 1, 31, 32, 33, 63, 64, 65, topk - 1, topk, 1023, 1024, 1025]
-    counts = torch.randint(0, topk + 1, (tokens,), generator=rng, device=target.device)
-    counts[: len(edges)] = torch.tensor([min(e, topk) for e in edges], device=target.device)[:tokens]
-    idx[torch.arange(topk, device=target.device)[None, :] >= counts[:, None]] = -1
+    end_rows_in_padding(idx, rng, [0, 1, 31, 32, 33, 63, 64, 65, topk - 1, topk, 1023, 1024, 1025])
     whole = sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits)
     skipped = sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, skip_invalid_tail=True)
     assert torch.equal(skipped[0], whole[0]) and torch.equal(skipped[1], whole[1])

@@ -9,15 +9,26 @@ from __future__ import annotations
 import pytest
 import torch
 from utils import relative_error
-from test_sparse_mla import SM_SCALE, assert_matches_reference, make_inputs, make_q, poisoned_outputs
+from test_sparse_mla import (
+    SM_SCALE,
+    assert_matches_reference,
+    end_rows_in_padding,
+    make_inputs,
+    make_q,
+    poisoned_outputs,
+)
 
 from sglang_sparse_mla.kernels import quantize_kv_fp8
-from sglang_sparse_mla.kernels.device_info import GLUON_SM80_ENV, DeviceInfo, device_info
-from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_decode, sparse_mla_forward, sparse_mla_prefill
-from sglang_sparse_mla.kernels.sparse_mla_configs import (
+from sglang_sparse_mla.kernels.device_info import (
+    GLUON_SM80_ENV,
     SMEM_LARGE,
     SMEM_MEDIUM,
     SMEM_SMALL,
+    DeviceInfo,
+    device_info,
+)
+from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_decode, sparse_mla_forward, sparse_mla_prefill
+from sglang_sparse_mla.kernels.sparse_mla_configs import (
     TCGEN05_BF16_64,
     SparseMLAConfig,
     select_config,
@@ -140,10 +151,7 @@ def test_fp8_rows_at_the_limits(target, rng, arch_path):
 def test_skipping_the_invalid_tail_changes_no_bit(target, rng, num_kv_splits):
     tokens, heads, topk = 300, 32, 2048
     kv, q, idx = make_inputs(target, rng, tokens, heads, topk, 1 << 16, "fp8")
-    edges = torch.tensor([0, 1, 31, 32, 33, 63, 64, 1023, 1024, topk - 1, topk], device=target.device)
-    counts = torch.randint(0, topk + 1, (tokens,), generator=rng, device=target.device)
-    counts[: len(edges)] = edges
-    idx[torch.arange(topk, device=target.device)[None, :] >= counts[:, None]] = -1
+    end_rows_in_padding(idx, rng, [0, 1, 31, 32, 33, 63, 64, 1023, 1024, topk - 1, topk])
     whole = sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits)
     skipped = sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, skip_invalid_tail=True)
     assert torch.equal(skipped[0], whole[0]) and torch.equal(skipped[1], whole[1])

@@ -8,16 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from utils import relative_error
-from test_sparse_mla import SM_SCALE, assert_matches_reference, make_inputs, poisoned_outputs
+from test_sparse_mla import SM_SCALE, assert_matches_reference, end_rows_in_padding, make_inputs, poisoned_outputs
 
-from sglang_sparse_mla.kernels.device_info import WARP_SPECIALIZED_ENV, DeviceInfo, device_info
+from sglang_sparse_mla.kernels.device_info import SMEM_LARGE, WARP_SPECIALIZED_ENV, DeviceInfo, device_info
 from sglang_sparse_mla.kernels.sparse_mla import sparse_mla_decode, sparse_mla_forward, sparse_mla_prefill
-from sglang_sparse_mla.kernels.sparse_mla_configs import (
-    SMEM_LARGE,
-    WARP_SPECIALIZED_SM90,
-    SparseMLAConfig,
-    select_config,
-)
+from sglang_sparse_mla.kernels.sparse_mla_configs import WARP_SPECIALIZED_SM90, SparseMLAConfig, select_config
 
 HOPPER = DeviceInfo((9, 0), SMEM_LARGE, 132, warp_specialized=True)
 HOPPER_WITHOUT_WS = DeviceInfo((9, 0), SMEM_LARGE, 132)
@@ -91,10 +86,7 @@ def test_matches_reference_and_triton(target, rng, heads, num_kv_splits, tokens)
 def test_skipping_the_invalid_tail_changes_no_bit(target, rng, num_kv_splits):
     tokens, heads, topk = 300, 128, 2048
     kv, q, idx = make_inputs(target, rng, tokens, heads, topk, 1 << 16, "bf16")
-    edges = torch.tensor([0, 1, 63, 64, 65, 127, 128, 1023, 1024, topk - 1, topk], device=target.device)
-    counts = torch.randint(0, topk + 1, (tokens,), generator=rng, device=target.device)
-    counts[: len(edges)] = edges
-    idx[torch.arange(topk, device=target.device)[None, :] >= counts[:, None]] = -1
+    end_rows_in_padding(idx, rng, [0, 1, 63, 64, 65, 127, 128, 1023, 1024, topk - 1, topk])
     kwargs = dict(num_kv_splits=num_kv_splits, config=WARP_SPECIALIZED_SM90)
     whole = sparse_mla_forward(q, kv, idx, SM_SCALE, **kwargs)
     skipped = sparse_mla_forward(q, kv, idx, SM_SCALE, skip_invalid_tail=True, **kwargs)

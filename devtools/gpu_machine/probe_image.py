@@ -1,6 +1,6 @@
 """On the GPU machine, before installing: can the image's CUDA libraries serve torch 2.14.1?
 
-    python3 benchmarks/e2e/probe_image.py
+    python3 devtools/gpu_machine/probe_image.py
 
 torch 2.14.1's ``libtorch_cuda.so`` and ``libtorch_nvshmem.so`` (staged in the
 core tier) link the NCCL and nvshmem entry points below (the strong undefined

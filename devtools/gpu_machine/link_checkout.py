@@ -1,6 +1,6 @@
 """Make this checkout importable, with its SGLang plugin entry point, in the running Python's site-packages.
 
-    "$VENV/bin/python" benchmarks/e2e/link_checkout.py
+    "$VENV/bin/python" devtools/gpu_machine/link_checkout.py
 
 What an editable install leaves, without a build backend (the GPU machine
 has no index, and its setuptools may lack ``bdist_wheel``): a ``.pth`` file

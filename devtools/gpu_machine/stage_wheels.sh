@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Stage, on a machine with a package index, the wheels benchmarks/gpu_suite.sh
 # installs on the GPU machine (CPython 3.12, x86_64, no index). Output: .stage/
-# (git-ignored; carry it with the GPU call). About 36 MB.
+# at the checkout's root (git-ignored; carry it with the GPU call).
+#
+#   bash devtools/gpu_machine/stage_wheels.sh
+# About 36 MB.
 #   .stage/tools   pytest and its two small dependencies
 #   .stage/sgbase  sglang 0.5.23 minus its Rust extension .so files (not on any
 #                  kernel import path) + what `import sglang.kernels.ops...` and
@@ -9,7 +12,7 @@
 #                  triton, numpy and transformers (found by importing them in a
 #                  venv holding only those)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PIP=${PIP:-python3 -m pip}
 PLATFORMS="--platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
  --platform manylinux_2_26_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64

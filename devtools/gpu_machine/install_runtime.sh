@@ -4,7 +4,7 @@
 # call that carries parts; the store and the venv live as long as the machine stays
 # warm (30 s after a call), so carry the parts in back-to-back calls.
 #
-#   bash benchmarks/e2e/install_runtime.sh
+#   bash devtools/gpu_machine/install_runtime.sh
 #
 # Each call carries .stage/e2e/MANIFEST.tsv and up to ~60 MiB of .stage/e2e/parts/*
 # (made here by stage_runtime.sh), e.g. carry [".stage/e2e/MANIFEST.tsv",
@@ -17,7 +17,7 @@
 # own (a .pth file), so the staged torch 2.14.1 / sglang / ... shadow the image's
 # torch 2.11 while numpy, the CUDA libraries and the rest come from the image. This
 # checkout is linked into it with its sglang.srt.plugins entry point (link_checkout.py).
-# After each install, benchmarks/e2e/serving_imports.py imports the serving path as a
+# After each install, serving_imports.py imports the serving path as a
 # smoke test.
 # Prints the venv's python for the following commands; exit status 0 once core works.
 set -euo pipefail
@@ -28,8 +28,8 @@ VENV=${E2E_VENV:-/tmp/e2e-venv}
 BASE_PY=${PYTHON:-python3}
 
 if [ -f "$STAGE/MANIFEST.tsv" ]; then
-    $BASE_PY benchmarks/e2e/stage_parts.py receive --stage "$STAGE" --store "$STORE"
-    $BASE_PY benchmarks/e2e/stage_parts.py status --stage "$STAGE" --store "$STORE" | tee "$STORE/status.txt"
+    $BASE_PY devtools/gpu_machine/stage_parts.py receive --stage "$STAGE" --store "$STORE"
+    $BASE_PY devtools/gpu_machine/stage_parts.py status --stage "$STAGE" --store "$STORE" | tee "$STORE/status.txt"
 elif [ ! -f "$VENV/.installed-core" ]; then
     echo "carry $STAGE/MANIFEST.tsv (and parts) until the core tier is installed" >&2
     exit 2
@@ -51,7 +51,7 @@ install_tier() {
     local tier=$1 wheels
     [ -f "$VENV/.installed-$tier" ] && return 1
     complete "$tier" || return 1
-    wheels=$($BASE_PY benchmarks/e2e/stage_parts.py assemble --stage "$STAGE" --store "$STORE" --tier "$tier") || exit 1
+    wheels=$($BASE_PY devtools/gpu_machine/stage_parts.py assemble --stage "$STAGE" --store "$STORE" --tier "$tier") || exit 1
     "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile --ignore-installed \
         --disable-pip-version-check "$wheels"/*.whl || exit 1
     touch "$VENV/.installed-$tier"
@@ -70,8 +70,8 @@ for tier in core triton baselines cudalibs; do
     fi
 done
 # The checkout may sit elsewhere in each call: link it (and its plugin entry point) again.
-"$VENV/bin/python" benchmarks/e2e/link_checkout.py
+"$VENV/bin/python" devtools/gpu_machine/link_checkout.py
 if [ $installed = 1 ] || [ "${E2E_SMOKE:-0}" = 1 ]; then
-    "$VENV/bin/python" benchmarks/e2e/serving_imports.py
+    "$VENV/bin/python" devtools/gpu_machine/serving_imports.py
 fi
 echo "E2E_PYTHON=$VENV/bin/python"

@@ -4,15 +4,15 @@
 # call carries <= 64 MiB, the image holds torch 2.11 / triton 3.6 / transformers
 # 5.17, on which sglang-kernel 0.4.10's .so files do not load).
 #
-#   bash benchmarks/e2e/stage_runtime.sh [TIER ...]      (default: core triton baselines)
+#   bash devtools/gpu_machine/stage_runtime.sh [TIER ...]      (default: core triton baselines)
 #
 # Tiers (install_runtime.sh installs each one that has fully arrived):
 #   core       torch 2.14.1, sglang 0.5.23, sglang-kernel 0.4.10, flashinfer-python 0.7.2,
 #              transformers 5.19.0, torchvision 0.29.1 (transformers imports it; the
 #              image's 0.26 is built for torch 2.11) and the pure-Python packages the
 #              serving path imports that the image lacks. The set was found by importing
-#              benchmarks/e2e/serving_imports.py's modules here and mapping them to
-#              distributions (`python benchmarks/e2e/serving_imports.py --distributions`),
+#              serving_imports.py's modules here and mapping them to
+#              distributions (`python devtools/gpu_machine/serving_imports.py --distributions`),
 #              minus the image's packages (device KINDS.md) and minus what SGLang imports
 #              only optionally (import succeeds with the package absent): flash-attn-4,
 #              nvidia-cutlass-dsl*, cuda-tile, nvidia-cudnn-frontend, sgl-deep-ep,
@@ -25,7 +25,7 @@
 #              z3-solver and torch-c-dlpack-ext (SGLang's non-Hopper DSA fallback)
 #   cudalibs   (not in the default list) NCCL 2.32.3 and nvshmem 3.4.5: libtorch_cuda.so of
 #              torch 2.14.1 links NCCL entry points of NCCL >= 2.30 (ncclCommGrow,
-#              ncclCommRevoke, the device API); carry it only when probe_image.sh says the
+#              ncclCommRevoke, the device API); carry it only when probe_image.py says the
 #              image's libraries lack them (or import torch with TORCH_USE_RTLD_GLOBAL=1,
 #              which binds lazily, if nothing calls them)
 #
@@ -92,7 +92,7 @@ for tier in ${*:-core triton baselines}; do
     cudalibs) download cudalibs "${CUDALIBS[@]}" ;;
     *) echo "unknown tier $tier (core, triton, baselines, cudalibs)" >&2; exit 2 ;;
     esac
-    $PY benchmarks/e2e/stage_parts.py pack --tier "$tier" --wheels "$STAGE/wheels/$tier" --out "$STAGE" \
+    $PY devtools/gpu_machine/stage_parts.py pack --tier "$tier" --wheels "$STAGE/wheels/$tier" --out "$STAGE" \
         --jobs "$(nproc)"
 done
 cat "$STAGE/SIZES.txt"

@@ -1,0 +1,1 @@
+"""Tooling for working on this project, not part of the package (see gpu_machine/README.md)."""

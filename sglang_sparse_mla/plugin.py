@@ -57,7 +57,7 @@ def create_backend(model_runner):
 
     from .backend.attention_backend import TritonSparseMLABackend
     from .backend.spec import UnsupportedConfiguration
-    from .scheduler_hooks import install_model_hooks
+    from .backend import install_model_hooks
 
     model_config = model_runner.model_config
     if mambaish_config(model_config) is not None or isinstance(model_config.hf_text_config, Dots3Config):

@@ -230,7 +230,7 @@ class TritonSparseMLABackend(AttentionBackend):
         **_,
     ) -> torch.Tensor:
         """Absorbed MLA over the indexer's slots. SGLang's absorbed-MLA path (ours is listed
-        among its absorb-core backends, :mod:`..scheduler_hooks.model_hooks`) passes the
+        among its absorb-core backends, :mod:`.model_hooks`) passes the
         parts apart: ``q [T, H, 512]`` with ``q_rope [T, H, 64]`` and ``k [T, 1, 512]`` with
         ``k_rope [T, 1, 64]``, read in place; other callers pass ``q [T, H * 576]`` and
         ``k [T, 1, 576]`` whole."""

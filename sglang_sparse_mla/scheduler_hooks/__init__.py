@@ -1,6 +1,7 @@
-"""Pure-Python hooks that make SGLang's scheduler, argument resolution and DSA
-model use the ``triton_sparse_mla`` backend (see :mod:`.server_args` and
-:mod:`.model_hooks`). Importing this package imports nothing from SGLang."""
+"""Pure-Python hooks that make SGLang's scheduler and argument resolution use
+the ``triton_sparse_mla`` backend (see :mod:`.server_args`; the model-side
+hooks live beside the backend, :mod:`sglang_sparse_mla.backend.model_hooks`).
+Importing this package imports nothing from SGLang."""
 
 from __future__ import annotations
 
@@ -12,11 +13,4 @@ def install_server_arg_hooks() -> None:
     install()
 
 
-def install_model_hooks() -> None:
-    """Model-side routing hooks; called when the backend is first built."""
-    from .model_hooks import install
-
-    install()
-
-
-__all__ = ["install_model_hooks", "install_server_arg_hooks"]
+__all__ = ["install_server_arg_hooks"]

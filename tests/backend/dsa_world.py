@@ -34,7 +34,7 @@ from sglang_sparse_mla.backend.attention_backend import TritonSparseMLABackend
 from sglang_sparse_mla.backend.dispatch import store_kv
 from sglang_sparse_mla.kernels.kv_cache_layout import D_QK, FP8_ROW_BYTES, quantize_kv_fp8
 from sglang_sparse_mla.kernels.reference import sparse_mla_reference
-from sglang_sparse_mla.scheduler_hooks import install_model_hooks
+from sglang_sparse_mla.backend import install_model_hooks
 from sglang_sparse_mla.testing.dsa_layer import InterleavedRope, NeoxRope, check_topk_row, index_scores
 
 PAGE = 64

@@ -16,7 +16,7 @@ from sglang.srt.speculative.draft_utils import DraftBackendFactory  # noqa: E402
 from sglang_sparse_mla.backend.attention_backend import TritonSparseMLABackend  # noqa: E402
 from sglang_sparse_mla.backend.multi_step import TritonSparseMLAMultiStepBackend  # noqa: E402
 from sglang_sparse_mla.backend.spec import BACKEND_NAME  # noqa: E402
-from sglang_sparse_mla.scheduler_hooks import install_model_hooks  # noqa: E402
+from sglang_sparse_mla.backend import install_model_hooks  # noqa: E402
 
 MTP = {"speculative_eagle_topk": 1, "speculative_num_steps": 3, "speculative_num_draft_tokens": 4}
 

@@ -21,7 +21,7 @@ from sglang.srt.speculative.draft_utils import DraftBackendFactory  # noqa: E402
 
 from sglang_sparse_mla.backend.attention_backend import TritonSparseMLABackend  # noqa: E402
 from sglang_sparse_mla.backend.spec import BACKEND_NAME  # noqa: E402
-from sglang_sparse_mla.scheduler_hooks import install_model_hooks, model_hooks  # noqa: E402
+from sglang_sparse_mla.backend import install_model_hooks, model_hooks  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

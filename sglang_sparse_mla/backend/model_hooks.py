@@ -26,7 +26,7 @@ untouched.
 
 from __future__ import annotations
 
-from ..backend import spec
+from . import spec
 
 _INDEXER = "sglang.srt.layers.attention.dsa.dsa_indexer.Indexer.forward_cuda"
 _DRAFT_DECODE = "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_decode_backend"
@@ -58,7 +58,7 @@ def route_indexer(
     from sglang.srt.model_executor.forward_context import get_attn_backend
     from sglang.srt.state_capturer.indexer_topk import maybe_capture_indexer_topk
 
-    from ..backend.attention_backend import TritonSparseMLABackend
+    from .attention_backend import TritonSparseMLABackend
 
     backend = get_attn_backend()
     if not isinstance(backend, TritonSparseMLABackend):
@@ -85,7 +85,7 @@ def draft_decode_backend(original, factory):
         return original(factory)
     if factory.speculative_num_steps <= 1:
         return None
-    from ..backend.multi_step import TritonSparseMLAMultiStepBackend
+    from .multi_step import TritonSparseMLAMultiStepBackend
 
     backend = TritonSparseMLAMultiStepBackend(factory.draft_model_runner, factory.topk, factory.speculative_num_steps)
     _stamp(backend)
@@ -101,7 +101,7 @@ def draft_extend_backend(original, factory):
     which = "decode" if get_spec().speculative_attention_mode == "decode" else "prefill"
     if _draft_backend_name(factory, which) != spec.BACKEND_NAME:
         return original(factory)
-    from ..backend.attention_backend import TritonSparseMLABackend
+    from .attention_backend import TritonSparseMLABackend
 
     backend = TritonSparseMLABackend(factory.draft_model_runner)
     _stamp(backend)

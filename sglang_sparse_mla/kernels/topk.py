@@ -331,6 +331,23 @@ def _row_window(lengths_ptr, row_starts_ptr, row, num_cols, HAS_ROW_STARTS: tl.c
 
 
 @triton.jit
+def _output_rows(
+    out_ptr, req_to_token_ptr, req_pool_indices_ptr, token_to_req_ptr, row, tokens_per_req, stride_or, stride_r2t,
+    MAP_SLOTS: tl.constexpr, HAS_TOKEN_TO_REQ: tl.constexpr,
+):  # fmt: skip
+    """``(out_row, slot_row)``: where row ``row``'s selection goes, and (``MAP_SLOTS``) the
+    ``req_to_token`` row its positions map through (else ``out_row``, unread)."""
+    out_row = out_ptr + tl.cast(row, tl.int64) * stride_or
+    slot_row = out_row
+    if MAP_SLOTS:
+        slot_row = request_slot_row(
+            req_to_token_ptr, req_pool_indices_ptr, token_to_req_ptr, row, tokens_per_req, stride_r2t,
+            HAS_TOKEN_TO_REQ,
+        )
+    return out_row, slot_row
+
+
+@triton.jit
 def _topk_kernel(
     logits_ptr,
     lengths_ptr,
@@ -360,13 +377,10 @@ def _topk_kernel(
         row64 = tl.cast(row, tl.int64)
         start, length = _row_window(lengths_ptr, row_starts_ptr, row, num_cols, HAS_ROW_STARTS)
         row_ptr = logits_ptr + row64 * stride_lr + start
-        out_row = out_ptr + row64 * stride_or
-        slot_row = out_row
-        if MAP_SLOTS:
-            slot_row = request_slot_row(
-                req_to_token_ptr, req_pool_indices_ptr, token_to_req_ptr, row, tokens_per_req, stride_r2t,
-                HAS_TOKEN_TO_REQ,
-            )
+        out_row, slot_row = _output_rows(
+            out_ptr, req_to_token_ptr, req_pool_indices_ptr, token_to_req_ptr, row, tokens_per_req, stride_or,
+            stride_r2t, MAP_SLOTS, HAS_TOKEN_TO_REQ,
+        )
 
         # Candidates: the row itself, or (long rows) the keys >= a lower bound.
         lo = tl.zeros([], tl.uint32)
@@ -480,12 +494,11 @@ def _split_histogram_round(row_ptr, hist_row, seg_row, first, end, prefix, rnd, 
     if rnd == 3:
         tl.debug_barrier()  # every thread's atomics are done
         counts += tl.load(seg_row + bins, cache_modifier=".cg")
-        tl.atomic_add(hist_row + rnd * 256 + bins, counts, mask=counts > 0, sem="relaxed")
+    tl.atomic_add(hist_row + rnd * 256 + bins, counts, mask=counts > 0, sem="relaxed")
+    if rnd == 3:
         tl.debug_barrier()  # read before overwritten
         tl.store(seg_row + bins, tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts)
         tl.store(seg_row + 256, tl.sum(above, 0))
-    else:
-        tl.atomic_add(hist_row + rnd * 256 + bins, counts, mask=counts > 0, sem="relaxed")
 
 
 @triton.jit
@@ -588,13 +601,10 @@ def _split_rows_kernel(
             if phase < 4:
                 _split_histogram_round(row_ptr, hist_row, seg_rows + seg * 257, first, end, prefix, phase, BLOCK)
         if phase == 4:
-            out_row = out_ptr + row64 * stride_or
-            slot_row = out_row
-            if MAP_SLOTS:
-                slot_row = request_slot_row(
-                    req_to_token_ptr, req_pool_indices_ptr, token_to_req_ptr, row, tokens_per_req, stride_r2t,
-                    HAS_TOKEN_TO_REQ,
-                )
+            out_row, slot_row = _output_rows(
+                out_ptr, req_to_token_ptr, req_pool_indices_ptr, token_to_req_ptr, row, tokens_per_req, stride_or,
+                stride_r2t, MAP_SLOTS, HAS_TOKEN_TO_REQ,
+            )
             _split_emit_segment(
                 row_ptr, seg_rows, out_row, slot_row, seg, first, end, length, k, prefix, need, slot_cols,
                 MAP_SLOTS, BLOCK, SEGMENT_BLOCK,
@@ -709,10 +719,10 @@ def topk_indices(
         segment, segments, rows_per_launch = split_grid(num_rows, num_cols, num_sms, cfg)
         sync = torch.zeros(num_rows, _SYNC_COLS.value, dtype=torch.int32, device=device)
         seg_counts = torch.empty(num_rows, segments, _RADIX_BINS + 1, dtype=torch.int32, device=device)
-        # One cooperative launch (grid barriers between the phases) on a GPU;
-        # the interpreter runs programs one after another: a launch a phase.
-        phases = [(0, 4)] if not is_interpreter() else [(p, p) for p in range(5)]
-        launch = {} if is_interpreter() else {"launch_cooperative_grid": True, "maxnreg": SPLIT_MAX_REGISTERS}
+        if is_interpreter():  # programs run one after another: a launch a phase
+            phases, launch = [(p, p) for p in range(5)], {}
+        else:  # one cooperative launch, grid barriers between the phases
+            phases, launch = [(0, 4)], {"launch_cooperative_grid": True, "maxnreg": SPLIT_MAX_REGISTERS}
         for row0 in range(0, num_rows, rows_per_launch):
             grid = (segments, min(rows_per_launch, num_rows - row0))
             for first_phase, last_phase in phases:

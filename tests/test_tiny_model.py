@@ -25,8 +25,9 @@ pytest.importorskip("tokenizers")
 needs_sglang = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed")
 
 
-# Every (architecture, shape) there is: both architectures small, DeepSeek-V3.2 also released.
-MODELS = [(arch, "small") for arch in ARCHITECTURES] + [("deepseek-v3.2", "released")]
+# Every (architecture, shape) there is: both architectures small, DeepSeek-V3.2 also released
+# (whole, and as one TP-8 rank).
+MODELS = [(arch, "small") for arch in ARCHITECTURES] + [("deepseek-v3.2", s) for s in ("released", "released-tp8")]
 MODEL_IDS = [f"{arch}-{shape}" for arch, shape in MODELS]
 
 
@@ -44,6 +45,17 @@ def test_released_shape_is_deepseek_v32_attention():
     assert config["hidden_size"] == tiny_config("deepseek-v3.2")["hidden_size"]  # the body stays tiny
     with pytest.raises(ValueError, match="released"):
         tiny_config("glm-5", "released")
+
+
+def test_tp8_shape_is_one_rank_of_the_released_attention():
+    """Tensor parallelism 8 splits the query heads only: the cache, indexer and top-k stay whole."""
+    released, rank = tiny_config("deepseek-v3.2", "released"), tiny_config("deepseek-v3.2", "released-tp8")
+    assert rank["num_attention_heads"] == rank["num_key_value_heads"] == 16
+    assert {k: v for k, v in rank.items() if k not in ("num_attention_heads", "num_key_value_heads")} == {
+        k: v for k, v in released.items() if k not in ("num_attention_heads", "num_key_value_heads")
+    }
+    with pytest.raises(ValueError, match="released-tp8"):
+        tiny_config("glm-5", "released-tp8")
 
 
 def test_files_names_and_shapes(written):

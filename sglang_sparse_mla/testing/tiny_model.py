@@ -1,6 +1,6 @@
 """Seeded tiny DSA checkpoints for end-to-end serving tests.
 
-``python -m sglang_sparse_mla.testing.tiny_model OUT_DIR [--arch deepseek-v3.2|glm-5] [--shape small|released]
+``python -m sglang_sparse_mla.testing.tiny_model OUT_DIR [--arch deepseek-v3.2|glm-5] [--shape small|released|released-tp8]
 [--seed N] [--layers N] [--force]``
 
 writes a randomly initialised model of the real architecture, small enough to
@@ -32,7 +32,10 @@ gives the attention its released shape: 128 query heads, q_lora_rank 1536,
 index_topk 2048, 32k positions, 2 layers (about 290 MB). There attention and
 the indexer dominate a step at long contexts, as in the real model, and
 SGLang's sgl-kernel top-k (which asserts index_topk 2048) runs unmodified.
-``--layers N`` deepens either shape (about 72M parameters per released-shape
+``--shape released-tp8`` is the same attention as one rank of a tensor-parallel-8 server
+sees it: 16 query heads (128 / 8; the latent cache, the indexer's 64 heads and its top-k are
+not split across ranks), the regime most users serve DSA models in.
+``--layers N`` deepens any shape (about 72M parameters per released-shape
 layer), so that attention weighs more against a decode step's fixed cost
 (scheduler, sampling, launches), closer to the 61-layer released model.
 """
@@ -49,7 +52,7 @@ from pathlib import Path
 import torch
 
 ARCHITECTURES = ("deepseek-v3.2", "glm-5")
-SHAPES = ("small", "released")
+SHAPES = ("small", "released", "released-tp8")
 VOCAB_SIZE = 1024  # >= the tokenizer's vocabulary (see tiny_tokenizer.TARGET_VOCAB)
 MAX_POSITIONS = 8192
 
@@ -142,6 +145,9 @@ _RELEASED_ATTENTION = {
         },
     },
 }
+# Tensor parallelism splits the query heads across ranks; everything else of the attention
+# (latent KV cache, indexer, top-k) is whole on every rank.
+_TP8_HEADS = _RELEASED_ATTENTION["deepseek-v3.2"]["num_attention_heads"] // 8
 
 
 def tiny_config(arch: str = "deepseek-v3.2", shape: str = "small", layers: int | None = None) -> dict:
@@ -152,11 +158,14 @@ def tiny_config(arch: str = "deepseek-v3.2", shape: str = "small", layers: int |
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
     if shape == "small":
         config = {**_COMMON, **_ARCH_CONFIGS[arch]}
-    elif shape == "released" and arch in _RELEASED_ATTENTION:
+    elif shape in ("released", "released-tp8") and arch in _RELEASED_ATTENTION:
         config = {**_COMMON, **_ARCH_CONFIGS[arch], **_RELEASED_ATTENTION[arch]}
+        if shape == "released-tp8":
+            config["num_attention_heads"] = config["num_key_value_heads"] = _TP8_HEADS
     else:
         raise ValueError(
-            f"no {shape!r} shape for {arch!r}: choose 'small', or 'released' for {sorted(_RELEASED_ATTENTION)}"
+            f"no {shape!r} shape for {arch!r}: choose 'small', or 'released' / 'released-tp8' for "
+            f"{sorted(_RELEASED_ATTENTION)}"
         )
     if layers is not None:
         if layers < 1:
@@ -308,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing; must be empty)")
     parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
     parser.add_argument(
-        "--shape", choices=SHAPES, default="small", help="released: DeepSeek-V3.2's attention shapes (deepseek-v3.2 only)"
+        "--shape", choices=SHAPES, default="small", help="released: DeepSeek-V3.2's attention shapes; released-tp8: the same at one TP-8 rank's 16 heads "
+        "(deepseek-v3.2 only)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="layer count (default: the shape's)")

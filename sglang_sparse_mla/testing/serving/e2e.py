@@ -10,7 +10,7 @@ Each configuration is one ``python -m sglang.launch_server`` (CUDA graphs on,
 captured up to the work's largest batch, 32) of the tiny model
 (:mod:`sglang_sparse_mla.testing.tiny_model`, written once to DIR; ``--shape released``:
 DeepSeek-V3.2's attention shapes, 128 heads and index_topk 2048, with long
-prompts) that runs the work its comparisons need, then stops. One DIR holds
+prompts; ``--shape released-tp8``: the same at one TP-8 rank's 16 heads) that runs the work its comparisons need, then stops. One DIR holds
 the results of one model. Results accumulate in DIR/results.json (so
 runs can be split over several calls of a warm machine, run by several
 processes at once, e.g. one per GPU with CUDA_VISIBLE_DEVICES, or merged from
@@ -225,11 +225,13 @@ class Workload:
         return max(self.min_requests, self.waves * concurrency)
 
 
-# Both shapes reach well past index_topk (256 small, 2048 released); the released shape's
-# prompts are long enough for attention and the indexer to dominate a decode step.
+# Every shape reaches well past index_topk (256 small, 2048 released: greedy to 6x it); the
+# released shapes' prompts are long enough for attention and the indexer to dominate a decode step.
+_RELEASED_WORKLOAD = Workload((1000, 4000, 8000), (1000, 4000, 12000), 64, 8192, 256, 1, 4)
 WORKLOADS = {
     "small": Workload((300, 1000, 2000, 4000), (100, 600, 1500, 3000), 128, 1024, 256, 4, 8),
-    "released": Workload((1000, 4000, 8000), (1000, 4000, 12000), 64, 8192, 256, 1, 4),
+    "released": _RELEASED_WORKLOAD,
+    "released-tp8": _RELEASED_WORKLOAD,
 }
 
 

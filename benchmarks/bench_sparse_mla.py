@@ -283,7 +283,7 @@ def kernel_candidates(heads: int, kv_format: str, info) -> list:
 # forced SM80 path (``--sweep-gluon``): ring depth, key tile and warps at 16 heads; key tile and
 # ring depth for the 32-head blocks that serve more heads.
 GLUON_SWEEP = {
-    ("fp8", 16): [(16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 8, 2)],
+    ("fp8", 16): [(16, 16, 4, 2), (16, 16, 4, 3), (16, 16, 4, 4), (16, 32, 4, 2), (16, 32, 4, 3)],
     ("fp8", 128): [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 2)],
     ("bf16", 16): [(16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 8, 2)],
 }

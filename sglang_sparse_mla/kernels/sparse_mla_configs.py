@@ -98,12 +98,14 @@ FEW_PROGRAMS_WARP_SPECIALIZED = 2
 # larger two, of 64 keys (190 KB) the largest. Its accumulators cap the head block at
 # 32: 64-head blocks spill on every target. By the sweep of the candidates (native
 # and forced SM80 path): 32 keys and a two-stage ring at 16 heads (a deeper ring or
-# 64 keys lose in prefill), 64-key tiles at 128 heads where they fit.
+# 64 keys lose in prefill), 64-key tiles at 128 heads where they fit. The medium class
+# (A100, and the forced SM80 path) holds one 94 KB CTA of 32 keys an SM: 16-key tiles in a
+# three-stage ring (67 KB, 168 registers) let two reside.
 _GLUON_FP8_CONFIGS: dict[tuple[int, int], SparseMLAConfig] = {
     (SMEM_LARGE, 16): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),
     (SMEM_LARGE, 32): SparseMLAConfig(32, 64, 8, 2, gluon_sm80=True),
     (SMEM_LARGE, 64): SparseMLAConfig(32, 64, 8, 2, gluon_sm80=True),
-    (SMEM_MEDIUM, 16): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),
+    (SMEM_MEDIUM, 16): SparseMLAConfig(16, 16, 4, 3, gluon_sm80=True),
     (SMEM_MEDIUM, 32): SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True),
     (SMEM_MEDIUM, 64): SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True),
     (SMEM_SMALL, 16): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),

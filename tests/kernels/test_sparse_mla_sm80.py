@@ -54,7 +54,8 @@ def test_fp8_caches_take_it_wherever_gluon_runs(capability, smem, heads, tokens)
     info = DeviceInfo(capability, smem, 132, warp_specialized=capability == (9, 0), gluon_sm80=True)
     cfg = select_config(heads, True, info, tokens)
     assert cfg.gluon_sm80 and cfg.block_h == (16 if heads <= 16 or smem == SMEM_SMALL else 32)
-    assert cfg.block_n == (64 if cfg.block_h == 32 and smem == SMEM_LARGE else 32)
+    wide = 64 if cfg.block_h == 32 and smem == SMEM_LARGE else 32
+    assert cfg.block_n == (16 if cfg.block_h == 16 and smem == SMEM_MEDIUM else wide)
 
     assert cfg == select_config(heads, True, info)  # the batch never changes an FP8 launch's kernel
     # BF16 caches keep their kernels but at most 16 heads on SM90.
@@ -118,6 +119,23 @@ def test_bf16_variant_matches_reference(target, rng, arch_path, config, heads):
     kv, q, idx = make_inputs(target, rng, tokens, heads, 2048, 1 << 20, "bf16")
     out, lse = poisoned_outputs(tokens, heads, target.device)
     sparse_mla_forward(q, kv, idx, SM_SCALE, config=config, out=out, lse=lse)
+    assert_matches_reference(out, lse, q, kv, idx)
+
+
+@on_gluon_gpu
+@pytest.mark.parametrize("config", [(16, 16, 4, 2), (16, 16, 4, 3), (16, 32, 4, 2)], ids=["n16s2", "n16s3", "n32s2"])
+@pytest.mark.parametrize("heads", [8, 16])
+@pytest.mark.parametrize("num_kv_splits", [1, 5])
+def test_fp8_key_tiles_match_reference(target, rng, arch_path, config, heads, num_kv_splits):
+    """The 16-head FP8 tiles a sweep picks from, whichever the dispatch takes: 16 and 32 keys a
+    tile, ring depths 2 and 3; -1 entries, short rows and splits ending mid-tile included."""
+    tokens = 37
+    kv, q, idx = make_inputs(target, rng, tokens, heads, 2048, 1 << 20, "fp8")
+    idx[::3, 1000:] = -1  # rows whose valid entries end mid-split
+    idx[1::5, 7::11] = -1
+    out, lse = poisoned_outputs(tokens, heads, target.device)
+    cfg = SparseMLAConfig(*config, gluon_sm80=True)
+    sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, config=cfg, out=out, lse=lse)
     assert_matches_reference(out, lse, q, kv, idx)
 
 

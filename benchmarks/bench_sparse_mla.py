@@ -289,9 +289,11 @@ GLUON_SWEEP = {
 }
 
 
-def gluon_sweep(caches, ceilings, gen):
+def gluon_sweep(caches, ceilings, gen, kv_formats, heads_list=None):
     rows = []
     for (kv_format, heads), candidates in GLUON_SWEEP.items():
+        if kv_format not in kv_formats or (heads_list and heads not in heads_list):
+            continue
         configs = [None] + [SparseMLAConfig(*c, gluon_sm80=True) for c in candidates]
         for tokens in (32, 128):
             rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, configs, [None], False)
@@ -322,9 +324,9 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="time candidate tile configs and split counts instead")
     parser.add_argument("--sweep-gluon", action="store_true", help="time the Gluon SM80-class kernel's candidates")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    parser.add_argument("--kv", default="bf16,fp8", help="cache formats to sweep")
+    parser.add_argument("--kv", default="bf16,fp8", help="cache formats to sweep (and of --sweep-gluon)")
     parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--heads", help="comma-separated head counts of the full table (default 16,32,64,128)")
+    parser.add_argument("--heads", help="comma-separated head counts of the full table (default 16,32,64,128; --sweep-gluon: its 16, 128)")
     parser.add_argument("--tokens", help="comma-separated decode token counts of the full table (default 1,8,32,64,128)")
     args = parser.parse_args()
     ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
@@ -336,7 +338,7 @@ def main():
     kv = torch.randn(NUM_SLOTS, 576, device="cuda", generator=gen).bfloat16()
     caches = {"bf16": kv, "fp8": quantize_kv_fp8(kv)}
     if args.sweep_gluon:
-        rows = gluon_sweep(caches, ceilings, gen)
+        rows = gluon_sweep(caches, ceilings, gen, args.kv.split(","), ints(args.heads))
     elif args.sweep:
         rows = sweep_cases(caches, ceilings, gen, args.kv.split(","))
     else:

@@ -231,6 +231,19 @@ def test_e2e_configs_and_workloads_follow_the_model_shape(tmp_path, monkeypatch,
     assert exit_info.value.code == 2 and "'layers': 2" in capsys.readouterr().err
 
 
+def test_throughput_warm_up_caches_none_of_the_timed_prompts():
+    """A warm-up prompt left in the radix cache would make a timed request a cached-prefix
+    extend whose kernels were never compiled: the warm-up's prompts are distinct."""
+    workload = e2e.WORKLOADS["released-tp8"]
+    for concurrency in e2e.CONCURRENCY:
+        timed, warm_up = e2e.throughput_prompts(workload, concurrency)
+        assert len(timed) == workload.requests(concurrency) and len(warm_up) == concurrency
+        assert {len(p) for p in timed + warm_up} == {workload.input_tokens}
+        assert not {tuple(p[:64]) for p in timed} & {tuple(p[:64]) for p in warm_up}
+        assert timed == e2e.throughput_prompts(workload, concurrency)[0]  # the same prompts for every backend
+    assert e2e.make_configs(2048)["fallback"].min_startup_s >= 600 > e2e.make_configs(2048)["ours"].min_startup_s
+
+
 def test_stream_generate_times_first_token(tmp_path):
     """TTFT and token count from a server-sent ``/generate`` stream (a local stub server)."""
     import http.server

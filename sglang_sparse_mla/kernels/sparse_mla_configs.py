@@ -99,13 +99,13 @@ FEW_PROGRAMS_WARP_SPECIALIZED = 2
 # 32: 64-head blocks spill on every target. By the sweep of the candidates (native
 # and forced SM80 path): 32 keys and a two-stage ring at 16 heads (a deeper ring or
 # 64 keys lose in prefill), 64-key tiles at 128 heads where they fit. The medium class
-# (A100, and the forced SM80 path) holds one 94 KB CTA of 32 keys an SM: 16-key tiles in a
-# three-stage ring (67 KB, 168 registers) let two reside.
+# (A100, and the forced SM80 path) holds one 94 KB CTA of 32 keys an SM; 16-key tiles
+# (56-77 KB) let two reside but were 1.1-1.2x slower on the forced path (H200, 2026-12-07).
 _GLUON_FP8_CONFIGS: dict[tuple[int, int], SparseMLAConfig] = {
     (SMEM_LARGE, 16): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),
     (SMEM_LARGE, 32): SparseMLAConfig(32, 64, 8, 2, gluon_sm80=True),
     (SMEM_LARGE, 64): SparseMLAConfig(32, 64, 8, 2, gluon_sm80=True),
-    (SMEM_MEDIUM, 16): SparseMLAConfig(16, 16, 4, 3, gluon_sm80=True),
+    (SMEM_MEDIUM, 16): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),
     (SMEM_MEDIUM, 32): SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True),
     (SMEM_MEDIUM, 64): SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True),
     (SMEM_SMALL, 16): SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True),

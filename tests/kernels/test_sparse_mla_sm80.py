@@ -54,8 +54,7 @@ def test_fp8_caches_take_it_wherever_gluon_runs(capability, smem, heads, tokens)
     info = DeviceInfo(capability, smem, 132, warp_specialized=capability == (9, 0), gluon_sm80=True)
     cfg = select_config(heads, True, info, tokens)
     assert cfg.gluon_sm80 and cfg.block_h == (16 if heads <= 16 or smem == SMEM_SMALL else 32)
-    wide = 64 if cfg.block_h == 32 and smem == SMEM_LARGE else 32
-    assert cfg.block_n == (16 if cfg.block_h == 16 and smem == SMEM_MEDIUM else wide)
+    assert cfg.block_n == (64 if cfg.block_h == 32 and smem == SMEM_LARGE else 32)
 
     assert cfg == select_config(heads, True, info)  # the batch never changes an FP8 launch's kernel
     # BF16 caches keep their kernels but at most 16 heads on SM90.

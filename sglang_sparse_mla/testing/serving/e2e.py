@@ -116,6 +116,9 @@ def dsa_launch(index_topk: int) -> tuple[tuple[str, ...], dict[str, str]]:
     return (*args, "--dsa-topk-backend", "torch"), {"SGLANG_DSA_FUSE_TOPK": "false"}
 
 
+# The fallback's tilelang kernels compile while its decode CUDA graphs are captured: batch 32
+# alone took 169 s (H200, 16 layers, 2026-12-07), so a 240 s start timed out mid-capture.
+FALLBACK_STARTUP_S = 900.0
 FP8 = ("--kv-cache-dtype", "fp8_e4m3")
 NO_RADIX = ("--disable-radix-cache",)
 DETERMINISTIC = ("--enable-deterministic-inference",)
@@ -135,6 +138,7 @@ class Config:
     env: dict[str, str] = field(default_factory=dict)
     gpus: int = 1
     modules: tuple[str, ...] = ()
+    min_startup_s: float = 0.0  # at least this long to start, whatever --startup-timeout says
 
 
 def make_configs(index_topk: int) -> dict[str, Config]:
@@ -169,6 +173,7 @@ def make_configs(index_topk: int) -> dict[str, Config]:
             ("teacher", "greedy", "throughput", "profile"),
             env={**dsa_env, "SGLANG_FP8_PAGED_MQA_LOGITS_TORCH": "1"},
             modules=("tilelang",),
+            min_startup_s=FALLBACK_STARTUP_S,
         ),
     }
 
@@ -307,11 +312,19 @@ def _timed_requests(url: str, prompts: list[list[int]], concurrency: int, tokens
     }
 
 
+def throughput_prompts(workload: Workload, concurrency: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The timed prompts of one concurrency level and its warm-up's, none shared: a warm-up
+    prompt left in the radix cache would turn a timed request into a cached-prefix extend,
+    whose kernels the warm-up did not compile (JIT inside the timed run)."""
+    lengths = [workload.input_tokens] * workload.requests(concurrency)
+    return token_prompts(lengths, seed=10 + concurrency), token_prompts(lengths[:concurrency], seed=1000 + concurrency)
+
+
 def run_throughput(url: str, workload: Workload) -> dict:
     levels = []
     for concurrency in CONCURRENCY:
-        prompts = token_prompts([workload.input_tokens] * workload.requests(concurrency), seed=10 + concurrency)
-        _timed_requests(url, prompts[:concurrency], concurrency, 8)  # warm-up: compiles this batch size's kernels
+        prompts, warm_up = throughput_prompts(workload, concurrency)
+        _timed_requests(url, warm_up, concurrency, 8)  # compiles this batch size's kernels, caches none of prompts
         levels.append(_timed_requests(url, prompts, concurrency, workload.output_tokens))
     return {"levels": levels}
 
@@ -372,7 +385,8 @@ def run_config(name: str, config: Config, workload: Workload, model: Path, out: 
     args = (*COMMON, *config.args)
     result: dict = {"args": list(args), "env": config.env}
     start = time.perf_counter()
-    server = Server(model, args, env=config.env, log_path=out / "logs" / f"{name}.log", startup_timeout=startup_timeout)
+    timeout = max(startup_timeout, config.min_startup_s)
+    server = Server(model, args, env=config.env, log_path=out / "logs" / f"{name}.log", startup_timeout=timeout)
     try:
         with server:
             result["startup_s"] = time.perf_counter() - start

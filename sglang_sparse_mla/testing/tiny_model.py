@@ -317,8 +317,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing; must be empty)")
     parser.add_argument("--arch", choices=ARCHITECTURES, default="deepseek-v3.2")
     parser.add_argument(
-        "--shape", choices=SHAPES, default="small", help="released: DeepSeek-V3.2's attention shapes; released-tp8: the same at one TP-8 rank's 16 heads "
-        "(deepseek-v3.2 only)"
+        "--shape",
+        choices=SHAPES,
+        default="small",
+        help="released: DeepSeek-V3.2's attention shapes; released-tp8: the same at one TP-8 rank's 16 heads "
+        "(deepseek-v3.2 only)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="layer count (default: the shape's)")

@@ -12,8 +12,8 @@ captured up to the work's largest batch, 32) of the tiny model
 DeepSeek-V3.2's attention shapes, 128 heads and index_topk 2048, with long
 prompts; ``--shape released-tp8``: the same at one TP-8 rank's 16 heads) that runs
 the work its comparisons need, then stops. One DIR holds the results of one model.
-Results accumulate in DIR/results.json (so runs can be split over several calls of a warm machine, run by several
-processes at once, e.g. one per GPU with CUDA_VISIBLE_DEVICES, or merged from
+Results accumulate in DIR/results.json (so runs can be split over several calls
+of a warm machine, run by several processes at once, e.g. one per GPU with CUDA_VISIBLE_DEVICES, or merged from
 several files with --merge); DIR/summary.json and the printed summary compare
 whatever configurations are there; --work runs only some steps of each (a
 configuration's result is replaced whole). Server logs go to DIR/logs/; a

@@ -1,7 +1,7 @@
 """Lightning-indexer kernels against SGLang 0.5.23's torch fallbacks, on a GPU.
 
-    python benchmarks/bench_indexer.py [--out results.json] [--sweep]
-        [--copy-gbs X] [--mma-tflops X]
+    python benchmarks/bench_indexer.py [--out results.json] [--sweep] [--graph-only]
+        [--sections paged,prefill,topk] [--copy-gbs X] [--mma-tflops X]
 
 Sections: paged decode logits (``fp8_paged_mqa_logits`` vs SGLang's
 ``_fp8_paged_mqa_logits_torch``), ragged prefill logits (``fp8_mqa_logits`` vs
@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import functools
 import importlib
+import inspect
 import json
 import math
 import sys
@@ -66,12 +67,19 @@ FLOPS_PER_SCORE = 2 * HEADS * DIM
 MAX_INPUT_SETS = 8
 DEVICE = torch.device("cuda")
 
-PAGED_SHAPES = [(b, ctx) for b in (1, 8, 32, 128) for ctx in (4096, 32768, 131072)]
-PAGED_MTP_SHAPES = [(32, 32768, 2)]  # (batch, context, next_n): ours only, SGLang's fallback has no next_n > 1
+# (batch, context, next_n, width): the logits are ``width`` columns wide. Width = context are
+# kernel shapes; a wider one is a CUDA-graph decode batch, whose block table spans the longest
+# context the server allows (32768 for the tiny released model, 163840 for DeepSeek-V3.2), timed
+# as the backend calls it (``clean_logits=False``).
+PAGED_SHAPES = [(b, ctx, 1, ctx) for b in (1, 8, 32, 128) for ctx in (4096, 32768, 131072)]
+PAGED_SHAPES += [(32, 32768, 2, 32768)]  # MTP: ours only, SGLang's fallback has no next_n > 1
+PAGED_SHAPES += [(b, 8448, 1, w) for b in (1, 32) for w in (32768, 163840)]
 PREFILL_SHAPES = [(4096, n) for n in (4096, 16384, 65536)]
-# Decode rows (one per request) at batch 1, 8, 32 (the split-row path), then 64 long rows
-# and a prefill-sized batch (one program per row).
-TOPK_SHAPES = [(b, c) for b in (1, 8, 32) for c in (8192, 32768, 131072)] + [(64, 131072), (4096, 8192)]
+# (rows, width, length): decode rows (one per request) at batch 1, 8, 32 (the split-row path),
+# then 64 long rows and a prefill-sized batch (one program per row); then CUDA-graph decode
+# batches, rows of 8448 positions in logits 32768 / 163840 wide.
+TOPK_SHAPES = [(b, c, c) for b in (1, 8, 32) for c in (8192, 32768, 131072)] + [(64, 131072, 131072), (4096, 8192, 8192)]
+TOPK_SHAPES += [(b, w, 8448) for b in (1, 32) for w in (32768, 163840)]
 
 
 # ---------------------------------------------------------------------------
@@ -146,21 +154,24 @@ def fp8(*shape) -> torch.Tensor:
     return torch.randn(*shape, device=DEVICE).mul_(2).clamp_(-448, 448).to(torch.float8_e4m3fn)
 
 
-def paged_inputs(batch: int, context: int, next_n: int) -> dict:
+def paged_inputs(batch: int, context: int, next_n: int, width: int) -> dict:
+    """A cache holding each request's ``context`` positions in shuffled blocks; the block table
+    spans ``width`` positions (the blocks past the context point at block 0, never read)."""
     blocks = triton.cdiv(context, BLOCK_SIZE)
     cache = torch.empty(batch * blocks, BLOCK_SIZE, 1, DIM + 4, dtype=torch.uint8, device=DEVICE)
     flat = cache.view(batch * blocks, -1)
     flat[:, : BLOCK_SIZE * DIM] = fp8(batch * blocks, BLOCK_SIZE * DIM).view(torch.uint8)
     scales = torch.rand(batch * blocks, BLOCK_SIZE, device=DEVICE) * 0.01 + 1e-3
     flat[:, BLOCK_SIZE * DIM :] = scales.view(torch.uint8)
-    table = torch.randperm(batch * blocks, device=DEVICE, dtype=torch.int32).view(batch, blocks)
+    table = torch.zeros(batch, triton.cdiv(width, BLOCK_SIZE), dtype=torch.int32, device=DEVICE)
+    table[:, :blocks] = torch.randperm(batch * blocks, device=DEVICE, dtype=torch.int32).view(batch, blocks)
     return {
         "q": fp8(batch, next_n, HEADS, DIM),
         "cache": cache,
         "weights": torch.randn(batch * next_n, HEADS, device=DEVICE) * HEADS**-0.5,
         "context": torch.full((batch,), context, dtype=torch.int32, device=DEVICE),
         "table": table,
-        "max_len": context,
+        "max_len": width,
     }
 
 
@@ -190,10 +201,11 @@ def prefill_counts(tokens: int, keys: int) -> tuple[float, float]:
     return scores * FLOPS_PER_SCORE, nbytes
 
 
-def topk_inputs(rows: int, cols: int) -> dict:
+def topk_inputs(rows: int, cols: int, length: int) -> dict:
+    """Logits ``cols`` wide whose rows hold ``length`` positions (random values past them too)."""
     return {
         "logits": torch.randn(rows, cols, device=DEVICE),
-        "lengths": torch.full((rows,), cols, dtype=torch.int32, device=DEVICE),
+        "lengths": torch.full((rows,), length, dtype=torch.int32, device=DEVICE),
     }
 
 
@@ -214,24 +226,49 @@ def paged_baselines() -> list[tuple[str, Callable | None, str | None]]:
     return [("_fp8_paged_mqa_logits_torch", wrapper, reason), ("dsv4 fp8_paged_mqa_logits_torch", inner, inner_reason)]
 
 
+def _ours_paged(graph: bool) -> Callable:
+    """Our paged logits as the backend calls them: without the ``-inf`` tail in a CUDA-graph
+    batch. A tree from before ``clean_logits`` existed (a before/after run of this script
+    against an older checkout) writes the tail whatever the shape."""
+    if graph and "clean_logits" in inspect.signature(fp8_paged_mqa_logits).parameters:
+        return functools.partial(fp8_paged_mqa_logits, clean_logits=False)
+    return fp8_paged_mqa_logits
+
+
+def _deep_gemm_paged(fns, s) -> torch.Tensor:
+    """DeepGEMM as ``dsa`` calls it, its schedule (computed once a step there) made once per input set."""
+    logits_fn, schedule_fn = fns
+    if "dg_schedule" not in s:
+        s["dg_context"] = s["context"].view(-1, 1).contiguous()
+        s["dg_schedule"] = schedule_fn(s["dg_context"], BLOCK_SIZE, device_info(DEVICE).num_sms)
+    return logits_fn(s["q"], s["cache"], s["weights"], s["dg_context"], s["table"], s["dg_schedule"], s["max_len"],
+                     clean_logits=False)  # fmt: skip
+
+
 def paged_section(ceilings, sweep: bool) -> list[dict]:
     baselines = paged_baselines()
+    deep_gemm, deep_gemm_reason = sglang_baselines.deep_gemm_paged_mqa_logits()
     configs = paged_module.CONFIGS.candidates(device_info(DEVICE)) if sweep else [None]
     records = []
-    for batch, context, next_n in [(b, c, 1) for b, c in PAGED_SHAPES] + PAGED_MTP_SHAPES:
+    for batch, context, next_n, width in PAGED_SHAPES:
         flops, nbytes = paged_counts(batch, context, next_n)
-        sets = input_sets(lambda: paged_inputs(batch, context, next_n), nbytes)
+        sets = input_sets(lambda: paged_inputs(batch, context, next_n, width), nbytes)
+        ours = _ours_paged(width > context)
         for cfg in configs:
             ms, err = try_bench(
-                lambda s: fp8_paged_mqa_logits(s["q"], s["cache"], s["weights"], s["context"], s["table"], s["max_len"], config=cfg),
+                lambda s: ours(s["q"], s["cache"], s["weights"], s["context"], s["table"], s["max_len"], config=cfg),
                 sets,
             )
-            rec = {"section": "paged", "batch": batch, "context": context, "next_n": next_n,
+            rec = {"section": "paged", "batch": batch, "context": context, "next_n": next_n, "width": width,
                    "config": str(cfg) if cfg else "default", "ours": rates(ms, flops, nbytes, ceilings), "error": err}
             if not sweep:
-                rec["sglang_torch"] = _first_baseline(baselines, next_n == 1, lambda fn, s: fn(
+                rec["sglang_torch"] = _first_baseline(baselines, next_n == 1 and width == context, lambda fn, s: fn(
                     s["q"], s["cache"], s["weights"], s["context"], s["table"], None, s["max_len"], clean_logits=False
                 ), sets[:1], flops, nbytes, ceilings)
+                rec["deepgemm"] = _first_baseline(
+                    [("deep_gemm.fp8_paged_mqa_logits", deep_gemm, deep_gemm_reason)], next_n == 1,
+                    _deep_gemm_paged, sets, flops, nbytes, ceilings,
+                )
             records.append(rec)
             _print_row(rec)
         del sets
@@ -278,18 +315,20 @@ def topk_section(ceilings, sweep: bool) -> list[dict]:
     sgl_topk, sgl_reason = sglang_baselines.sgl_kernel_fast_topk()
     num_sms = device_info(DEVICE).num_sms
     records = []
-    for rows, cols in TOPK_SHAPES:
-        nbytes = rows * cols * 4 + rows * TOPK * 4
-        sets = input_sets(lambda: topk_inputs(rows, cols), nbytes)
+    for rows, cols, length in TOPK_SHAPES:
+        nbytes = rows * length * 4 + rows * TOPK * 4
+        sets = input_sets(lambda: topk_inputs(rows, cols, length), nbytes)
         for cfg in configs:
             ms, err = try_bench(lambda s: topk_indices(s["logits"], s["lengths"], TOPK, config=cfg), sets)
             path = "split" if use_split_rows(rows, cols, num_sms, cfg or topk_default_config(TOPK)) else "per_row"
-            rec = {"section": "topk", "rows": rows, "cols": cols, "k": TOPK, "config": str(cfg) if cfg else "default",
-                   "path": path, "ours": rates(ms, 0.0, nbytes, ceilings), "error": err}
+            rec = {"section": "topk", "rows": rows, "cols": cols, "length": length, "k": TOPK,
+                   "config": str(cfg) if cfg else "default", "path": path, "ours": rates(ms, 0.0, nbytes, ceilings),
+                   "error": err}  # fmt: skip
             if not sweep:
                 row_ms, row_err = try_bench(lambda s: topk_indices(s["logits"], s["lengths"], TOPK, config=per_row), sets)
                 rec["ours_per_row"] = {**rates(row_ms, 0.0, nbytes, ceilings), "error": row_err}
-                base_ms, base_err = try_bench(lambda s: torch.topk(s["logits"], TOPK, dim=-1), sets)
+                # torch.topk takes no lengths: it gets the rows' positions only.
+                base_ms, base_err = try_bench(lambda s: torch.topk(s["logits"][:, :length], TOPK, dim=-1), sets)
                 rec["torch_topk"] = {**rates(base_ms, 0.0, nbytes, ceilings), "error": base_err}
                 rec["sgl_kernel_topk"] = _first_baseline(
                     [("sgl_kernel.fast_topk_v2", sgl_topk, sgl_reason)], True,
@@ -346,12 +385,12 @@ def _short(config: str) -> str:
 
 def _print_row(rec: dict) -> None:
     if rec["section"] == "paged":
-        shape = f"paged   B={rec['batch']:<4} ctx={rec['context']:<6} next_n={rec['next_n']}"
+        shape = f"paged   B={rec['batch']:<4} ctx={rec['context']:<6} next_n={rec['next_n']} width={rec['width']}"
     elif rec["section"] == "prefill":
         shape = f"prefill T={rec['tokens']:<5} N={rec['keys']:<6}"
     else:
-        shape = f"topk    rows={rec['rows']:<5} cols={rec['cols']:<6} {rec['path']}"
-    line = f"{shape:<38} {_short(rec['config']):<18} ours {_fmt(rec['ours'])}"
+        shape = f"topk    rows={rec['rows']:<5} len={rec['length']:<6} width={rec['cols']:<6} {rec['path']}"
+    line = f"{shape:<50} {_short(rec['config']):<18} ours {_fmt(rec['ours'])}"
     if rec.get("error"):
         line += f"  ERROR {rec['error']}"
     for key in ("sglang_torch", "deepgemm", "ours_per_row", "torch_topk", "sgl_kernel_topk"):
@@ -372,7 +411,12 @@ def main() -> None:
     parser.add_argument("--copy-gbs", type=float, help="bandwidth ceiling (GB/s) instead of measuring it")
     parser.add_argument("--mma-tflops", type=float, help="MMA ceiling (TFLOP/s) instead of measuring it")
     parser.add_argument("--sections", default="paged,prefill,topk", help="comma-separated subset to run")
+    parser.add_argument("--graph-only", action="store_true",
+                        help="paged and top-k: only the CUDA-graph decode shapes (logits wider than the rows)")
     args = parser.parse_args()
+    if args.graph_only:
+        PAGED_SHAPES[:] = [shape for shape in PAGED_SHAPES if shape[3] > shape[1]]
+        TOPK_SHAPES[:] = [shape for shape in TOPK_SHAPES if shape[1] > shape[2]]
 
     props = torch.cuda.get_device_properties(0)
     env = {

@@ -2,9 +2,14 @@
 # The whole GPU check in one go, for a CUDA machine with torch + triton and no
 # package index (the project's H100 test machine):
 #
-#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env baselines test sweep bench indexer-sweep indexer profile
+#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env baselines test sweep bench indexer-sweep indexer
+#                                                      indexer-before profile
 #
-# (no STEP = env baselines test bench indexer profile). Wheels it needs come from .stage/ in the
+# (no STEP = env baselines test bench indexer profile). INDEXER_ARGS adds bench_indexer.py options
+# (e.g. "--sections paged,topk --graph-only") and TAG suffixes its output names (e.g. _forced_sm80
+# for a run under SGLANG_SPARSE_MLA_FORCE_SM80=1). indexer-before times the same benchmark against
+# an earlier state of the package in the same call: BEFORE_TAR, a `git archive REV sglang_sparse_mla`
+# tar carried with the call (outputs indexer_before$TAG.*). Wheels it needs come from .stage/ in the
 # checkout (made by `bash devtools/gpu_machine/stage_wheels.sh`, carried to the
 # machine): pytest if missing, and SGLang 0.5.23's kernels for the baselines
 # (the sglang wheel without its Rust .so files, plus the pure-Python packages
@@ -81,14 +86,23 @@ sys.exit(1 if missing else 0)" || status=1
     indexer)
         log "indexer benchmark"
         ensure_sglang_baseline && export PYTHONPATH=$PYTHONPATH:$SGBASE
-        $PY benchmarks/bench_indexer.py --out "$RESULTS/indexer.json" > "$RESULTS/indexer.txt" 2>&1 || status=1
+        $PY benchmarks/bench_indexer.py ${INDEXER_ARGS:-} --out "$RESULTS/indexer${TAG:-}.json" \
+            > "$RESULTS/indexer${TAG:-}.txt" 2>&1 || status=1
+        ;;
+    indexer-before)
+        log "indexer benchmark, earlier package ($BEFORE_TAR)"
+        ensure_sglang_baseline && export PYTHONPATH=$PYTHONPATH:$SGBASE
+        before=/tmp/before-tree
+        rm -rf $before && mkdir -p $before && tar -xf "$BEFORE_TAR" -C $before && cp -r benchmarks $before/ &&
+            $PY $before/benchmarks/bench_indexer.py ${INDEXER_ARGS:-} --out "$RESULTS/indexer_before${TAG:-}.json" \
+                > "$RESULTS/indexer_before${TAG:-}.txt" 2>&1 || status=1
         ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done
 
 log "summary"
-for f in "$RESULTS"/sparse_mla.txt "$RESULTS"/indexer.txt; do
+for f in "$RESULTS"/sparse_mla.txt "$RESULTS"/indexer${TAG:-}.txt; do
     [ -f "$f" ] && cat "$f"
 done
 exit $status

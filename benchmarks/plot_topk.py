@@ -2,7 +2,7 @@
 
     python benchmarks/plot_topk.py OUT.png TOPK.json [LABEL=OTHER_TOPK.json ...]
 
-Bars per (rows x positions), in microseconds on a log scale: ours as dispatched, ours with one
+Bars per (rows x positions, of a width when the logits are wider), in microseconds on a log scale: ours as dispatched, ours with one
 program a row, ``torch.topk`` and sgl-kernel's ``fast_topk_v2`` where it ran; each extra file adds
 its dispatched time under LABEL (another state of the code timed on the same GPU).
 """
@@ -21,15 +21,21 @@ SERIES = (("ours", "ours (dispatched)"), ("ours_per_row", "ours, one program a r
           ("torch_topk", "torch.topk"), ("sgl_kernel_topk", "sgl-kernel fast_topk_v2"))  # fmt: skip
 
 
-def _times(path: str) -> dict[tuple[int, int], dict[str, float]]:
-    """{(rows, cols): {series key: us}} of the default-config records (no sweep rows)."""
-    table: dict[tuple[int, int], dict[str, float]] = {}
+def _times(path: str) -> dict[tuple[int, int, int], dict[str, float]]:
+    """{(rows, length, width): {series key: us}} of the default-config records (no sweep rows);
+    files from before rows had their own length count them as long as the logits are wide."""
+    table: dict[tuple[int, int, int], dict[str, float]] = {}
     for r in json.load(open(path))["records"]:
         if r.get("section") != "topk" or r.get("config") != "default":
             continue
         times = {key: 1000 * r[key]["ms"] for key, _ in SERIES if r.get(key) and r[key].get("ms")}
-        table[(r["rows"], r["cols"])] = times
+        table[(r["rows"], r.get("length", r["cols"]), r["cols"])] = times
     return table
+
+
+def _label(rows: int, length: int, width: int) -> str:
+    label = f"{rows} x {length / 1024:.3g}K"
+    return label if width == length else f"{label} of {width // 1024}K"
 
 
 def main() -> None:
@@ -47,7 +53,7 @@ def main() -> None:
         ax.bar([x + j * width for x in range(len(shapes))], [other.get(s, {}).get("ours", 0) for s in shapes], width,
                label=label)  # fmt: skip
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))])
-    ax.set_xticklabels([f"{r} x {c // 1024}K" for r, c in shapes], rotation=20)
+    ax.set_xticklabels([_label(*shape) for shape in shapes], rotation=20, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("µs (CUDA-graph median)")
     env = json.load(open(first)).get("env", {})

@@ -70,6 +70,19 @@ def deep_gemm_mqa_logits() -> tuple[Callable | None, str | None]:
     return _load("deep_gemm", "fp8_mqa_logits")
 
 
+def deep_gemm_paged_mqa_logits() -> tuple[Callable | None, str | None]:
+    """DeepGEMM's paged decode logits as SGLang's ``dsa`` calls them:
+    ``fp8_paged_mqa_logits(q[B,1,H,128] fp8, kv_cache[blocks,64,1,132] uint8, weights[B,H],
+    context_lens[B,1] int32, block_table[B,W] int32, schedule, max_len, clean_logits=False)`` with
+    ``schedule = get_paged_mqa_logits_metadata(context_lens, 64, num_sms)`` computed once a step
+    (returned as a pair ``(logits_fn, schedule_fn)``)."""
+    logits, reason = _load("deep_gemm", "fp8_paged_mqa_logits")
+    schedule, schedule_reason = _load("deep_gemm", "get_paged_mqa_logits_metadata")
+    if logits is None or schedule is None:
+        return None, reason or schedule_reason
+    return (logits, schedule), None
+
+
 def sgl_kernel_fast_topk() -> tuple[Callable | None, str | None]:
     """sgl-kernel's DSA top-k as SGLang's ``dsa`` top-k backend calls it:
     ``fast_topk_v2(score[B, L] fp32, lengths[B] int32, 2048, row_starts=None) -> [B, 2048] int32``

@@ -129,12 +129,15 @@ def paged_index_logits(
 ) -> torch.Tensor:
     """``[B * n, W * 64]`` index logits of ``n`` query tokens per request over its pages.
 
-    Token ``j`` of request ``b`` scores positions ``< kv_total[b] - n + j + 1``.
+    Token ``j`` of request ``b`` scores positions ``< kv_total[b] - n + j + 1``; the columns
+    past them are left unwritten (the top-k reads each row only up to its length).
     """
     num_reqs = block_table.shape[0]
     q = q_fp8.view(num_reqs, tokens_per_req, *q_fp8.shape[1:])
     kv_cache = index_buffer.view(index_buffer.shape[0], PAGE_SIZE, 1, INDEX_ROW_BYTES)
-    return kernels.fp8_paged_mqa_logits(q, kv_cache, weights, kv_total, block_table, block_table.shape[1] * PAGE_SIZE)
+    return kernels.fp8_paged_mqa_logits(
+        q, kv_cache, weights, kv_total, block_table, block_table.shape[1] * PAGE_SIZE, clean_logits=False
+    )
 
 
 def ragged_index_logits(

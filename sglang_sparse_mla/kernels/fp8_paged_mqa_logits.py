@@ -16,10 +16,16 @@ MTP verification) scores positions ``p < context_lens[b] - next_n + j + 1``::
 and every other column up to ``max_context_len`` is ``-inf``.
 
 A program owns one request, a group of its ``next_n`` tokens (all of them
-unless ``next_n * heads`` exceeds the widest MMA) and one contiguous column
-split; each key is scored independently, so splitting a long context needs
-no merge. Decode with one token per request reads 132 bytes per key for
-``2 * 64 * 128`` flops, so it is bound by memory bandwidth, not the MMA.
+unless ``next_n * heads`` exceeds the widest MMA) and one of ``splits``
+equal shares of that request's *context* (its key tiles, then the ``-inf``
+tail up to ``max_context_len``); each key is scored independently, so
+splitting a context needs no merge. The number of splits is fixed by the
+shapes (CUDA-graph safe) while the shares follow the context lengths on the
+device: a CUDA-graph batch's block table spans the longest context the
+server allows, and sizing the shares by that width would leave a short
+request's keys to a few of its programs. Decode with one token per request
+reads 132 bytes per key for ``2 * 64 * 128`` flops, so it is bound by memory
+bandwidth, not the MMA.
 """
 
 from __future__ import annotations
@@ -111,7 +117,7 @@ def _fp8_paged_mqa_logits_kernel(
     next_n,
     max_positions,
     out_cols,
-    cols_per_split,
+    splits,
     stride_qb,
     stride_qj,
     stride_block,
@@ -125,12 +131,12 @@ def _fp8_paged_mqa_logits_kernel(
     BLOCK_N: tl.constexpr,
     FILL_BLOCK: tl.constexpr,
     FP8_NATIVE: tl.constexpr,
+    CLEAN: tl.constexpr,
 ):
     groups = tl.cdiv(next_n, TOKENS)
     b = tl.program_id(0) // groups
     first_j = (tl.program_id(0) % groups) * TOKENS
-    col_lo = tl.program_id(1) * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, out_cols)
+    split = tl.program_id(1)
 
     j = first_j + tl.arange(0, TOKENS)
     token_ok = j < next_n
@@ -138,8 +144,11 @@ def _fp8_paged_mqa_logits_kernel(
     context = tl.load(context_lens_ptr + b)
     # Positions row j may see, clamped to the block table and the output width.
     limit = tl.minimum(tl.maximum(context - next_n + 1 + j, 0), max_positions)
-    tile_hi = tl.minimum(tl.max(tl.where(token_ok, limit, 0), 0), col_hi)
-    tile_hi = tl.maximum(tile_hi, col_lo)
+    span = tl.max(tl.where(token_ok, limit, 0), 0)
+    # This program's share of the group's key tiles, then of the -inf tail.
+    tiles_per_split = tl.cdiv(tl.cdiv(span, BLOCK_N), splits)
+    col_lo = tl.minimum(split * tiles_per_split * BLOCK_N, span)
+    tile_hi = tl.minimum(col_lo + tiles_per_split * BLOCK_N, span)
 
     q = load_query_block(q_ptr + b.to(tl.int64) * stride_qb, first_j, next_n, stride_qj, TOKENS, HEADS, FP8_NATIVE)
     w = load_head_weights(w_ptr + b.to(tl.int64) * next_n * stride_wr, first_j, next_n, stride_wr, TOKENS, HEADS)
@@ -164,7 +173,11 @@ def _fp8_paged_mqa_logits_kernel(
             tl.where(valid, s, float("-inf")),
             mask=pos_ok[:, None] & token_ok[None, :],
         )
-    fill_neg_inf(out_ptr, rows, token_ok, stride_or, tile_hi, col_hi, FILL_BLOCK)
+    if CLEAN:
+        tail_per_split = tl.cdiv(tl.cdiv(out_cols - span, splits), 16) * 16
+        tail_lo = tl.minimum(span + split * tail_per_split, out_cols)
+        tail_hi = tl.minimum(tail_lo + tail_per_split, out_cols)
+        fill_neg_inf(out_ptr, rows, token_ok, stride_or, tail_lo, tail_hi, FILL_BLOCK)
 
 
 def _validate(q, kv_cache, weights, context_lens, block_table, max_context_len):
@@ -213,6 +226,7 @@ def fp8_paged_mqa_logits(
     block_table: torch.Tensor,
     max_context_len: int,
     *,
+    clean_logits: bool = True,
     config: MQALogitsConfig | None = None,
 ) -> torch.Tensor:
     """Indexer logits of decode / MTP-verify tokens over the paged FP8 index-K cache.
@@ -229,13 +243,19 @@ def fp8_paged_mqa_logits(
             block; entries past a request's context are never read.
         max_context_len: width of the result (at least the largest context
             for a complete result).
+        clean_logits: write ``-inf`` past each row's positions (DeepGEMM's
+            flag of the same name). ``False`` skips most of that tail, for a
+            consumer that reads each row only up to its length (the top-k): a
+            CUDA-graph batch is as wide as the longest context allowed, and
+            the tail is most of it.
         config: tile configuration override (benchmarks and tests).
 
     Returns:
         ``[B * next_n, max_context_len]`` float32: row ``b * next_n + j`` holds
-        the scores of positions ``p < context_lens[b] - next_n + j + 1``
+        the scores of positions ``p < limit = context_lens[b] - next_n + j + 1``
         (clamped to ``max_blocks * block_size`` and ``max_context_len``) and
-        ``-inf`` everywhere else.
+        ``-inf`` everywhere else; with ``clean_logits=False`` the columns at
+        or past a row's ``limit`` are unspecified.
     """
     device = _validate(q, kv_cache, weights, context_lens, block_table, max_context_len)
     batch, next_n, num_heads, _ = q.shape
@@ -252,8 +272,6 @@ def fp8_paged_mqa_logits(
     groups = triton.cdiv(next_n, tokens)
     key_tiles = max(1, triton.cdiv(max_positions, cfg.block_n))
     splits = max(1, min(triton.cdiv(_PROGRAMS_PER_SM * info.num_sms, batch * groups), key_tiles // _MIN_TILES_PER_SPLIT))
-    cols_per_split = triton.cdiv(key_tiles, splits) * cfg.block_n
-    splits = max(1, triton.cdiv(max_context_len, cols_per_split))
 
     values = fp8_kernel_view(kv_cache, info)
     _fp8_paged_mqa_logits_kernel[(batch * groups, splits)](
@@ -267,7 +285,7 @@ def fp8_paged_mqa_logits(
         next_n,
         max_positions,
         max_context_len,
-        cols_per_split,
+        splits,
         q.stride(0),
         q.stride(1),
         kv_cache.stride(0),
@@ -281,6 +299,7 @@ def fp8_paged_mqa_logits(
         BLOCK_N=cfg.block_n,
         FILL_BLOCK=_FILL_BLOCK,
         FP8_NATIVE=info.native_fp8,
+        CLEAN=clean_logits,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -32,8 +32,10 @@ position order; the row is padded with ``-1`` up to ``k``. The result is
 deterministic (no atomics).
 
 Split rows (few long rows, e.g. decode batches of 1-64 requests): one
-program per row would leave most SMs idle, so each row is cut into
-``segments`` of consecutive positions, one program each, and the same
+program per row would leave most SMs idle, so each row's length (not the
+logits' width, which in a CUDA-graph batch spans the longest context the
+server allows) is cut into ``segments`` equal runs of consecutive positions,
+one program each, and the same
 ``tau`` is found by a radix select whose histograms are built by all of a
 row's programs together: four rounds, one per byte of the key (most
 significant first), each program adding the 256-bin histogram of the next
@@ -82,7 +84,8 @@ class TopKConfig:
     Split rows: ``split_rows`` forces the split-row path on (``True``) or off
     (``False``), ``None`` leaves it to :func:`use_split_rows`;
     ``split_block`` positions a split-row program streams at a time (a power
-    of two in ``[32, 8192]``); ``split_programs_per_sm`` the programs per SM the
+    of two in ``[32, 8192]``; a row gets at most one program per ``split_block``
+    columns of the logits); ``split_programs_per_sm`` the programs per SM the
     grid aims at (:func:`split_grid`), at most :data:`MAX_SPLIT_PROGRAMS_PER_SM`.
     """
 
@@ -123,6 +126,8 @@ _PROGRAMS_PER_SM = 4
 _SPLIT_NUM_WARPS = 4
 _RADIX_BINS = 256  # split rows: one key byte per histogram round
 _SEGMENT_BLOCK = 256  # split rows: earlier segments' counts summed this many at a time
+# Split rows: segments start at multiples of this many positions (aligned vector loads).
+_SEGMENT_ALIGN = 16
 # Split rows, per row: the four key-byte histograms and the grid-barrier counter (padded to 8).
 _SYNC_COLS = tl.constexpr(4 * _RADIX_BINS + 8)
 # Split-row programs an SM must hold at once: the launch caps each thread's registers so that
@@ -150,18 +155,21 @@ def use_split_rows(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) 
     return num_rows <= cfg.split_programs_per_sm * num_sms and num_cols > cfg.cap
 
 
-def split_grid(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) -> tuple[int, int, int]:
-    """``(segment, segments, rows_per_launch)`` of the split-row path: positions
-    per program (a multiple of ``split_block``), segments per row, and the rows
-    one launch takes (more rows take several launches). A launch is
+def split_grid(num_rows: int, num_cols: int, num_sms: int, cfg: TopKConfig) -> tuple[int, int]:
+    """``(segments, rows_per_launch)`` of the split-row path: programs per row
+    (at most one per ``split_block`` columns of the logits) and the rows one
+    launch takes (more rows take several launches). A launch is
     ``segments * rows_per_launch <= split_programs_per_sm * num_sms``
-    programs, all resident at once, as its grid barriers require."""
+    programs, all resident at once, as its grid barriers require.
+
+    Each program takes an equal share of its *row's length* (see
+    :func:`_split_rows_kernel`), not of ``num_cols``: a CUDA-graph batch's
+    logits are as wide as the longest context the server allows, while the
+    rows are usually far shorter."""
     programs = cfg.split_programs_per_sm * num_sms
     rows_per_launch = max(1, min(num_rows, programs))
     per_row = max(1, programs // rows_per_launch)
-    segment = triton.cdiv(triton.cdiv(num_cols, per_row), cfg.split_block) * cfg.split_block
-    segment = max(segment, cfg.split_block)
-    return segment, max(1, triton.cdiv(num_cols, segment)), rows_per_launch
+    return max(1, min(per_row, triton.cdiv(num_cols, cfg.split_block))), rows_per_launch
 
 
 _EMIT_BLOCK = 1024
@@ -556,7 +564,6 @@ def _split_rows_kernel(
     row0,
     num_cols,
     k,
-    segment,
     segments,
     tokens_per_req,
     slot_cols,
@@ -570,6 +577,7 @@ def _split_rows_kernel(
     HAS_TOKEN_TO_REQ: tl.constexpr,
     BLOCK: tl.constexpr,
     SEGMENT_BLOCK: tl.constexpr,
+    SEGMENT_ALIGN: tl.constexpr,
 ):
     """Split-row top-k, program ``(segment, row - row0)``: phases
     ``FIRST_PHASE .. LAST_PHASE`` (0-3 the histogram rounds, 4 the emit) for
@@ -577,7 +585,9 @@ def _split_rows_kernel(
     at a grid barrier (:func:`_row_barrier`) between them: the launch must be
     cooperative. ``sync_ptr`` holds per row ``[4 histograms of 256 | barrier
     counter]`` (``_SYNC_COLS`` wide, zero before the first phase); rows with
-    at most ``k`` entries (all selected) skip the rounds."""
+    at most ``k`` entries (all selected) skip the rounds. The row's length is
+    cut into ``segments`` equal shares (rounded up to ``SEGMENT_ALIGN``
+    positions): programs past the end of a short row only join the barriers."""
     seg = tl.program_id(0)
     row = row0 + tl.program_id(1)
     row64 = tl.cast(row, tl.int64)
@@ -585,6 +595,7 @@ def _split_rows_kernel(
     row_ptr = logits_ptr + row64 * stride_lr + start
     hist_row = sync_ptr + row64 * _SYNC_COLS
     seg_rows = seg_counts_ptr + row64 * segments * 257
+    segment = tl.cdiv(tl.cdiv(length, segments), SEGMENT_ALIGN) * SEGMENT_ALIGN
     first = seg * segment
     end = tl.minimum(first + segment, length)
     # tau's bytes resolved so far and the keys still wanted among those sharing them.
@@ -716,7 +727,7 @@ def topk_indices(
     stride_r2t = req_to_token.stride(0) if map_slots else 0
     flags = dict(HAS_ROW_STARTS=row_starts is not None, MAP_SLOTS=map_slots, HAS_TOKEN_TO_REQ=token_to_req is not None)
     if use_split_rows(num_rows, num_cols, num_sms, cfg):
-        segment, segments, rows_per_launch = split_grid(num_rows, num_cols, num_sms, cfg)
+        segments, rows_per_launch = split_grid(num_rows, num_cols, num_sms, cfg)
         sync = torch.zeros(num_rows, _SYNC_COLS.value, dtype=torch.int32, device=device)
         seg_counts = torch.empty(num_rows, segments, _RADIX_BINS + 1, dtype=torch.int32, device=device)
         if is_interpreter():  # programs run one after another: a launch a phase
@@ -727,10 +738,11 @@ def topk_indices(
             grid = (segments, min(rows_per_launch, num_rows - row0))
             for first_phase, last_phase in phases:
                 _split_rows_kernel[grid](
-                    logits, lengths, starts, out, sync, seg_counts, *slot_tables, row0, num_cols, k, segment,
+                    logits, lengths, starts, out, sync, seg_counts, *slot_tables, row0, num_cols, k,
                     segments, tokens_per_req, slot_cols, logits.stride(0), out.stride(0), stride_r2t,
                     FIRST_PHASE=first_phase, LAST_PHASE=last_phase, BLOCK=cfg.split_block,
-                    SEGMENT_BLOCK=_SEGMENT_BLOCK, num_warps=_SPLIT_NUM_WARPS, **launch, **flags,
+                    SEGMENT_BLOCK=_SEGMENT_BLOCK, SEGMENT_ALIGN=_SEGMENT_ALIGN, num_warps=_SPLIT_NUM_WARPS,
+                    **launch, **flags,
                 )  # fmt: skip
         return out
 

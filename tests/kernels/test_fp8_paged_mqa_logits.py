@@ -98,6 +98,29 @@ def test_long_context_splits(target, rng):
     run_and_check(target, q, cache, w, context, table, max_blocks * 64)
 
 
+@pytest.mark.parametrize("next_n", [1, 3])
+@pytest.mark.parametrize("clean", [True, False])
+def test_graph_width_short_contexts(target, rng, arch_path, next_n, clean):
+    """A CUDA-graph batch: the block table and the result span the longest
+    context allowed, the contexts are far shorter and uneven. Each request's
+    own context is shared among its programs; with ``clean_logits=False``
+    every row is still exact up to its own limit."""
+    batch, max_blocks, short = target.pick(cpu=(3, 24, 150), gpu=(32, 2560, 8448))
+    q, cache, w, context, table = make_case(target, rng, batch, next_n, max_blocks)
+    context = torch.randint(next_n, short + 1, (batch,), generator=rng, device=target.device, dtype=torch.int32)
+    context[0] = short
+    max_len = max_blocks * 64
+    out = fp8_paged_mqa_logits(q, cache, w, context, table, max_len, clean_logits=clean)
+    ref = paged_mqa_logits_reference(q, cache, w, context, table, max_len)
+    if clean:
+        assert_logits_match(out, ref, tolerance(target))
+        return
+    limit = (context.repeat_interleave(next_n) - next_n + 1 + torch.arange(next_n, device=target.device).repeat(batch))
+    inside = torch.arange(max_len, device=target.device)[None, :] < limit[:, None]
+    assert torch.isfinite(ref[inside]).all() and not torch.isfinite(ref[~inside]).any()
+    assert_logits_match(torch.where(inside, out, float("-inf")), ref, tolerance(target))
+
+
 @pytest.mark.parametrize("batch,max_len", [(0, 128), (2, 0)])
 def test_empty(target, batch, max_len):
     dev = target.device

@@ -100,18 +100,20 @@ def _paged_jobs(target, capability, native, smem):
     signature = dict(
         q_ptr=_fp8_ptr(native), kv_ptr=_fp8_ptr(native), kv_scale_ptr="*fp32", w_ptr="*fp32",
         context_lens_ptr="*i32", block_table_ptr="*i32", out_ptr="*fp32", next_n="i32", max_positions="i32",
-        out_cols="i32", cols_per_split="i32", stride_qb="i32", stride_qj="i32", stride_block="i32",
+        out_cols="i32", splits="i32", stride_qb="i32", stride_qj="i32", stride_block="i32",
         stride_bt="i32", stride_wr="i32", stride_or="i32", score_factor="fp32",
     )
     aligned = ("q_ptr", "kv_ptr", "kv_scale_ptr", "w_ptr", "context_lens_ptr", "block_table_ptr", "out_ptr",
                "stride_qb", "stride_qj", "stride_block", "stride_wr", "stride_or")
     for cfg in module.CONFIGS.candidates(_device(capability, native, smem)):
-        # next_n = 1, 2, 4 give every token count a program can handle.
+        # next_n = 1, 2, 4 give every token count a program can handle; with and without the -inf tail.
         for tokens in sorted({cfg.tokens_for(HEADS, n) for n in (1, 2, 4)}):
-            constexprs = dict(HEADS=HEADS, TOKENS=tokens, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=cfg.block_n,
-                              FILL_BLOCK=module._FILL_BLOCK, FP8_NATIVE=native)
-            yield Job(target, "paged", f"{cfg} tokens={tokens}", PAGED, "_fp8_paged_mqa_logits_kernel", signature,
-                      constexprs, capability, cfg.num_warps, cfg.num_stages, aligned)
+            for clean in (True, False):
+                constexprs = dict(HEADS=HEADS, TOKENS=tokens, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=cfg.block_n,
+                                  FILL_BLOCK=module._FILL_BLOCK, FP8_NATIVE=native, CLEAN=clean)
+                yield Job(target, "paged", f"{cfg} tokens={tokens} clean={clean}", PAGED,
+                          "_fp8_paged_mqa_logits_kernel", signature, constexprs, capability, cfg.num_warps,
+                          cfg.num_stages, aligned)
 
 
 def _topk_jobs(target, capability):
@@ -137,7 +139,7 @@ def _topk_jobs(target, capability):
     signature = dict(
         logits_ptr="*fp32", lengths_ptr="*i32", row_starts_ptr="*i32", out_ptr="*i32", sync_ptr="*i32",
         seg_counts_ptr="*i32", req_to_token_ptr="*i32", req_pool_indices_ptr="*i32", token_to_req_ptr="*i32",
-        row0="i32", num_cols="i32", k="i32", segment="i32", segments="i32", tokens_per_req="i32",
+        row0="i32", num_cols="i32", k="i32", segments="i32", tokens_per_req="i32",
         slot_cols="i32", stride_lr="i32", stride_or="i32", stride_r2t="i32",
     )  # fmt: skip
     aligned = ("logits_ptr", "lengths_ptr", "row_starts_ptr", "out_ptr", "sync_ptr", "seg_counts_ptr", "stride_lr",
@@ -145,7 +147,8 @@ def _topk_jobs(target, capability):
     blocks = sorted({cfg.split_block for cfg in module.sweep_configs(K)})
     for block, options in [(b, False) for b in blocks] + [(b, True) for b in blocks]:
         constexprs = dict(FIRST_PHASE=0, LAST_PHASE=4, HAS_ROW_STARTS=options, MAP_SLOTS=options,
-                          HAS_TOKEN_TO_REQ=options, BLOCK=block, SEGMENT_BLOCK=module._SEGMENT_BLOCK)  # fmt: skip
+                          HAS_TOKEN_TO_REQ=options, BLOCK=block, SEGMENT_BLOCK=module._SEGMENT_BLOCK,
+                          SEGMENT_ALIGN=module._SEGMENT_ALIGN)  # fmt: skip
         yield Job(target, "topk", f"split rows block={block} options={options}", TOPK, "_split_rows_kernel", signature,
                   constexprs, capability, module._SPLIT_NUM_WARPS, 1, aligned,
                   module.MAX_SPLIT_PROGRAMS_PER_SM, module.SPLIT_MAX_REGISTERS)  # fmt: skip

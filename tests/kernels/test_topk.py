@@ -285,13 +285,33 @@ def test_split_rows_every_length(target, rng):
         assert_rows_match(split, topk_indices_reference(part, part_lengths, k))
 
 
+@pytest.mark.parametrize("batch", ["b1", "b32"])
+def test_split_rows_share_the_length_not_the_width(target, rng, batch):
+    """CUDA-graph decode: logits as wide as the longest context allowed, rows
+    far shorter. Each row's length is shared among its programs; the columns
+    past it hold huge values that must never be read."""
+    rows = {"b1": 1, "b32": 32}[batch]
+    rows, cols, short, k = target.pick(cpu=(min(rows, 3), 400, 90, 24), gpu=(rows, 163840, 8448, 2048))
+    logits = torch.randn(rows, cols, generator=rng, device=target.device)
+    lengths = torch.randint(short // 2, short + 1, (rows,), generator=rng, device=target.device, dtype=torch.int32)
+    lengths[0] = short
+    past_end = torch.arange(cols, device=target.device)[None, :] >= lengths[:, None]
+    poisoned = logits.masked_fill(past_end, 1e30)
+    cfg = path_config(target, "split")
+    segments, _ = split_grid(rows, cols, device_info(target.device).num_sms, cfg)
+    assert segments * cfg.split_block > 2 * short, "the width must allow more programs than the length needs"
+    split = topk_indices(poisoned, lengths, k, config=cfg)
+    assert torch.equal(split, topk_indices(logits, lengths, k, config=path_config(target, "per_row")))
+    assert_rows_match(split, topk_indices_reference(logits, lengths, k))
+
+
 def test_split_rows_more_rows_than_one_launch(target, rng):
     """Forced split rows beyond what one launch holds take several launches."""
     rows, cols, k = target.pick(cpu=(40, 200, 16), gpu=(600, 20000, 2048))
     logits = pattern_logits(target, rng, "two_levels", rows, cols)
     lengths = random_lengths(target, rng, rows, cols, k)
     cfg = path_config(target, "split")
-    assert split_grid(rows, cols, device_info(target.device).num_sms, cfg)[2] < rows
+    assert split_grid(rows, cols, device_info(target.device).num_sms, cfg)[1] < rows
     split = topk_indices(logits, lengths, k, config=cfg)
     assert torch.equal(split, topk_indices(logits, lengths, k, config=path_config(target, "per_row")))
 

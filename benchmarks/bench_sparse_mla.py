@@ -1,5 +1,7 @@
 """Sparse MLA decode and prefill: ours vs SGLang 0.5.23's Triton kernels, FlashMLA
-(prefill) and FA3 (decode) as its ``dsa`` backend calls them, where they load, and torch.
+(prefill) and FA3 (decode) as its ``dsa`` backend calls them, its tilelang kernel (what
+its fallback for GPUs without FlashMLA runs for BF16 decode and prefill), where they
+load, and torch.
 
 Decode: T = 1..128 query tokens, H = 16/32/64/128 heads, top-k 2048 random
 slots of a cache of 2^20 slots (1.2 GB BF16, 0.69 GB FP8), so gathers miss L2.
@@ -187,6 +189,11 @@ def baseline_calls(phase, tokens, kv_format, heads, kv, qs, idxs):
             fn, why = sglang_baselines.sparse_mla_prefill()
             calls = [(lambda q=q, i=i: fn(q, kv, i, SM_SCALE, 512)) for q, i in zip(qs, idxs)]
         yield "sglang-triton", calls if fn is not None else why
+    if kv_format == "bf16" and phase != "prefill-fresh":
+        fn, why = sglang_baselines.tilelang_sparse_attention()
+        kv3 = kv.view(-1, 1, 576)
+        calls = [(lambda q=q, i=i: fn(q, kv3, i.view(tokens, 1, TOPK), SM_SCALE, 512)) for q, i in zip(qs, idxs)]
+        yield "tilelang (fallback)", calls if fn is not None else why
     if phase != "decode" and kv_format == "bf16":
         yield "flashmla", flash_mla_prefill_calls(kv, qs, idxs)
     if phase == "decode" and kv_format == "bf16":

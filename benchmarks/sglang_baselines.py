@@ -49,6 +49,14 @@ def fp8_paged_mqa_logits_torch() -> tuple[Callable | None, str | None]:
     return _load("sglang.srt.layers.attention.dsa.utils", "_fp8_paged_mqa_logits_torch")
 
 
+def tilelang_sparse_attention() -> tuple[Callable | None, str | None]:
+    """SGLang's fallback for GPUs without FlashMLA (``--dsa-{prefill,decode}-backend tilelang``),
+    decode and prefill alike over a BF16 cache: ``tilelang_sparse_fwd(q[T,H,576], kv[S,1,576],
+    indices[T,1,topk] int32, sm_scale, d_v) -> [1,T,H,512]`` (JIT-compiled per head count on first
+    use: tens of seconds)."""
+    return _load("sglang.kernels.ops.attention.dsa.tilelang_kernel", "tilelang_sparse_fwd")
+
+
 def flash_mla_sparse_prefill() -> tuple[Callable | None, str | None]:
     """FlashMLA's sparse prefill through SGLang's wrapper, as its ``dsa`` backend calls it:
     ``flash_mla_sparse_fwd(q[T,H,576], kv[S,1,576], indices[T,1,topk], sm_scale, d_v)``, the

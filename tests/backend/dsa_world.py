@@ -137,6 +137,7 @@ class DSAWorld:
         index_topk: int = 16,
         fp8: bool = False,
         num_layers: int = 1,
+        start_layer: int = 0,
         max_reqs: int = 8,
         max_context: int = 512,
         num_pages: int = 48,
@@ -146,7 +147,9 @@ class DSAWorld:
         seed: int = 0,
     ):
         """``num_heads`` are this rank's query heads, the model's ``num_heads * attn_tp_size``
-        (publish the matching ``--tp-size`` through :func:`sglang_config`)."""
+        (publish the matching ``--tp-size`` through :func:`sglang_config`). The rank holds
+        ``num_layers`` layers with ids from ``start_layer`` on (a pipeline-parallel rank's
+        ``[start_layer, end_layer)``: the pool keeps only those and takes global layer ids)."""
         self.device = published_device()
         self.gen = torch.Generator().manual_seed(seed)
         self.num_heads = num_heads
@@ -160,6 +163,8 @@ class DSAWorld:
             qk_rope_head_dim=64,
             layer_num=num_layers,
             device=self.device,
+            start_layer=start_layer,
+            end_layer=start_layer + num_layers,
             index_head_dim=128,
             enable_memory_saver=False,
             kv_cache_dim=FP8_ROW_BYTES if fp8 else D_QK,
@@ -197,7 +202,7 @@ class DSAWorld:
         self.scaling = 192**-0.5
         self.layers = [
             RadixAttention(num_heads, D_QK, self.scaling, num_kv_heads=1, layer_id=i, v_head_dim=512)
-            for i in range(num_layers)
+            for i in range(start_layer, start_layer + num_layers)
         ]
         self._next_page = 1  # page 0 holds SGLang's dummy slots of padded tokens
         self._next_req = 0
@@ -248,8 +253,9 @@ class DSAWorld:
             store_kv(self.pool.get_key_buffer(layer.layer_id), loc, rows)
 
     def kv_bytes(self, slots: list[int], layer: int = 0) -> torch.Tensor:
-        """The raw cache bytes of some slots (to check what a forward left untouched)."""
-        buffer = self.pool.get_key_buffer(layer)
+        """The raw cache bytes of some slots of the rank's ``layer``-th layer (to check what a forward
+        left untouched)."""
+        buffer = self.pool.get_key_buffer(self.layers[layer].layer_id)
         return buffer.view(buffer.shape[0], -1).view(torch.uint8)[self.tensor(slots)].clone()
 
     # --- batches ----------------------------------------------------------
@@ -332,7 +338,8 @@ class DSAWorld:
 
         ``split``: as SGLang's absorbed MLA calls a backend it lists among its absorb-core ones,
         the rope parts apart and strided like its tensors: ``q_nope`` the transposed per-head
-        product, ``q_rope`` and ``k_rope`` slices of wider rows.
+        product, ``q_rope`` and ``k_rope`` slices of wider rows. ``layer``: which of the rank's
+        layers (0 is its first, id ``start_layer``).
         """
         k_nope = k_rows[:, :512].reshape(-1, 1, 512)
         with forward_context(ForwardContext(attn_backend=self.backend)):
@@ -371,9 +378,10 @@ class TinyDSALayer:
     token inputs of every request are kept for the fp64 index-score reference.
     """
 
-    def __init__(self, world: DSAWorld, indexer):
+    def __init__(self, world: DSAWorld, indexer, layer: int = 0):
+        """``layer``: which of the world's layers this is (the indexer runs under its layer id)."""
         install_model_hooks()
-        self.world, self.indexer = world, indexer
+        self.world, self.indexer, self.layer = world, indexer, layer
         self.x, self.q_lora = {}, {}
 
     def tokens(self, req, n: int):
@@ -392,11 +400,14 @@ class TinyDSALayer:
     def select(self, fb, x, q_lora):
         """The indexer's call alone: top-k slots of the batch (new index keys stored)."""
         with forward_context(ForwardContext(attn_backend=self.world.backend)):
-            return self.indexer.forward_cuda(x=x, q_lora=q_lora, positions=fb.positions, forward_batch=fb, layer_id=0)
+            layer_id = self.world.layers[self.layer].layer_id
+            return self.indexer.forward_cuda(
+                x=x, q_lora=q_lora, positions=fb.positions, forward_batch=fb, layer_id=layer_id
+            )
 
     def forward(self, fb, x, q_lora, q, k_rows):
         slots = self.select(fb, x, q_lora)
-        return slots, self.world.attend(fb, q, k_rows, slots)
+        return slots, self.world.attend(fb, q, k_rows, slots, layer=self.layer)
 
     def check_topk(self, reqs, counts, slots) -> list[torch.Tensor]:
         """Assert each row is the top-k of the fp64 index scores; return its logical positions."""

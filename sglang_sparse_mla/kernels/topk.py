@@ -111,13 +111,12 @@ def sweep_configs(k: int) -> list[TopKConfig]:
     spills on every target (no bounding passes for decode rows up to 8k);
     16384 spills at 16 warps, and at 32 warps (64 registers a thread) on
     sm86/89 or sm120. The split-row candidates vary the streaming block and
-    the programs per SM (512-position blocks: a CUDA-graph batch's rows hold
-    a few hundred positions a program).
+    the programs per SM.
     """
     d = default_config(k)
     split = [
         replace(d, split_rows=True, split_block=block, split_programs_per_sm=per_sm)
-        for block, per_sm in ((1024, 4), (2048, 4), (1024, 2), (512, 4))
+        for block, per_sm in ((1024, 4), (2048, 4), (1024, 2))
     ]
     return [d, TopKConfig(d.chunks, d.cap, 16, d.num_stages), TopKConfig(d.chunks, max(d.cap, 8192), 16, d.num_stages)] + split
 

@@ -11,8 +11,7 @@ SGLang's ``Indexer`` weights, norm and rope: projections, rotation, FP8
 quantization, index-K store, paged logits, top-k and slot mapping), the
 latent KV write and sparse MLA decode. Prints the step's time
 inside a CUDA graph (median replay, as SGLang replays decode steps), also with
-the indexer's rotation and FP8 quantization as the torch ops the fused kernel
-replaced, and the kernels of an eager step from the PyTorch profiler, grouped
+the index keys and queries quantized in two launches instead of one, and the kernels of an eager step from the PyTorch profiler, grouped
 by name: how many launches a step makes and the GPU time each takes. Needs a
 CUDA GPU.
 """
@@ -32,7 +31,7 @@ import torch
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.backend.indexer import SparseIndexer
 from sglang_sparse_mla.backend.metadata import build_paged
-from sglang_sparse_mla.kernels.index_format import INDEX_ROW_BYTES, hadamard_signs
+from sglang_sparse_mla.kernels.index_format import INDEX_ROW_BYTES
 from sglang_sparse_mla.testing.dsa_layer import StubIndexer
 
 PAGE = 64
@@ -77,49 +76,22 @@ def decode_step(batch: int, context: int, device: torch.device):
     return step
 
 
-def _torch_rotate(x: torch.Tensor, rotate: bool) -> torch.Tensor:
-    if not rotate:
-        return x
-    flat = x.reshape(-1, 128)
-    rotated = torch.mm(flat, hadamard_signs(128, x.dtype, x.device), out_dtype=torch.float32)
-    return rotated.mul_(128**-0.5).to(x.dtype).view(x.shape)
-
-
-def _torch_fp8_rows(x: torch.Tensor, scale_format: str) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1).clamp_min(1e-4)
-    if scale_format == "ue8m0":
-        scale = torch.exp2(torch.ceil(torch.log2(amax * (1.0 / 448.0))))
-        scaled = xf / scale.unsqueeze(-1)
-    else:
-        scale = amax / 448.0
-        scaled = xf * (1.0 / scale).unsqueeze(-1)
-    return scaled.clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
-
-
-def _torch_index_keys(index_buffer, loc, key, *, rotate, scale_format):
-    codes, scale = _torch_fp8_rows(_torch_rotate(key, rotate), scale_format)
-    pages = index_buffer.view(index_buffer.shape[0], -1)
-    page, offset = torch.div(loc, PAGE, rounding_mode="floor"), loc % PAGE
-    pages[:, : PAGE * 128].view(-1, PAGE, 128)[page, offset] = codes.view(torch.uint8)
-    pages[:, PAGE * 128 :].view(-1, PAGE, 4)[page, offset] = scale.reshape(-1, 1).view(torch.uint8)
-
-
-def _torch_index_queries(query, gate, head_scale, softmax_scale, *, rotate, scale_format):
-    q_fp8, q_scale = _torch_fp8_rows(_torch_rotate(query, rotate), scale_format)
-    return q_fp8, gate.float() * head_scale * q_scale * softmax_scale
+def _two_launches(index_buffer, loc, key, query, gate, head_scale, softmax_scale, *, key_format, query_format,
+                  **common):  # fmt: skip
+    dispatch.quantize_index_keys(index_buffer, loc, key, scale_format=key_format, **common)
+    return dispatch.quantize_index_queries(query, gate, head_scale, softmax_scale, scale_format=query_format, **common)
 
 
 @contextlib.contextmanager
-def torch_index_quantization():
-    """The indexer's rotation, FP8 quantization and index-K store as the torch ops the fused
-    kernel replaced (same bytes), for a before/after comparison in one run."""
-    saved = dispatch.quantize_index_keys, dispatch.quantize_index_queries
-    dispatch.quantize_index_keys, dispatch.quantize_index_queries = _torch_index_keys, _torch_index_queries
+def separate_index_quantization():
+    """The index keys and queries quantized in a launch each (as before they shared one; same
+    bytes), for a before/after comparison in one run."""
+    saved = dispatch.quantize_index_keys_and_queries
+    dispatch.quantize_index_keys_and_queries = _two_launches
     try:
         yield
     finally:
-        dispatch.quantize_index_keys, dispatch.quantize_index_queries = saved
+        dispatch.quantize_index_keys_and_queries = saved
 
 
 def graph_time_us(step, replays: int = 200) -> float:
@@ -178,25 +150,25 @@ def main() -> None:
     summary = []
     for batch in (int(b) for b in args.batch.split(",")):
         step = decode_step(batch, args.context, device)
-        with torch_index_quantization():
-            torch_glue_us = graph_time_us(decode_step(batch, args.context, device))
+        with separate_index_quantization():
+            two_us = graph_time_us(decode_step(batch, args.context, device))
         graph_us = graph_time_us(step)
         table = kernel_table(step)
         launches = sum(r["launches"] for r in table)
         busy = sum(r["us"] for r in table)
         results["runs"].append(
-            {"batch": batch, "graph_us": graph_us, "graph_us_torch_index_quantization": torch_glue_us, "kernels": table}
+            {"batch": batch, "graph_us": graph_us, "graph_us_two_quantization_launches": two_us, "kernels": table}
         )
-        summary.append((batch, graph_us, torch_glue_us, launches))
+        summary.append((batch, graph_us, two_us, launches))
         print(f"\nbatch {batch}, context {args.context}: one layer's decode step {graph_us:.1f} us in a CUDA graph")
-        print(f"({torch_glue_us:.1f} us with the index quantization as torch ops);")
+        print(f"({two_us:.1f} us with the index keys and queries quantized in two launches);")
         print(f"eager: {launches:.0f} kernel launches, {busy:.1f} us of kernel time")
         print(f"{'launches':>8} {'us':>8}  kernel")
         for r in table:
             print(f"{r['launches']:8.1f} {r['us']:8.1f}  {r['kernel'][:110]}")
-    print(f"\n{'batch':>5} {'step us':>8} {'torch index quantization us':>28} {'launches':>8}")
-    for batch, graph_us, torch_glue_us, launches in summary:
-        print(f"{batch:5d} {graph_us:8.1f} {torch_glue_us:28.1f} {launches:8.0f}")
+    print(f"\n{'batch':>5} {'step us':>8} {'two quantization launches us':>29} {'launches':>8}")
+    for batch, graph_us, two_us, launches in summary:
+        print(f"{batch:5d} {graph_us:8.1f} {two_us:29.1f} {launches:8.0f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -110,6 +110,32 @@ def quantize_index_queries(
     return q_fp8, weights
 
 
+def quantize_index_keys_and_queries(
+    index_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    key: torch.Tensor,
+    query: torch.Tensor,
+    gate: torch.Tensor,
+    head_scale: float,
+    softmax_scale: float,
+    *,
+    rotate: bool,
+    key_format: str,
+    query_format: str,
+    rope: kernels.IndexRope | None = None,
+    norm: kernels.IndexNorm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_index_keys` and :func:`quantize_index_queries` in one launch
+    (:func:`sglang_sparse_mla.kernels.quantize_index_keys_and_queries`): the queries are those of the
+    keys' first tokens, ``rope.positions`` one per key."""
+    kv_cache = index_buffer.view(index_buffer.shape[0], PAGE_SIZE, 1, INDEX_ROW_BYTES)
+    q_fp8, _, weights = kernels.quantize_index_keys_and_queries(
+        key, loc, kv_cache, query, gate, head_scale, softmax_scale,
+        rotate=rotate, key_format=key_format, query_format=query_format, rope=rope, norm=norm,
+    )  # fmt: skip
+    return q_fp8, weights
+
+
 def gather_index_k(index_buffer: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(k_fp8 [N, 128], k_scale [N] float32)`` of slots ``[N]`` (cached keys, read not recomputed)."""
     keys, scales = _index_pages(index_buffer)

@@ -238,19 +238,21 @@ class SparseIndexer:
         rows_in = index_inputs(indexer, x, q_lora, positions)
         rotate = sglang_rotates(indexer)
         query_format, key_format = sglang_scale_formats(indexer)
-        dispatch.quantize_index_keys(
-            index_buffer, out_cache_loc[:num_tokens], rows_in.key,
-            rotate=rotate, scale_format=key_format, rope=rows_in.rope, norm=rows_in.norm,
-        )  # fmt: skip
+        loc = out_cache_loc[:num_tokens]
         if not return_indices:
+            dispatch.quantize_index_keys(
+                index_buffer, loc, rows_in.key, rotate=rotate, scale_format=key_format, rope=rows_in.rope,
+                norm=rows_in.norm,
+            )  # fmt: skip
             return None
 
+        # Keys (every token, a data-parallel batch's padded ones too) and the real rows' queries in one
+        # launch; weights multiplied in SGLang's order (fp32 rounding of near-tied scores included).
         rows = metadata.num_tokens
-        rope = rows_in.rope and IndexRope(rows_in.rope.cos_sin_cache, rows_in.rope.positions[:rows])
-        # Weights multiplied in SGLang's order (fp32 rounding of near-tied scores included).
-        q_fp8, weights = dispatch.quantize_index_queries(
-            rows_in.query[:rows], rows_in.gate[:rows], *query_weight_factors(indexer),
-            rotate=rotate, scale_format=query_format, rope=rope,
+        q_fp8, weights = dispatch.quantize_index_keys_and_queries(
+            index_buffer, loc, rows_in.key, rows_in.query[:rows], rows_in.gate[:rows],
+            *query_weight_factors(indexer), rotate=rotate, key_format=key_format, query_format=query_format,
+            rope=rows_in.rope, norm=rows_in.norm,
         )  # fmt: skip
         if side_stream is not None:
             side_stream.wait_stream(torch.cuda.current_stream())

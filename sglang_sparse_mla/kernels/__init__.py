@@ -4,7 +4,7 @@ from .device_info import DeviceInfo, device_info
 from .fp8_mqa_logits import fp8_mqa_logits
 from .fp8_paged_mqa_logits import fp8_paged_mqa_logits
 from .index_format import IndexNorm, IndexRope
-from .index_fp8_quant import quantize_index_keys_to_cache, quantize_index_queries
+from .index_fp8_quant import quantize_index_keys_and_queries, quantize_index_keys_to_cache, quantize_index_queries
 from .kv_cache_layout import dequantize_kv_fp8, quantize_kv_fp8
 from .kv_cache_store import store_latent_rows
 from .sparse_mla import SparseMLAPlan, plan_sparse_mla, sparse_mla_decode, sparse_mla_forward, sparse_mla_prefill
@@ -23,6 +23,7 @@ __all__ = [
     "fp8_mqa_logits",
     "fp8_paged_mqa_logits",
     "plan_sparse_mla",
+    "quantize_index_keys_and_queries",
     "quantize_index_keys_to_cache",
     "quantize_index_queries",
     "quantize_kv_fp8",

@@ -1,11 +1,13 @@
-"""The DSA indexer's FP8 queries and keys in one launch each.
+"""The DSA indexer's FP8 keys and queries of a layer in one launch.
 
 Before scoring, the indexer rotates its 128-wide queries and keys with the
 orthonormal Walsh-Hadamard matrix (where the model's writer does), quantizes
 each 128-value row to float8_e4m3fn with one float32 scale, stores the keys in
 the paged index-K cache and turns the per-head gates into score weights. In
 torch that is some thirty small launches per layer; here it is one kernel
-(two variants), called once for the keys and once for the queries.
+whose first blocks take the keys and the others the queries
+(:func:`quantize_index_keys_and_queries`; each part alone:
+:func:`quantize_index_keys_to_cache`, :func:`quantize_index_queries`).
 
 Per row ``x`` (128 values):
 
@@ -41,6 +43,8 @@ the kernel runs on SM80/86 as well.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -132,38 +136,11 @@ def _store_scale_and_weight(
 
 
 @triton.jit
-def _index_fp8_kernel(
-    x_ptr,
-    stride_xt,
-    stride_xh,
-    num_rows,
-    heads,
-    signs_ptr,
-    codes_ptr,
-    scales_ptr,
-    loc_ptr,
-    page_size,
-    gate_ptr,
-    stride_gt,
-    head_scale,
-    softmax_scale,
-    weights_ptr,
-    ROTATE: tl.constexpr,
-    ROTATE_SCALE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    UE8M0: tl.constexpr,
-    PAGED: tl.constexpr,
-    HAS_GATE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    D: tl.constexpr,
-):
-    """Rows as given (norm and rope already applied), optionally Hadamard-rotated."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = rows < num_rows
-    token = (rows // heads).to(tl.int64)
-    head = rows % heads
+def _rotated_rows(ok, x_rows, signs_ptr, ROTATE: tl.constexpr, ROTATE_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
+                  D: tl.constexpr):  # fmt: skip
+    """Rows at ``x_rows`` as given (norm and rope already applied), optionally Hadamard-rotated:
+    ``[R, D]`` fp32."""
     d = tl.arange(0, D)
-    x_rows = x_ptr + token * stride_xt + head * stride_xh
     x = tl.load(x_rows[:, None] + d[None, :], mask=ok[:, None], other=0.0)
     if ROTATE:
         signs = tl.load(signs_ptr + d[:, None] * D + d[None, :])
@@ -171,60 +148,21 @@ def _index_fp8_kernel(
             rotated = tl.dot(x.to(tl.float32), signs.to(tl.float32))
         else:
             rotated = tl.dot(x, signs)
-        xf = round_to_bf16(rotated * ROTATE_SCALE)
+        return round_to_bf16(rotated * ROTATE_SCALE)
     else:
-        xf = x.to(tl.float32)
-
-    scale = _row_scale(tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4), UE8M0)
-    inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    _store_codes(_codes_of(xf, inv_scale), d, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
-    _store_scale_and_weight(
-        scale, rows, ok, token, head, scales_ptr, loc_ptr, page_size,
-        gate_ptr, stride_gt, head_scale, softmax_scale, weights_ptr, PAGED, HAS_GATE, D,
-    )  # fmt: skip
+        return x.to(tl.float32)
 
 
 @triton.jit
-def _index_fp8_rope_kernel(
-    x_ptr,
-    stride_xt,
-    stride_xh,
-    num_rows,
-    heads,
-    positions_ptr,
-    cos_sin_ptr,
-    stride_cs,
-    norm_weight_ptr,
-    norm_bias_ptr,
-    eps,
-    codes_ptr,
-    scales_ptr,
-    loc_ptr,
-    page_size,
-    gate_ptr,
-    stride_gt,
-    head_scale,
-    softmax_scale,
-    weights_ptr,
-    NORM: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-    UE8M0: tl.constexpr,
-    PAGED: tl.constexpr,
-    HAS_GATE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    D: tl.constexpr,
-    PAIRS: tl.constexpr,
-):
-    """Raw rows: LayerNorm (``NORM``) and the interleaved rope of the leading ``2 * PAIRS`` values in
-    fp32, then (``ROUND_BF16``) one rounding to bf16. The row is handled as its even and odd rope
-    values and its ``D - 2 * PAIRS`` others."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = rows < num_rows
-    token = (rows // heads).to(tl.int64)
-    head = rows % heads
+def _roped_rows(
+    ok, token, x_rows, positions_ptr, cos_sin_ptr, stride_cs, norm_weight_ptr, norm_bias_ptr, eps,
+    NORM: tl.constexpr, ROUND_BF16: tl.constexpr, D: tl.constexpr, PAIRS: tl.constexpr,
+):  # fmt: skip
+    """Raw rows at ``x_rows``: LayerNorm (``NORM``) and the interleaved rope of the leading
+    ``2 * PAIRS`` values in fp32, then (``ROUND_BF16``) one rounding to bf16. Returns the row as its
+    even and odd rope values and its ``D - 2 * PAIRS`` others (fp32)."""
     even = 2 * tl.arange(0, PAIRS)
     rest = 2 * PAIRS + tl.arange(0, D - 2 * PAIRS)
-    x_rows = x_ptr + token * stride_xt + head * stride_xh
     xe = tl.load(x_rows[:, None] + even[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     xo = tl.load(x_rows[:, None] + (even + 1)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     xr = tl.load(x_rows[:, None] + rest[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
@@ -248,17 +186,77 @@ def _index_fp8_rope_kernel(
     ro = tl.fma(xe, sin, xo * cos)
     if ROUND_BF16:
         re, ro, xr = round_to_bf16(re), round_to_bf16(ro), round_to_bf16(xr)
+    return re, ro, xr
 
-    amax = tl.maximum(tl.maximum(tl.max(tl.abs(re), axis=1), tl.max(tl.abs(ro), axis=1)), tl.max(tl.abs(xr), axis=1))
-    scale = _row_scale(tl.maximum(amax, 1e-4), UE8M0)
-    inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    _store_codes(_codes_of(re, inv_scale), even, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
-    _store_codes(_codes_of(ro, inv_scale), even + 1, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
-    _store_codes(_codes_of(xr, inv_scale), rest, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
+
+@triton.jit
+def _rows_block(
+    block, x_ptr, stride_xt, stride_xh, num_rows, heads, codes_ptr, scales_ptr, loc_ptr, page_size,
+    gate_ptr, stride_gt, head_scale, softmax_scale, weights_ptr,
+    signs_ptr, positions_ptr, cos_sin_ptr, stride_cs, norm_weight_ptr, norm_bias_ptr, eps,
+    ROPE: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr, ROTATE: tl.constexpr,
+    ROTATE_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, UE8M0: tl.constexpr, PAGED: tl.constexpr,
+    HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, PAIRS: tl.constexpr,
+):  # fmt: skip
+    """Quantize and store rows ``block * BLOCK_R ...`` of one tensor (keys or queries): roped
+    (``ROPE``, :func:`_roped_rows`) or as given (:func:`_rotated_rows`)."""
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < num_rows
+    token = (rows // heads).to(tl.int64)
+    head = rows % heads
+    x_rows = x_ptr + token * stride_xt + head * stride_xh
+    if ROPE:
+        re, ro, xr = _roped_rows(
+            ok, token, x_rows, positions_ptr, cos_sin_ptr, stride_cs, norm_weight_ptr, norm_bias_ptr, eps,
+            NORM, ROUND_BF16, D, PAIRS,
+        )  # fmt: skip
+        amax = tl.maximum(tl.maximum(tl.max(tl.abs(re), axis=1), tl.max(tl.abs(ro), axis=1)), tl.max(tl.abs(xr), axis=1))
+        scale = _row_scale(tl.maximum(amax, 1e-4), UE8M0)
+        inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        even = 2 * tl.arange(0, PAIRS)
+        rest = 2 * PAIRS + tl.arange(0, D - 2 * PAIRS)
+        _store_codes(_codes_of(re, inv_scale), even, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
+        _store_codes(_codes_of(ro, inv_scale), even + 1, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
+        _store_codes(_codes_of(xr, inv_scale), rest, rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
+    else:
+        xf = _rotated_rows(ok, x_rows, signs_ptr, ROTATE, ROTATE_SCALE, DOT_FP32, D)
+        scale = _row_scale(tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4), UE8M0)
+        inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        _store_codes(_codes_of(xf, inv_scale), tl.arange(0, D), rows, ok, codes_ptr, loc_ptr, page_size, PAGED, D)
     _store_scale_and_weight(
         scale, rows, ok, token, head, scales_ptr, loc_ptr, page_size,
         gate_ptr, stride_gt, head_scale, softmax_scale, weights_ptr, PAGED, HAS_GATE, D,
     )  # fmt: skip
+
+
+@triton.jit
+def _index_fp8_kernel(
+    k_ptr, stride_kt, key_rows, cache_ptr, cache_scales_ptr, loc_ptr, page_size,
+    q_ptr, stride_qt, stride_qh, query_rows, heads, q_codes_ptr, q_scales_ptr,
+    gate_ptr, stride_gt, head_scale, softmax_scale, weights_ptr,
+    signs_ptr, positions_ptr, cos_sin_ptr, stride_cs, norm_weight_ptr, norm_bias_ptr, eps,
+    ROPE: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr, ROTATE_SCALE: tl.constexpr,
+    DOT_FP32: tl.constexpr, KEY_UE8M0: tl.constexpr, QUERY_UE8M0: tl.constexpr,
+    BLOCK_R: tl.constexpr, D: tl.constexpr, PAIRS: tl.constexpr,
+):  # fmt: skip
+    """The keys' blocks first (stored in the paged cache, bf16-rounded after a rope), then the queries'
+    (dense codes and scales, the gates turned into weights): one launch for a layer's index rows."""
+    block = tl.program_id(0)
+    key_blocks = tl.cdiv(key_rows, BLOCK_R)
+    if block < key_blocks:
+        _rows_block(
+            block, k_ptr, stride_kt, 0, key_rows, 1, cache_ptr, cache_scales_ptr, loc_ptr, page_size,
+            gate_ptr, 0, 1.0, 1.0, weights_ptr,
+            signs_ptr, positions_ptr, cos_sin_ptr, stride_cs, norm_weight_ptr, norm_bias_ptr, eps,
+            ROPE, NORM, True, ROTATE, ROTATE_SCALE, DOT_FP32, KEY_UE8M0, True, False, BLOCK_R, D, PAIRS,
+        )  # fmt: skip
+    else:
+        _rows_block(
+            block - key_blocks, q_ptr, stride_qt, stride_qh, query_rows, heads, q_codes_ptr, q_scales_ptr,
+            loc_ptr, 1, gate_ptr, stride_gt, head_scale, softmax_scale, weights_ptr,
+            signs_ptr, positions_ptr, cos_sin_ptr, stride_cs, norm_weight_ptr, norm_bias_ptr, eps,
+            ROPE, False, False, ROTATE, ROTATE_SCALE, DOT_FP32, QUERY_UE8M0, False, True, BLOCK_R, D, PAIRS,
+        )  # fmt: skip
 
 
 def _is_ue8m0(scale_format: str) -> bool:
@@ -296,28 +294,113 @@ def _check_norm(norm: IndexNorm) -> list[tuple[str, torch.Tensor]]:
     return [("norm.weight", norm.weight), ("norm.bias", norm.bias)]
 
 
-def _launch(
-    x, stride_xt, stride_xh, rows, heads, codes, scales, loc, page_size, gate, stride_gt, head_scale,
-    softmax_scale, weights, *, rotate, scale_format, rope, norm, round_bf16, paged, has_gate,
-):  # fmt: skip
-    grid = (triton.cdiv(rows, BLOCK_ROWS),)
-    common = dict(UE8M0=_is_ue8m0(scale_format), PAGED=paged, HAS_GATE=has_gate, BLOCK_R=BLOCK_ROWS, D=HEAD_DIM)
-    outputs = (codes, scales, loc, page_size, gate, stride_gt, head_scale, softmax_scale, weights)
-    if rope is None:
-        interpret = is_interpreter()
-        signs = hadamard_signs(HEAD_DIM, torch.float32 if interpret else x.dtype, x.device)
-        _index_fp8_kernel[grid](
-            x, stride_xt, stride_xh, rows, heads, signs, *outputs,
-            ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5, DOT_FP32=interpret, num_warps=NUM_WARPS, **common,
-        )  # fmt: skip
+def _check_queries(q: torch.Tensor, gate: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    _check_rows("q", q, 3, "[T, H, 128]")
+    check_dtype("gate", gate, torch.float32, torch.bfloat16, torch.float16)
+    check_ndim("gate", gate, 2, "[T, H]")
+    if tuple(gate.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"gate must be [T, H] = {tuple(q.shape[:2])}, got shape {tuple(gate.shape)}")
+    check_last_dim_contiguous("gate", gate)
+    return [("q", q), ("gate", gate)]
+
+
+def _check_keys(k: torch.Tensor, loc: torch.Tensor, kv_cache: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    _check_rows("k", k, 2, "[T, 128]")
+    check_dtype("loc", loc, torch.int32, torch.int64)
+    check_ndim("loc", loc, 1, "[T]")
+    check_dim("loc", loc, 0, k.shape[0], "one slot per key")
+    check_dtype("kv_cache", kv_cache, torch.uint8)
+    check_ndim("kv_cache", kv_cache, 4, f"[num_pages, page_size, 1, {INDEX_ROW_BYTES}]")
+    if kv_cache.shape[2:] != (1, INDEX_ROW_BYTES) or not kv_cache.is_contiguous():
+        raise ValueError(
+            f"kv_cache must be a contiguous [num_pages, page_size, 1, {INDEX_ROW_BYTES}] uint8 tensor, "
+            f"got shape {tuple(kv_cache.shape)}"
+        )
+    return [("k", k), ("loc", loc), ("kv_cache", kv_cache)]
+
+
+def _check_rope_and_norm(rope, norm, tokens: int, rotate: bool) -> list[tuple[str, torch.Tensor]]:
+    if norm is not None and rope is None:
+        raise ValueError("norm is applied only together with rope (SGLang's fused key kernel)")
+    tensors = _check_rope(rope, tokens, rotate) if rope is not None else []
+    return tensors + (_check_norm(norm) if norm is not None else [])
+
+
+class _Keys(NamedTuple):
+    k: torch.Tensor  # [T, 128] bf16
+    loc: torch.Tensor  # [T] slots
+    kv_cache: torch.Tensor  # [pages, page_size, 1, 132] uint8
+    scale_format: str
+
+
+class _Queries(NamedTuple):
+    q: torch.Tensor  # [T, H, 128] bf16
+    gate: torch.Tensor  # [T, H]
+    head_scale: float
+    softmax_scale: float
+    codes: torch.Tensor  # [T, H, 128] uint8 view of the output codes
+    scales: torch.Tensor  # [T, H] float32
+    weights: torch.Tensor  # [T, H] float32
+    scale_format: str
+
+
+@functools.lru_cache(maxsize=8)
+def _no_slots(device: torch.device) -> torch.Tensor:
+    """A slot pointer for launches without keys (never read), typed as the backend's slots."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def _launch(keys: _Keys | None, queries: _Queries | None, *, rotate: bool, rope, norm) -> None:
+    """One launch: the keys' blocks, then the queries'. A missing part gets no blocks; its pointers
+    are stand-ins of the other part's (never dereferenced)."""
+    key_rows = keys.k.shape[0] if keys is not None else 0
+    query_rows = queries.q.shape[0] * queries.q.shape[1] if queries is not None else 0
+    blocks = triton.cdiv(key_rows, BLOCK_ROWS) + triton.cdiv(query_rows, BLOCK_ROWS)
+    if blocks == 0:
         return
-    cache = rope.cos_sin_cache
-    _index_fp8_rope_kernel[grid](
-        x, stride_xt, stride_xh, rows, heads, rope.positions.contiguous(), cache, cache.stride(0),
-        norm.weight if norm is not None else cache, norm.bias if norm is not None else cache,
-        norm.eps if norm is not None else 0.0, *outputs,
-        NORM=norm is not None, ROUND_BF16=round_bf16, PAIRS=ROPE_DIM // 2, num_warps=NUM_WARPS, **common,
+    some = keys.k if keys is not None else queries.q
+    if keys is not None:
+        cache, k = keys.kv_cache, keys.k
+        key_args = (k, k.stride(0), key_rows, cache, cache.view(torch.float32), keys.loc.contiguous(), cache.shape[1])
+    else:
+        key_args = (queries.q, 0, 0, queries.codes, queries.scales, _no_slots(some.device), 1)
+    if queries is not None:
+        q, heads = queries.q, queries.q.shape[1]
+        query_args = (
+            q, q.stride(0), q.stride(1), query_rows, heads, queries.codes, queries.scales,
+            queries.gate, queries.gate.stride(0), queries.head_scale, queries.softmax_scale, queries.weights,
+        )  # fmt: skip
+    else:
+        f32 = keys.kv_cache.view(torch.float32)
+        query_args = (keys.k, 0, 0, 0, 1, keys.kv_cache, f32, f32, 0, 1.0, 1.0, f32)
+    interpret = is_interpreter()
+    if rope is None:
+        signs = hadamard_signs(HEAD_DIM, torch.float32 if interpret else some.dtype, some.device)
+        rope_args = (signs, signs, signs, 0, signs, signs, 0.0)
+    else:
+        cache = rope.cos_sin_cache
+        weight, bias, eps = (norm.weight, norm.bias, norm.eps) if norm is not None else (cache, cache, 0.0)
+        rope_args = (cache, rope.positions.contiguous(), cache, cache.stride(0), weight, bias, eps)
+    _index_fp8_kernel[(blocks,)](
+        *key_args, *query_args, *rope_args,
+        ROPE=rope is not None, NORM=norm is not None, ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5,
+        DOT_FP32=interpret, KEY_UE8M0=keys is not None and _is_ue8m0(keys.scale_format),
+        QUERY_UE8M0=queries is not None and _is_ue8m0(queries.scale_format),
+        BLOCK_R=BLOCK_ROWS, D=HEAD_DIM, PAIRS=ROPE_DIM // 2, num_warps=NUM_WARPS,
     )  # fmt: skip
+
+
+def _query_outputs(q: torch.Tensor, gate, head_scale, softmax_scale, scale_format: str) -> _Queries:
+    _is_ue8m0(scale_format)
+    tokens, heads = q.shape[0], q.shape[1]
+    codes = torch.empty(tokens, heads, HEAD_DIM, dtype=torch.float8_e4m3fn, device=q.device)
+    scales = torch.empty(tokens, heads, dtype=torch.float32, device=q.device)
+    weights = torch.empty(tokens, heads, dtype=torch.float32, device=q.device)
+    return _Queries(q, gate, head_scale, softmax_scale, codes.view(torch.uint8), scales, weights, scale_format)
+
+
+def _results(queries: _Queries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return queries.codes.view(torch.float8_e4m3fn), queries.scales, queries.weights
 
 
 def quantize_index_queries(
@@ -348,27 +431,11 @@ def quantize_index_queries(
     Returns:
         ``(codes [T, H, 128] float8_e4m3fn, scales [T, H] float32, weights [T, H] float32)``.
     """
-    _check_rows("q", q, 3, "[T, H, 128]")
-    check_dtype("gate", gate, torch.float32, torch.bfloat16, torch.float16)
-    check_ndim("gate", gate, 2, "[T, H]")
-    if tuple(gate.shape) != tuple(q.shape[:2]):
-        raise ValueError(f"gate must be [T, H] = {tuple(q.shape[:2])}, got shape {tuple(gate.shape)}")
-    check_last_dim_contiguous("gate", gate)
-    tensors = [("q", q), ("gate", gate)] + (_check_rope(rope, q.shape[0], rotate) if rope is not None else [])
-    device = check_same_device(tensors)
-    tokens, heads = q.shape[0], q.shape[1]
-    codes = torch.empty(tokens, heads, HEAD_DIM, dtype=torch.float8_e4m3fn, device=device)
-    scales = torch.empty(tokens, heads, dtype=torch.float32, device=device)
-    weights = torch.empty(tokens, heads, dtype=torch.float32, device=device)
-    rows = tokens * heads
-    if rows == 0:
-        return codes, scales, weights
-    _launch(
-        q, q.stride(0), q.stride(1), rows, heads, codes.view(torch.uint8), scales, scales, 1,
-        gate, gate.stride(0), head_scale, softmax_scale, weights,
-        rotate=rotate, scale_format=scale_format, rope=rope, norm=None, round_bf16=False, paged=False, has_gate=True,
-    )  # fmt: skip
-    return codes, scales, weights
+    tensors = _check_queries(q, gate) + _check_rope_and_norm(rope, None, q.shape[0], rotate)
+    check_same_device(tensors)
+    queries = _query_outputs(q, gate, head_scale, softmax_scale, scale_format)
+    _launch(None, queries, rotate=rotate, rope=rope, norm=None)
+    return _results(queries)
 
 
 def quantize_index_keys_to_cache(
@@ -396,28 +463,49 @@ def quantize_index_keys_to_cache(
             rope in fp32 first, then round to bf16 once, as SGLang's fused
             indexer's key kernel does; not with ``rotate``.
     """
-    _check_rows("k", k, 2, "[T, 128]")
-    check_dtype("loc", loc, torch.int32, torch.int64)
-    check_ndim("loc", loc, 1, "[T]")
-    check_dim("loc", loc, 0, k.shape[0], "one slot per key")
-    check_dtype("kv_cache", kv_cache, torch.uint8)
-    check_ndim("kv_cache", kv_cache, 4, f"[num_pages, page_size, 1, {INDEX_ROW_BYTES}]")
-    if kv_cache.shape[2:] != (1, INDEX_ROW_BYTES) or not kv_cache.is_contiguous():
-        raise ValueError(
-            f"kv_cache must be a contiguous [num_pages, page_size, 1, {INDEX_ROW_BYTES}] uint8 tensor, "
-            f"got shape {tuple(kv_cache.shape)}"
-        )
-    if norm is not None and rope is None:
-        raise ValueError("norm is applied only together with rope (SGLang's fused key kernel)")
-    tensors = [("k", k), ("loc", loc), ("kv_cache", kv_cache)]
-    tensors += _check_rope(rope, k.shape[0], rotate) if rope is not None else []
-    tensors += _check_norm(norm) if norm is not None else []
+    tensors = _check_keys(k, loc, kv_cache) + _check_rope_and_norm(rope, norm, k.shape[0], rotate)
     check_same_device(tensors)
-    rows = k.shape[0]
-    if rows == 0:
-        return
-    _launch(
-        k, k.stride(0), 0, rows, 1, kv_cache, kv_cache.view(torch.float32), loc.contiguous(), kv_cache.shape[1],
-        kv_cache, 0, 1.0, 1.0, kv_cache,
-        rotate=rotate, scale_format=scale_format, rope=rope, norm=norm, round_bf16=True, paged=True, has_gate=False,
-    )  # fmt: skip
+    _is_ue8m0(scale_format)
+    _launch(_Keys(k, loc, kv_cache, scale_format), None, rotate=rotate, rope=rope, norm=norm)
+
+
+def quantize_index_keys_and_queries(
+    k: torch.Tensor,
+    loc: torch.Tensor,
+    kv_cache: torch.Tensor,
+    q: torch.Tensor,
+    gate: torch.Tensor,
+    head_scale: float,
+    softmax_scale: float,
+    *,
+    rotate: bool,
+    key_format: str,
+    query_format: str,
+    rope: IndexRope | None = None,
+    norm: IndexNorm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_index_keys_to_cache` and :func:`quantize_index_queries` of one forward in one
+    launch, bit for bit the results of the two calls.
+
+    The queries are those of the keys' first ``Tq <= Tk`` tokens (a data-parallel batch's real
+    rows, the keys' padded ones included): ``rope.positions`` is ``[Tk]`` and query token ``t``
+    turns by ``rope.positions[t]``. ``norm`` applies to the keys only.
+
+    Args:
+        k, loc, kv_cache: as :func:`quantize_index_keys_to_cache` (``k [Tk, 128]``).
+        q, gate, head_scale, softmax_scale: as :func:`quantize_index_queries` (``q [Tq, H, 128]``).
+        rotate, rope: as both (shared by keys and queries).
+        key_format, query_format: the keys' and the queries' scale formats.
+
+    Returns:
+        The queries' ``(codes [Tq, H, 128] float8_e4m3fn, scales [Tq, H] float32, weights [Tq, H]
+        float32)``; the keys are written to ``kv_cache``.
+    """
+    tensors = _check_keys(k, loc, kv_cache) + _check_queries(q, gate)
+    if q.shape[0] > k.shape[0]:
+        raise ValueError(f"queries are those of the keys' first tokens: {q.shape[0]} queries > {k.shape[0]} keys")
+    check_same_device(tensors + _check_rope_and_norm(rope, norm, k.shape[0], rotate))
+    _is_ue8m0(key_format)
+    queries = _query_outputs(q, gate, head_scale, softmax_scale, query_format)
+    _launch(_Keys(k, loc, kv_cache, key_format), queries, rotate=rotate, rope=rope, norm=norm)
+    return _results(queries)

@@ -136,7 +136,7 @@ def test_q_b_proj_stream_waits_for_the_index_queries(layer, monkeypatch, mode, c
     monkeypatch.setattr(runner, "get_is_capture_mode", lambda: capture)
     if not torch.cuda.is_available():  # the stream the indexer runs on, asked for by the wait
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "current stream")
-    for name in ("quantize_index_queries", "paged_index_logits", "ragged_index_logits"):
+    for name in ("quantize_index_keys_and_queries", "paged_index_logits", "ragged_index_logits"):
         original = getattr(dispatch, name)
 
         def recorded(*args, _name=name, _original=original, **kwargs):
@@ -156,7 +156,8 @@ def test_q_b_proj_stream_waits_for_the_index_queries(layer, monkeypatch, mode, c
     else:
         extend(layer, reqs, [30, 3])
         logits = "ragged_index_logits"
-    expected = ["quantize_index_queries", "alt stream waits", logits] if waits else ["quantize_index_queries", logits]
+    quantize = "quantize_index_keys_and_queries"
+    expected = [quantize, "alt stream waits", logits] if waits else [quantize, logits]
     assert events == expected
 
 

@@ -1,4 +1,5 @@
-"""The indexer's fused FP8 quantization (``quantize_index_queries``, ``quantize_index_keys_to_cache``)."""
+"""The indexer's fused FP8 quantization (``quantize_index_queries``, ``quantize_index_keys_to_cache``,
+both in one launch: ``quantize_index_keys_and_queries``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import triton
 import triton.language as tl
 from utils import assert_fp8_codes_match
 
-from sglang_sparse_mla.kernels import IndexNorm, IndexRope, quantize_index_keys_to_cache, quantize_index_queries
+from sglang_sparse_mla.kernels import (
+    IndexNorm,
+    IndexRope,
+    quantize_index_keys_and_queries,
+    quantize_index_keys_to_cache,
+    quantize_index_queries,
+)
 from sglang_sparse_mla.kernels.index_fp8_quant import _e4m3_codes
 from sglang_sparse_mla.kernels.reference import index_fp8_quant_reference
 
@@ -149,6 +156,62 @@ def test_normed_roped_keys_match_reference(target, rng, scale_format):
     assert_fp8_codes_match(key_bytes[same_scale], ref_codes[same_scale], 2e-3)
 
 
+# SGLang's three indexer variants: unfused with the rotation (DeepSeek-V3.2 off CUDA's fused path), unfused
+# without it (its fused CUDA/HIP writers' format), fused (LayerNorm + rope in the kernel; fp32 or bf16 rope cache).
+PAIR_VARIANTS = [
+    dict(rotate=True, key_format="fp32", query_format="ue8m0"),
+    dict(rotate=False, key_format="fp32", query_format="fp32"),
+    dict(rotate=False, key_format="fp32", query_format="fp32", rope=torch.float32, norm=True),
+    dict(rotate=False, key_format="ue8m0", query_format="ue8m0", rope=torch.bfloat16, norm=False),
+]
+
+
+@pytest.mark.parametrize("variant", PAIR_VARIANTS, ids=["rotated", "plain", "fused", "rope-only"])
+@pytest.mark.parametrize("padded", [0, 3], ids=["all-rows", "padded-keys"])
+def test_keys_and_queries_in_one_launch_equal_the_two_calls(target, rng, variant, padded):
+    """One launch for a layer's keys and queries writes the bits the two single calls write, with
+    the queries those of the keys' first tokens (a data-parallel batch's padded key rows after them)."""
+    tokens, heads, pages = target.pick(cpu=(5, 32, 2), gpu=(300, 64, 20))
+    keys = tokens + padded
+    dev = target.device
+    fused_out = index_rows(rng, dev, keys, 2)  # strided key rows, as a column slice of a fused projection
+    k = fused_out[:, 0]
+    q = index_rows(rng, dev, tokens, heads)
+    gate = torch.randn(tokens, 128 + heads, generator=rng, device=dev).bfloat16()[:, 128:]
+    loc = torch.randperm(pages * PAGE, generator=rng, device=dev)[:keys]
+    rope = norm = None
+    if "rope" in variant:
+        rope = interleaved_rope(rng, dev, keys, variant["rope"])
+    if variant.get("norm"):
+        norm = IndexNorm(1 + 0.3 * torch.rand(128, device=dev), 0.1 * torch.rand(128, device=dev), 1e-6)
+    rotate, key_format, query_format = variant["rotate"], variant["key_format"], variant["query_format"]
+
+    cache = torch.full((pages, PAGE, 1, ROW), 0xAB, dtype=torch.uint8, device=dev)
+    outputs = quantize_index_keys_and_queries(
+        k, loc, cache, q, gate, heads**-0.5, 0.5,
+        rotate=rotate, key_format=key_format, query_format=query_format, rope=rope, norm=norm,
+    )  # fmt: skip
+
+    expected_cache = torch.full_like(cache, 0xAB)
+    quantize_index_keys_to_cache(k, loc, expected_cache, rotate=rotate, scale_format=key_format, rope=rope, norm=norm)
+    query_rope = rope and IndexRope(rope.cos_sin_cache, rope.positions[:tokens])
+    expected = quantize_index_queries(
+        q, gate, heads**-0.5, 0.5, rotate=rotate, scale_format=query_format, rope=query_rope
+    )
+    assert torch.equal(cache, expected_cache)
+    assert (cache != 0xAB).any()
+    for got, want in zip(outputs, expected, strict=True):
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                           want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want)  # fmt: skip
+    # No queries (a layer whose top-k comes from another): the keys alone, the same bits.
+    alone = torch.full_like(cache, 0xAB)
+    codes, _, _ = quantize_index_keys_and_queries(
+        k, loc, alone, q[:0], gate[:0], 1.0, 1.0,
+        rotate=rotate, key_format=key_format, query_format=query_format, rope=rope, norm=norm,
+    )  # fmt: skip
+    assert codes.shape == (0, heads, 128) and torch.equal(alone, expected_cache)
+
+
 @triton.jit
 def _codes_kernel(y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -228,3 +291,11 @@ def test_bad_inputs_are_refused(target):
     with pytest.raises(ValueError, match="norm.weight must be torch.float32"):
         bad = IndexNorm(norm.weight.bfloat16(), norm.bias, 1e-6)
         quantize_index_keys_to_cache(q[:, 0], loc, cache, rope=rope, norm=bad, **quant)
+    with pytest.raises(ValueError, match="4 queries > 3 keys"):
+        quantize_index_keys_and_queries(
+            q[:3, 0], loc[:3], cache, q, gate, 1.0, 1.0, rotate=False, key_format="fp32", query_format="fp32"
+        )
+    with pytest.raises(ValueError, match="scale_format must be one of"):
+        quantize_index_keys_and_queries(
+            q[:, 0], loc, cache, q, gate, 1.0, 1.0, rotate=False, key_format="e8m0", query_format="fp32"
+        )

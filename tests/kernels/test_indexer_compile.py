@@ -155,36 +155,40 @@ def _topk_jobs(target, capability):
 
 
 def _index_fp8_jobs(target, capability):
+    """The keys-and-queries kernel in SGLang's indexer variants (a launch of either part alone is one
+    of these with the other part's rows at zero)."""
     module = importlib.import_module(INDEX_FP8)
-    aligned = ("x_ptr", "signs_ptr", "codes_ptr", "scales_ptr", "weights_ptr")
-    # Queries (gate fp32 from the unfused projection or bf16 from the fused one) and keys (paged store).
-    for paged, gate in ((False, "*fp32"), (False, "*bf16"), (True, "*fp32")):
+    aligned = ("k_ptr", "cache_ptr", "cache_scales_ptr", "q_ptr", "q_codes_ptr", "q_scales_ptr", "weights_ptr")
+    parts = dict(
+        k_ptr="*bf16", stride_kt="i32", key_rows="i32", cache_ptr="*u8", cache_scales_ptr="*fp32", loc_ptr="*i64",
+        page_size="i32", q_ptr="*bf16", stride_qt="i32", stride_qh="i32", query_rows="i32", heads="i32",
+        q_codes_ptr="*u8", q_scales_ptr="*fp32",
+    )  # fmt: skip
+    # Unfused (gate fp32 from its own projection, or a bf16 fused slice): rotated or not, the query format.
+    for rotate, ue8m0, gate in ((False, False, "*bf16"), (True, True, "*fp32"), (True, False, "*fp32")):
         signature = dict(
-            x_ptr="*bf16", stride_xt="i32", stride_xh="i32", num_rows="i32", heads="i32", signs_ptr="*bf16",
-            codes_ptr="*u8", scales_ptr="*fp32", loc_ptr="*i64" if paged else "*fp32", page_size="i32",
-            gate_ptr=gate, stride_gt="i32", head_scale="fp32", softmax_scale="fp32", weights_ptr="*fp32",
+            parts, gate_ptr=gate, stride_gt="i32", head_scale="fp32", softmax_scale="fp32", weights_ptr="*fp32",
+            signs_ptr="*bf16", positions_ptr="*bf16", cos_sin_ptr="*bf16", stride_cs="i32", norm_weight_ptr="*bf16",
+            norm_bias_ptr="*bf16", eps="fp32",
         )  # fmt: skip
-        for rotate, ue8m0 in ((False, False), (True, True), (True, False)):
-            constexprs = dict(ROTATE=rotate, ROTATE_SCALE=module.HEAD_DIM**-0.5, DOT_FP32=False,
-                              UE8M0=ue8m0, PAGED=paged, HAS_GATE=not paged, BLOCK_R=module.BLOCK_ROWS,
-                              D=module.HEAD_DIM)  # fmt: skip
-            yield Job(target, "index_fp8", f"paged={paged} gate={gate} rotate={rotate} ue8m0={ue8m0}", INDEX_FP8,
-                      "_index_fp8_kernel", signature, constexprs, capability, module.NUM_WARPS, 1, aligned)  # fmt: skip
-    # The fused indexer's variant: queries (rope, bf16 gate slice), keys (LayerNorm + rope, paged store).
-    aligned = ("x_ptr", "cos_sin_ptr", "codes_ptr", "scales_ptr", "weights_ptr")
-    for paged, cache in ((False, "*fp32"), (False, "*bf16"), (True, "*fp32")):
+        constexprs = dict(ROPE=False, NORM=False, ROTATE=rotate, ROTATE_SCALE=module.HEAD_DIM**-0.5, DOT_FP32=False,
+                          KEY_UE8M0=False, QUERY_UE8M0=ue8m0, BLOCK_R=module.BLOCK_ROWS, D=module.HEAD_DIM,
+                          PAIRS=module.ROPE_DIM // 2)  # fmt: skip
+        yield Job(target, "index_fp8", f"rotate={rotate} query_ue8m0={ue8m0} gate={gate}", INDEX_FP8,
+                  "_index_fp8_kernel", signature, constexprs, capability, module.NUM_WARPS, 1, aligned)  # fmt: skip
+    # The fused indexer's: keys LayerNorm + rope, queries rope, bf16 gate slice; either rope cache dtype.
+    for cache in ("*fp32", "*bf16"):
         signature = dict(
-            x_ptr="*bf16", stride_xt="i32", stride_xh="i32", num_rows="i32", heads="i32", positions_ptr="*i64",
-            cos_sin_ptr=cache, stride_cs="i32", norm_weight_ptr="*fp32", norm_bias_ptr="*fp32", eps="fp32",
-            codes_ptr="*u8", scales_ptr="*fp32", loc_ptr="*i64" if paged else "*fp32", page_size="i32",
-            gate_ptr="*fp32" if paged else "*bf16", stride_gt="i32", head_scale="fp32", softmax_scale="fp32",
-            weights_ptr="*fp32",
+            parts, gate_ptr="*bf16", stride_gt="i32", head_scale="fp32", softmax_scale="fp32", weights_ptr="*fp32",
+            signs_ptr=cache, positions_ptr="*i64", cos_sin_ptr=cache, stride_cs="i32", norm_weight_ptr="*fp32",
+            norm_bias_ptr="*fp32", eps="fp32",
         )  # fmt: skip
         for ue8m0 in (False, True):
-            constexprs = dict(NORM=paged, ROUND_BF16=paged, UE8M0=ue8m0, PAGED=paged, HAS_GATE=not paged,
-                              BLOCK_R=module.BLOCK_ROWS, D=module.HEAD_DIM, PAIRS=module.ROPE_DIM // 2)  # fmt: skip
-            yield Job(target, "index_fp8", f"rope paged={paged} cache={cache} ue8m0={ue8m0}", INDEX_FP8,
-                      "_index_fp8_rope_kernel", signature, constexprs, capability, module.NUM_WARPS, 1, aligned)  # fmt: skip
+            constexprs = dict(ROPE=True, NORM=True, ROTATE=False, ROTATE_SCALE=module.HEAD_DIM**-0.5, DOT_FP32=False,
+                              KEY_UE8M0=ue8m0, QUERY_UE8M0=ue8m0, BLOCK_R=module.BLOCK_ROWS, D=module.HEAD_DIM,
+                              PAIRS=module.ROPE_DIM // 2)  # fmt: skip
+            yield Job(target, "index_fp8", f"rope cache={cache} ue8m0={ue8m0}", INDEX_FP8,
+                      "_index_fp8_kernel", signature, constexprs, capability, module.NUM_WARPS, 1, aligned)  # fmt: skip
 
 
 def compile_jobs() -> list[Job]:

@@ -7,7 +7,7 @@
 #
 # (no STEP = env baselines test bench indexer profile). INDEXER_ARGS adds bench_indexer.py options
 # (e.g. "--sections paged,topk --graph-only") and TAG suffixes its output names (e.g. _forced_sm80
-# for a run under SGLANG_SPARSE_MLA_FORCE_SM80=1). indexer-before times the same benchmark against
+# for a run under SGLANG_SPARSE_MLA_FORCE_SM80=1; the profile's too). indexer-before times the same benchmark against
 # an earlier state of the package in the same call: BEFORE_TAR, a `git archive REV sglang_sparse_mla`
 # tar carried with the call (outputs indexer_before$TAG.*). Wheels it needs come from .stage/ in the
 # checkout (made by `bash devtools/gpu_machine/stage_wheels.sh`, carried to the
@@ -80,8 +80,9 @@ sys.exit(1 if missing else 0)" || status=1
         ;;
     profile)
         log "one layer's decode step, by kernel"
-        $PY benchmarks/profile_decode_layer.py --out "$RESULTS/profile_decode_layer.json" > "$RESULTS/profile_decode_layer.txt" 2>&1 || status=1
-        tail -4 "$RESULTS/profile_decode_layer.txt"
+        $PY benchmarks/profile_decode_layer.py --out "$RESULTS/profile_decode_layer${TAG:-}.json" \
+            > "$RESULTS/profile_decode_layer${TAG:-}.txt" 2>&1 || status=1
+        tail -4 "$RESULTS/profile_decode_layer${TAG:-}.txt"
         ;;
     indexer)
         log "indexer benchmark"

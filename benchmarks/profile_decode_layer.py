@@ -31,6 +31,7 @@ import torch
 from sglang_sparse_mla.backend import dispatch
 from sglang_sparse_mla.backend.indexer import SparseIndexer
 from sglang_sparse_mla.backend.metadata import build_paged
+from sglang_sparse_mla.kernels import IndexRope
 from sglang_sparse_mla.kernels.index_format import INDEX_ROW_BYTES
 from sglang_sparse_mla.testing.dsa_layer import StubIndexer
 
@@ -76,10 +77,13 @@ def decode_step(batch: int, context: int, device: torch.device):
     return step
 
 
-def _two_launches(index_buffer, loc, key, query, gate, head_scale, softmax_scale, *, key_format, query_format,
-                  **common):  # fmt: skip
-    dispatch.quantize_index_keys(index_buffer, loc, key, scale_format=key_format, **common)
-    return dispatch.quantize_index_queries(query, gate, head_scale, softmax_scale, scale_format=query_format, **common)
+def _two_launches(index_buffer, loc, key, query, gate, head_scale, softmax_scale, *, rotate, key_format, query_format,
+                  rope=None, norm=None):  # fmt: skip
+    dispatch.quantize_index_keys(index_buffer, loc, key, rotate=rotate, scale_format=key_format, rope=rope, norm=norm)
+    query_rope = rope and IndexRope(rope.cos_sin_cache, rope.positions[: query.shape[0]])
+    return dispatch.quantize_index_queries(
+        query, gate, head_scale, softmax_scale, rotate=rotate, scale_format=query_format, rope=query_rope
+    )
 
 
 @contextlib.contextmanager

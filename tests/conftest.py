@@ -26,6 +26,11 @@ if not ON_GPU:
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+if not ON_GPU:
+    import interpreter_device_calls
+
+    interpreter_device_calls.install()
+
 
 @dataclass(frozen=True)
 class Target:

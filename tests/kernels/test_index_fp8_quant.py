@@ -32,6 +32,19 @@ def index_rows(rng, device, *shape):
     return x.bfloat16()
 
 
+def assert_scales_match(scales: torch.Tensor, ref: torch.Tensor, rotate: bool, scale_format: str) -> None:
+    """Row scales equal to the reference's, bit for bit; with the rotation, but for a few rows whose
+    bf16 maximum the kernel's fp32 scaling of the exact sum rounds to the neighbouring bf16 (the double
+    rounding of the codes): their scale one bf16 step away (fp32 format) or one power of two (ue8m0)."""
+    differ = scales != ref
+    if not rotate:
+        assert not differ.any(), f"{int(differ.sum())} scales differ"
+        return
+    assert differ.float().mean().item() < 2e-3, f"{differ.float().mean().item():.2e} of the scales differ"
+    ratio = (scales[differ].double() / ref[differ].double()).log2().abs()
+    assert (ratio <= (1.0 if scale_format == "ue8m0" else 2.0**-7)).all(), "a scale moved by more than one step"
+
+
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
 @pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
 @pytest.mark.parametrize("gate_layout", ["fp32", "bf16_fused_slice"])
@@ -47,12 +60,12 @@ def test_queries_match_reference(target, rng, rotate, scale_format, gate_layout)
     )
     ref_codes, ref_scales = index_fp8_quant_reference(q, rotate=rotate, scale_format=scale_format)
     assert codes.dtype == torch.float8_e4m3fn and codes.shape == q.shape
-    assert torch.equal(scales, ref_scales)
+    assert_scales_match(scales, ref_scales, rotate, scale_format)
     # With the rotation, rare 1-code differences where the kernel's fp32 scaling of the exact sum lands
     # on another bf16 than the reference's single rounding (double rounding).
     assert_fp8_codes_match(codes, ref_codes, 1e-4 if rotate else 0.0)
     # fp32, multiplied in this order (SGLang's): bit-equal to torch doing the same.
-    assert torch.equal(weights, gate.float() * heads**-0.5 * ref_scales * 128**-0.5)
+    assert torch.equal(weights, gate.float() * heads**-0.5 * scales * 128**-0.5)
     if scale_format == "ue8m0":
         assert torch.equal(scales, torch.exp2(torch.round(torch.log2(scales))))
 
@@ -73,7 +86,7 @@ def test_keys_written_at_their_slots_only(target, rng, rotate, loc_dtype, scale_
     key_bytes = flat[:, : PAGE * 128].view(pages, PAGE, 128)[page, offset]
     scale_bytes = flat[:, PAGE * 128 :].contiguous().view(torch.float32).view(pages, PAGE)[page, offset]
     assert_fp8_codes_match(key_bytes, ref_codes, 1e-4 if rotate else 0.0)
-    assert torch.equal(scale_bytes, ref_scales)
+    assert_scales_match(scale_bytes, ref_scales, rotate, scale_format)
     untouched = torch.ones(pages, PAGE, dtype=torch.bool, device=target.device)
     untouched[page, offset] = False
     keys_view = flat[:, : PAGE * 128].view(pages, PAGE, 128)

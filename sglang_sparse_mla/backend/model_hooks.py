@@ -54,7 +54,11 @@ def route_indexer(
     return_indices=True,
     use_cuda_graph=True,
 ):
-    """Around ``Indexer.forward_cuda``: our indexer when our backend is active."""
+    """Around ``Indexer.forward_cuda``: our indexer when our backend is active. Its slots then go
+    through SGLang's own finishing steps: the rank-0 broadcast over the attention-TP group that
+    ``SGLANG_DSA_TOPK_BROADCAST=1`` asks for (a no-op otherwise; our kernels give every rank the
+    same bits anyway), and the top-k capture."""
+    from sglang.srt.layers.attention.dsa.dsa_indexer import _broadcast_indexer_topk_from_rank0
     from sglang.srt.model_executor.forward_context import get_attn_backend
     from sglang.srt.state_capturer.indexer_topk import maybe_capture_indexer_topk
 
@@ -64,7 +68,7 @@ def route_indexer(
     if not isinstance(backend, TritonSparseMLABackend):
         return original(indexer, x, q_lora, positions, forward_batch, layer_id, return_indices, use_cuda_graph)
     topk = backend.run_indexer(indexer, x, q_lora, positions, forward_batch, layer_id, return_indices)
-    return maybe_capture_indexer_topk(layer_id, topk)
+    return maybe_capture_indexer_topk(layer_id, _broadcast_indexer_topk_from_rank0(topk))
 
 
 def _draft_backend_name(factory, which: str) -> str | None:

@@ -77,6 +77,24 @@ def test_indexer_routing_depends_on_the_active_backend(monkeypatch):
     assert calls == [("sglang", (*args, True, True)), ("ours", (*args, True))]
 
 
+@pytest.mark.parametrize("broadcast", [False, True], ids=["default", "SGLANG_DSA_TOPK_BROADCAST"])
+def test_indexer_slots_are_broadcast_from_rank0_where_sglang_would(monkeypatch, broadcast):
+    """``SGLANG_DSA_TOPK_BROADCAST=1``: our slots, like the stock indexer's, are broadcast from the
+    attention-TP group's rank 0 (in place); by default no collective is issued."""
+    from sglang.srt.layers.attention.dsa import dsa_indexer
+
+    sent = []
+    group = SimpleNamespace(world_size=2, pynccl_comm=None, broadcast=lambda t, src: sent.append((t, src)))
+    monkeypatch.setattr(dsa_indexer, "get_parallel", lambda: SimpleNamespace(attn_tp_group=group))
+    monkeypatch.setenv("SGLANG_DSA_TOPK_BROADCAST", "1" if broadcast else "0")
+    ours = object.__new__(TritonSparseMLABackend)
+    topk = torch.zeros(2, 4, dtype=torch.int32)
+    monkeypatch.setattr(TritonSparseMLABackend, "run_indexer", lambda self, *args: topk)
+    with forward_context(ForwardContext(attn_backend=ours)):
+        assert model_hooks.route_indexer(None, "module", "x", "q_lora", "positions", "forward_batch", 3) is topk
+    assert sent == ([(topk, 0)] if broadcast else [])
+
+
 @pytest.mark.parametrize("mode", [ForwardMode.EXTEND, ForwardMode.DECODE, ForwardMode.TARGET_VERIFY])
 def test_deepseek_dispatch_reaches_sparse_mla(mode):
     """The model's own dispatch, with our backend stamped on the runner, picks the absorbed path.

@@ -7,7 +7,9 @@
 # JOB: demo or demo-ARCH (the README main job: serve the tiny model, send requests;
 # at --mem-fraction-static 0.35, so it can share a GPU; DEMO_ARGS adds demo options), tests (the GPU test suite
 # under the staged runtime: TESTS, default tests/; PYTEST_ARGS, default -x), bench
-# (the kernel benchmarks with SGLang's SM90 kernels, FlashMLA and DeepGEMM, beside), or a
+# (the kernel benchmarks with SGLang's SM90 kernels, FlashMLA and DeepGEMM, beside), indexer
+# (bench_indexer.py alone, native then forced SM80, beside DeepGEMM's logits and sgl-kernel's
+# top-k, which load only in the staged runtime; INDEXER_ARGS as gpu_suite.sh), or a
 # comma-separated list of run_e2e.py configurations (e.g. ours,ours-no-radix;
 # E2E_ARGS adds run_e2e.py options, e.g. "--shape released" with its own E2E_WORK).
 # Jobs run one after another; gpuN:JOB+JOB... starts a lane at once in the
@@ -37,6 +39,9 @@ run_job() {
             tee "$RESULTS/$1.txt" ;;
     tests) OUT=$RESULTS PYTHON=$PY TESTS=${TESTS:-tests} bash benchmarks/gpu_suite.sh env test ;;
     bench) OUT=$RESULTS PYTHON=$PY bash benchmarks/gpu_suite.sh env bench indexer ;;
+    indexer)
+        OUT=$RESULTS PYTHON=$PY bash benchmarks/gpu_suite.sh env indexer &&
+            SGLANG_SPARSE_MLA_FORCE_SM80=1 TAG=_forced_sm80 OUT=$RESULTS PYTHON=$PY bash benchmarks/gpu_suite.sh indexer ;;
     *) $PY benchmarks/e2e/run_e2e.py --out "$WORK" --configs "$1" ${E2E_ARGS:-} 2>&1 | tee -a "$RESULTS/e2e.txt" ;;
     esac
 }

@@ -217,7 +217,8 @@ def reports() -> list[dict]:
         assert report.error is None, f"{job.target} {job.kernel} {job.label}: {report.error}"
     return [
         {"target": j.target, "kernel": j.kernel, "label": j.label, "capability": j.capability,
-         "shared_bytes": r.shared_bytes, "registers": r.registers, "spill_bytes": r.spill_bytes,
+         "shared_bytes": r.shared_bytes, "registers": r.registers, "local_accesses": r.local_accesses,
+         "stack_bytes": r.stack_bytes,
          "num_warps": j.num_warps, "resident": j.resident}
         for j, r in zip(jobs, compiled, strict=True)
     ]  # fmt: skip
@@ -234,7 +235,10 @@ def test_configs_fit(reports, target, kernel):
         limit = SHARED_MEMORY_LIMIT[r["capability"]]
         what = f"{target} {kernel} {r['label']}"
         assert r["shared_bytes"] <= limit, f"{what}: {r['shared_bytes']} B of shared memory > {limit}"
-        assert r["spill_bytes"] == 0, f"{what}: {r['spill_bytes']} B spilled ({r['registers']} registers)"
+        assert r["local_accesses"] == 0, (
+            f"{what}: {r['local_accesses']} local-memory instructions (spills; {r['stack_bytes']} B of stack, "
+            f"{r['registers']} registers)"
+        )
         n = r["resident"]
         assert n * r["shared_bytes"] <= limit, f"{what}: {n} programs need {n * r['shared_bytes']} B > {limit}"
         registers = n * r["registers"] * 32 * r["num_warps"]

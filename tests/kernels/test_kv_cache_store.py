@@ -80,4 +80,4 @@ def test_store_kernel_compiles_for_every_architecture(loc_type):
         for capability in compile_targets()
     ]
     for capability, report in zip(compile_targets(), compile_many(jobs), strict=True):
-        assert report.error is None and report.spill_bytes == 0, (capability, report)
+        assert report.error is None and report.local_accesses == 0, (capability, report)

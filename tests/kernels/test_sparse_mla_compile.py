@@ -103,4 +103,4 @@ def test_config_fits(reports, label, limit):
     report = reports[label]
     assert report.error is None, report.error
     assert report.shared_bytes <= limit, report
-    assert report.spill_bytes == 0, report
+    assert report.local_accesses == 0, report

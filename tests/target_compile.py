@@ -107,10 +107,13 @@ def compile_for_target(
         f.write(kernel.asm["cubin"])
         f.flush()
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True)
-    fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
-    stack = fields.get("STACK", 0) + fields.get("LOCAL", 0)
-    if sass.returncode == 0:
+        fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
+        stack = fields.get("STACK", 0) + fields.get("LOCAL", 0)
+        # Without a frame there is no local memory to touch; the SASS (up to a second a kernel) only when there is.
+        sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True) if stack else None
+    if sass is None:
+        local_accesses = 0
+    elif sass.returncode == 0:
         local_accesses = len(re.findall(r"\b(?:STL|LDL)(?:\.[A-Z0-9]+)*\s", sass.stdout))
     else:  # an older cuobjdump that cannot disassemble this arch (Triton 3.6's, sm_121): any frame counts
         local_accesses = stack

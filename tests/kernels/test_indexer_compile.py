@@ -3,7 +3,7 @@
 Compiles (without a GPU) each configuration the launchers can pick or a
 benchmark sweep can try, for SM80/86/89/90/120 and for the forced SM80 path on
 an SM90, and checks shared memory against the arch's opt-in limit, that
-ptxas spilled nothing, and that the programs of a cooperative launch that an
+the kernel touches no local memory (no spills; see ``target_compile.py``), and that the programs of a cooperative launch that an
 SM must hold at once fit its registers and shared memory. SM80/86 (and the forced path) compile the emulated FP8
 path (uint8 codes -> fp16 dots), the others native FP8 dots.
 

@@ -41,10 +41,12 @@ def install() -> bool:
         return False
     if not all(line in source for line in _STOCK_CALL_LINES):
         return False
-    languages: dict[int, list] = {}
+    languages: dict = {}  # function -> the language modules its globals use
 
     def device_call(self, *args, **kwargs):
-        langs = languages.setdefault(id(self.fn), _languages(self.fn))
+        langs = languages.get(self.fn)
+        if langs is None:
+            langs = languages[self.fn] = _languages(self.fn)
         if not all(_patched(lang) for lang in langs):
             interpreter._patch_lang(self.fn)
         fn = self.rewrite()

@@ -62,6 +62,11 @@ def sparse_attention(
 # --- index keys ------------------------------------------------------------
 
 
+def _index_k_cache(index_buffer: torch.Tensor) -> torch.Tensor:
+    """A layer's index-K buffer as the kernels take it: ``[pages, 64, 1, 132]`` uint8."""
+    return index_buffer.view(index_buffer.shape[0], PAGE_SIZE, 1, INDEX_ROW_BYTES)
+
+
 def _index_pages(index_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keys [pages, 64, 128] uint8, scales [pages, 64, 4] uint8)`` views of a layer's index-K buffer."""
     pages = index_buffer.view(index_buffer.shape[0], PAGE_SIZE * INDEX_ROW_BYTES)
@@ -85,7 +90,7 @@ def quantize_index_keys(
     rope (``norm``, ``rope``: SGLang's fused indexer), quantize to FP8 and store bf16 index keys
     ``[T, 128]`` at slots ``loc``, in one kernel
     (:func:`sglang_sparse_mla.kernels.quantize_index_keys_to_cache`)."""
-    kv_cache = index_buffer.view(index_buffer.shape[0], PAGE_SIZE, 1, INDEX_ROW_BYTES)
+    kv_cache = _index_k_cache(index_buffer)
     kernels.quantize_index_keys_to_cache(
         key, loc, kv_cache, rotate=rotate, scale_format=scale_format, rope=rope, norm=norm
     )
@@ -128,7 +133,7 @@ def quantize_index_keys_and_queries(
     """:func:`quantize_index_keys` and :func:`quantize_index_queries` in one launch
     (:func:`sglang_sparse_mla.kernels.quantize_index_keys_and_queries`): the queries are those of the
     keys' first tokens, ``rope.positions`` one per key."""
-    kv_cache = index_buffer.view(index_buffer.shape[0], PAGE_SIZE, 1, INDEX_ROW_BYTES)
+    kv_cache = _index_k_cache(index_buffer)
     q_fp8, _, weights = kernels.quantize_index_keys_and_queries(
         key, loc, kv_cache, query, gate, head_scale, softmax_scale,
         rotate=rotate, key_format=key_format, query_format=query_format, rope=rope, norm=norm,
@@ -160,7 +165,7 @@ def paged_index_logits(
     """
     num_reqs = block_table.shape[0]
     q = q_fp8.view(num_reqs, tokens_per_req, *q_fp8.shape[1:])
-    kv_cache = index_buffer.view(index_buffer.shape[0], PAGE_SIZE, 1, INDEX_ROW_BYTES)
+    kv_cache = _index_k_cache(index_buffer)
     return kernels.fp8_paged_mqa_logits(
         q, kv_cache, weights, kv_total, block_table, block_table.shape[1] * PAGE_SIZE, clean_logits=False
     )

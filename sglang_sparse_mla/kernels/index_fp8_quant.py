@@ -330,7 +330,7 @@ class _Keys(NamedTuple):
     k: torch.Tensor  # [T, 128] bf16
     loc: torch.Tensor  # [T] slots
     kv_cache: torch.Tensor  # [pages, page_size, 1, 132] uint8
-    scale_format: str
+    ue8m0: bool  # the scale format (validated by _is_ue8m0)
 
 
 class _Queries(NamedTuple):
@@ -341,7 +341,7 @@ class _Queries(NamedTuple):
     codes: torch.Tensor  # [T, H, 128] uint8 view of the output codes
     scales: torch.Tensor  # [T, H] float32
     weights: torch.Tensor  # [T, H] float32
-    scale_format: str
+    ue8m0: bool
 
 
 @functools.lru_cache(maxsize=8)
@@ -384,19 +384,19 @@ def _launch(keys: _Keys | None, queries: _Queries | None, *, rotate: bool, rope,
     _index_fp8_kernel[(blocks,)](
         *key_args, *query_args, *rope_args,
         ROPE=rope is not None, NORM=norm is not None, ROTATE=rotate, ROTATE_SCALE=HEAD_DIM**-0.5,
-        DOT_FP32=interpret, KEY_UE8M0=keys is not None and _is_ue8m0(keys.scale_format),
-        QUERY_UE8M0=queries is not None and _is_ue8m0(queries.scale_format),
+        DOT_FP32=interpret, KEY_UE8M0=keys is not None and keys.ue8m0,
+        QUERY_UE8M0=queries is not None and queries.ue8m0,
         BLOCK_R=BLOCK_ROWS, D=HEAD_DIM, PAIRS=ROPE_DIM // 2, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
 def _query_outputs(q: torch.Tensor, gate, head_scale, softmax_scale, scale_format: str) -> _Queries:
-    _is_ue8m0(scale_format)
+    ue8m0 = _is_ue8m0(scale_format)
     tokens, heads = q.shape[0], q.shape[1]
     codes = torch.empty(tokens, heads, HEAD_DIM, dtype=torch.float8_e4m3fn, device=q.device)
     scales = torch.empty(tokens, heads, dtype=torch.float32, device=q.device)
     weights = torch.empty(tokens, heads, dtype=torch.float32, device=q.device)
-    return _Queries(q, gate, head_scale, softmax_scale, codes.view(torch.uint8), scales, weights, scale_format)
+    return _Queries(q, gate, head_scale, softmax_scale, codes.view(torch.uint8), scales, weights, ue8m0)
 
 
 def _results(queries: _Queries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -465,8 +465,7 @@ def quantize_index_keys_to_cache(
     """
     tensors = _check_keys(k, loc, kv_cache) + _check_rope_and_norm(rope, norm, k.shape[0], rotate)
     check_same_device(tensors)
-    _is_ue8m0(scale_format)
-    _launch(_Keys(k, loc, kv_cache, scale_format), None, rotate=rotate, rope=rope, norm=norm)
+    _launch(_Keys(k, loc, kv_cache, _is_ue8m0(scale_format)), None, rotate=rotate, rope=rope, norm=norm)
 
 
 def quantize_index_keys_and_queries(
@@ -505,7 +504,7 @@ def quantize_index_keys_and_queries(
     if q.shape[0] > k.shape[0]:
         raise ValueError(f"queries are those of the keys' first tokens: {q.shape[0]} queries > {k.shape[0]} keys")
     check_same_device(tensors + _check_rope_and_norm(rope, norm, k.shape[0], rotate))
-    _is_ue8m0(key_format)
+    keys = _Keys(k, loc, kv_cache, _is_ue8m0(key_format))
     queries = _query_outputs(q, gate, head_scale, softmax_scale, query_format)
-    _launch(_Keys(k, loc, kv_cache, key_format), queries, rotate=rotate, rope=rope, norm=norm)
+    _launch(keys, queries, rotate=rotate, rope=rope, norm=norm)
     return _results(queries)

@@ -2,14 +2,16 @@
 # The whole GPU check in one go, for a CUDA machine with torch + triton and no
 # package index (the project's H100 test machine):
 #
-#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env baselines test sweep bench indexer-sweep indexer
-#                                                      indexer-before profile
+#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env baselines test sweep bench bench-before indexer-sweep
+#                                                      indexer indexer-before profile
 #
 # (no STEP = env baselines test bench indexer profile). INDEXER_ARGS adds bench_indexer.py options
-# (e.g. "--sections paged,topk --graph-only") and TAG suffixes its output names (e.g. _forced_sm80
-# for a run under SGLANG_SPARSE_MLA_FORCE_SM80=1; the profile's too). indexer-before times the same benchmark against
-# an earlier state of the package in the same call: BEFORE_TAR, a `git archive REV sglang_sparse_mla`
-# tar carried with the call (outputs indexer_before$TAG.*). Wheels it needs come from .stage/ in the
+# (e.g. "--sections paged,topk --graph-only"), BENCH_ARGS bench_sparse_mla.py's (e.g. "--kv fp8
+# --heads 16,128 --tokens 32,128 --no-baselines"), and TAG suffixes the output names (e.g. _forced_sm80
+# for a run under SGLANG_SPARSE_MLA_FORCE_SM80=1; the profile's too). indexer-before and bench-before time
+# the same benchmark against an earlier state of the package in the same call: BEFORE_TAR, a
+# `git archive REV sglang_sparse_mla` tar carried with the call (outputs indexer_before$TAG.*,
+# sparse_mla_before$TAG.*). Wheels it needs come from .stage/ in the
 # checkout (made by `bash devtools/gpu_machine/stage_wheels.sh`, carried to the
 # machine): pytest if missing, and SGLang 0.5.23's kernels for the baselines
 # (the sglang wheel without its Rust .so files, plus the pure-Python packages
@@ -28,6 +30,17 @@ SGBASE=/tmp/sglang-baseline
 status=0
 
 log() { printf '\n=== %s ===\n' "$*"; }
+
+# before SCRIPT NAME ARGS...: benchmarks/SCRIPT run on the package in $BEFORE_TAR, results to NAME_before$TAG.*
+before() {
+    local script=$1 name=$2 tree=/tmp/before-tree
+    shift 2
+    log "$name benchmark, earlier package ($BEFORE_TAR)"
+    ensure_sglang_baseline && export PYTHONPATH=$PYTHONPATH:$SGBASE
+    rm -rf $tree && mkdir -p $tree && tar -xf "$BEFORE_TAR" -C $tree && cp -r benchmarks $tree/ &&
+        PYTHONPATH=$tree:$PYTHONPATH $PY $tree/benchmarks/$script "$@" --out "$RESULTS/${name}_before${TAG:-}.json" \
+            > "$RESULTS/${name}_before${TAG:-}.txt" 2>&1 || status=1
+}
 
 ensure_pytest() {
     $PY -c "import pytest" 2>/dev/null && return
@@ -71,8 +84,10 @@ sys.exit(1 if missing else 0)" || status=1
     bench)
         log "sparse MLA benchmark"
         ensure_sglang_baseline && export PYTHONPATH=$PYTHONPATH:$SGBASE
-        $PY benchmarks/bench_sparse_mla.py --out "$RESULTS/sparse_mla.json" > "$RESULTS/sparse_mla.txt" 2>&1 || status=1
+        $PY benchmarks/bench_sparse_mla.py ${BENCH_ARGS:-} --out "$RESULTS/sparse_mla${TAG:-}.json" \
+            > "$RESULTS/sparse_mla${TAG:-}.txt" 2>&1 || status=1
         ;;
+    bench-before) before bench_sparse_mla.py sparse_mla ${BENCH_ARGS:-} ;;
     indexer-sweep)
         log "indexer config sweep"
         $PY benchmarks/bench_indexer.py --sweep --out "$RESULTS/indexer_sweep.json" > "$RESULTS/indexer_sweep.txt" 2>&1 || status=1
@@ -90,20 +105,13 @@ sys.exit(1 if missing else 0)" || status=1
         $PY benchmarks/bench_indexer.py ${INDEXER_ARGS:-} --out "$RESULTS/indexer${TAG:-}.json" \
             > "$RESULTS/indexer${TAG:-}.txt" 2>&1 || status=1
         ;;
-    indexer-before)
-        log "indexer benchmark, earlier package ($BEFORE_TAR)"
-        ensure_sglang_baseline && export PYTHONPATH=$PYTHONPATH:$SGBASE
-        before=/tmp/before-tree
-        rm -rf $before && mkdir -p $before && tar -xf "$BEFORE_TAR" -C $before && cp -r benchmarks $before/ &&
-            $PY $before/benchmarks/bench_indexer.py ${INDEXER_ARGS:-} --out "$RESULTS/indexer_before${TAG:-}.json" \
-                > "$RESULTS/indexer_before${TAG:-}.txt" 2>&1 || status=1
-        ;;
+    indexer-before) before bench_indexer.py indexer ${INDEXER_ARGS:-} ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done
 
 log "summary"
-for f in "$RESULTS"/sparse_mla.txt "$RESULTS"/indexer${TAG:-}.txt; do
+for f in "$RESULTS"/sparse_mla${TAG:-}.txt "$RESULTS"/indexer${TAG:-}.txt; do
     [ -f "$f" ] && cat "$f"
 done
 exit $status

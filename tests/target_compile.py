@@ -83,12 +83,8 @@ class CompileReport:
     error: str | None = None
 
 
-def compile_for_target(
-    fn, signature, constexprs, capability, num_warps, num_stages, aligned=(), maxnreg=None
-) -> CompileReport:
-    """Compile a ``@triton.jit`` or ``@gluon.jit`` kernel (not interpreted) for ``sm_<capability>``."""
+def _compile(fn, signature, constexprs, capability, num_warps, num_stages, aligned=(), maxnreg=None):
     import triton
-    import triton.backends.nvidia as nvidia_backend
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -97,20 +93,48 @@ def compile_for_target(
     source = ASTSource
     if type(fn).__name__ == "GluonJITFunction":  # Gluon kernels (only Tritons with Gluon make them)
         from triton.experimental.gluon._runtime import GluonASTSource as source
-    kernel = triton.compile(
+    return triton.compile(
         source(fn, sig, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": num_warps, "num_stages": num_stages} | ({"maxnreg": maxnreg} if maxnreg else {}),
     )
+
+
+def _cuobjdump(cubin: bytes, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    import triton.backends.nvidia as nvidia_backend
+
     cuobjdump = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
+        f.write(cubin)
         f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-        fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
-        stack = fields.get("STACK", 0) + fields.get("LOCAL", 0)
-        # Without a frame there is no local memory to touch; the SASS (up to a second a kernel) only when there is.
-        sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True) if stack else None
+        return subprocess.run([cuobjdump, *args, f.name], capture_output=True, text=True, check=check)
+
+
+def job_sass(job: CompileJob) -> tuple[str, int, int]:
+    """``(SASS text, registers, shared bytes)`` of a job, compiled in this process (not in
+    interpreter mode)."""
+    import importlib
+
+    module, name = job.kernel.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    kernel = _compile(fn, job.signature, job.constexprs, job.capability, job.num_warps, job.num_stages, job.aligned,
+                      job.maxnreg)  # fmt: skip
+    usage = _cuobjdump(kernel.asm["cubin"], "--dump-resource-usage").stdout
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    return _cuobjdump(kernel.asm["cubin"], "--dump-sass").stdout, registers, kernel.metadata.shared
+
+
+def compile_for_target(
+    fn, signature, constexprs, capability, num_warps, num_stages, aligned=(), maxnreg=None
+) -> CompileReport:
+    """Compile a ``@triton.jit`` or ``@gluon.jit`` kernel (not interpreted) for ``sm_<capability>``."""
+    kernel = _compile(fn, signature, constexprs, capability, num_warps, num_stages, aligned, maxnreg)
+    cubin = kernel.asm["cubin"]
+    usage = _cuobjdump(cubin, "--dump-resource-usage").stdout
+    fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
+    stack = fields.get("STACK", 0) + fields.get("LOCAL", 0)
+    # Without a frame there is no local memory to touch; the SASS (up to a second a kernel) only when there is.
+    sass = _cuobjdump(cubin, "--dump-sass", check=False) if stack else None
     if sass is None:
         local_accesses = 0
     elif sass.returncode == 0:

@@ -114,7 +114,7 @@ def config_label(cfg):
     if cfg is None:
         return "auto"
     kind = "ws " if cfg.warp_specialized else "gluon-sm80 " if cfg.gluon_sm80 else ""
-    return f"{kind}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}"
+    return f"{kind}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}" + (" ahead" if cfg.dequant_ahead else "")
 
 
 def measure(label, calls, flops, bytes_, ceilings: Ceilings, shape):
@@ -290,8 +290,9 @@ def kernel_candidates(heads: int, kv_format: str, info) -> list:
 # forced SM80 path (``--sweep-gluon``): ring depth, key tile and warps at 16 heads; key tile and
 # ring depth for the 32-head blocks that serve more heads.
 GLUON_SWEEP = {
-    ("fp8", 16): [(16, 16, 4, 2), (16, 16, 4, 3), (16, 16, 4, 4), (16, 32, 4, 2), (16, 32, 4, 3)],
-    ("fp8", 128): [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 2)],
+    ("fp8", 16): [(16, 32, 4, 2), (16, 32, 8, 2), (16, 32, 4, 3, False, True, True), (16, 32, 8, 3, False, True, True),
+                  (16, 16, 4, 3, False, True, True)],
+    ("fp8", 128): [(32, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 3, False, True, True)],
     ("bf16", 16): [(16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 8, 2)],
 }
 
@@ -301,7 +302,7 @@ def gluon_sweep(caches, ceilings, gen, kv_formats, heads_list=None):
     for (kv_format, heads), candidates in GLUON_SWEEP.items():
         if kv_format not in kv_formats or (heads_list and heads not in heads_list):
             continue
-        configs = [None] + [SparseMLAConfig(*c, gluon_sm80=True) for c in candidates]
+        configs = [None] + [SparseMLAConfig(*c[:4], gluon_sm80=True, dequant_ahead=len(c) > 6 and c[6]) for c in candidates]
         for tokens in (32, 128):
             rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, configs, [None], False)
         rows += run_case("prefill", 4096, heads, kv_format, caches, ceilings, gen, configs, [None], False)

@@ -31,6 +31,7 @@ class SparseMLAConfig:
     num_stages: int
     warp_specialized: bool = False
     gluon_sm80: bool = False
+    dequant_ahead: bool = False  # Gluon SM80, FP8: dequantize tile i + 1 while computing tile i
 
     @property
     def warps_m(self) -> int:
@@ -194,7 +195,9 @@ def gluon_sm80_programs_per_sm(config: SparseMLAConfig, info: DeviceInfo) -> int
     larger): the query ``[block_h, 576]``, the ``cp.async`` ring of rope rows and code words
     and scales (656 bytes a row), the dequantized ``[block_n, 512]`` bf16 tile. An SM offers
     the per-block opt-in limit plus one reserved KB."""
-    smem = config.block_h * D_QK * 2 + config.num_stages * config.block_n * FP8_ROW_BYTES + config.block_n * D_LATENT * 2
+    planes = 2 if config.dequant_ahead else 1
+    smem = config.block_h * D_QK * 2 + config.num_stages * config.block_n * FP8_ROW_BYTES
+    smem += planes * config.block_n * D_LATENT * 2
     smem += config.block_h * _GLUON_SM80_SCRATCH_PER_HEAD + _CTA_RESERVED_SMEM
     return max(1, (info.max_shared_memory + _CTA_RESERVED_SMEM) // smem)
 

@@ -122,18 +122,25 @@ def test_bf16_variant_matches_reference(target, rng, arch_path, config, heads):
 
 
 @on_gluon_gpu
-@pytest.mark.parametrize("config", [(16, 16, 4, 2), (16, 16, 4, 3), (16, 32, 4, 2)], ids=["n16s2", "n16s3", "n32s2"])
+@pytest.mark.parametrize(
+    "config, ahead",
+    [((16, 16, 4, 2), False), ((16, 32, 4, 2), False), ((16, 32, 8, 2), False), ((16, 32, 4, 3), True),
+     ((16, 16, 4, 3), True), ((16, 32, 8, 3), True)],
+    ids=["n16s2", "n32s2", "n32w8", "n32s3-ahead", "n16s3-ahead", "n32w8s3-ahead"],
+)  # fmt: skip
 @pytest.mark.parametrize("heads", [8, 16])
-@pytest.mark.parametrize("num_kv_splits", [1, 5])
-def test_fp8_key_tiles_match_reference(target, rng, arch_path, config, heads, num_kv_splits):
+@pytest.mark.parametrize("num_kv_splits", [1, 5, 32])
+def test_fp8_key_tiles_match_reference(target, rng, arch_path, config, ahead, heads, num_kv_splits):
     """The 16-head FP8 tiles a sweep picks from, whichever the dispatch takes: 16 and 32 keys a
-    tile, ring depths 2 and 3; -1 entries, short rows and splits ending mid-tile included."""
+    tile, 4 and 8 warps, each tile dequantized just before its products or one iteration ahead;
+    -1 entries, short rows and splits ending mid-tile (and rows of fewer tiles than the ring)
+    included."""
     tokens = 37
     kv, q, idx = make_inputs(target, rng, tokens, heads, 2048, 1 << 20, "fp8")
     idx[::3, 1000:] = -1  # rows whose valid entries end mid-split
     idx[1::5, 7::11] = -1
     out, lse = poisoned_outputs(tokens, heads, target.device)
-    cfg = SparseMLAConfig(*config, gluon_sm80=True)
+    cfg = SparseMLAConfig(*config, gluon_sm80=True, dequant_ahead=ahead)
     sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, config=cfg, out=out, lse=lse)
     assert_matches_reference(out, lse, q, kv, idx)
 

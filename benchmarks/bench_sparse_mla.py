@@ -114,7 +114,7 @@ def config_label(cfg):
     if cfg is None:
         return "auto"
     kind = "ws " if cfg.warp_specialized else "gluon-sm80 " if cfg.gluon_sm80 else ""
-    return f"{kind}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}" + (" ahead" if cfg.dequant_ahead else "")
+    return f"{kind}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}" + (" ahead" if cfg.dequant_ahead else "") + (" planes" if cfg.plane_warps else "")
 
 
 def measure(label, calls, flops, bytes_, ceilings: Ceilings, shape):
@@ -286,24 +286,29 @@ def kernel_candidates(heads: int, kv_format: str, info) -> list:
     return configs
 
 
-# Candidates of the Gluon SM80-class kernel per (cache, head bucket), timed on the native and the
-# forced SM80 path (``--sweep-gluon``): ring depth, key tile and warps at 16 heads; key tile and
-# ring depth for the 32-head blocks that serve more heads.
+def _gluon(block_h, block_n, num_warps, num_stages, **variant) -> SparseMLAConfig:
+    return SparseMLAConfig(block_h, block_n, num_warps, num_stages, gluon_sm80=True, **variant)
+
+
+# Candidates of the Gluon SM80-class kernels per (cache, head bucket), timed on the native and the
+# forced SM80 path (``--sweep-gluon``): key tile, warps and ring depth, the FP8 tile dequantized one
+# iteration ahead, and the one-warp-a-plane kernel.
+AHEAD, PLANES = dict(dequant_ahead=True), dict(plane_warps=True)
 GLUON_SWEEP = {
-    ("fp8", 16): [(16, 32, 4, 2), (16, 32, 8, 2), (16, 32, 4, 3, False, True, True), (16, 32, 8, 3, False, True, True),
-                  (16, 16, 4, 3, False, True, True)],
-    ("fp8", 128): [(32, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 3, False, True, True)],
-    ("bf16", 16): [(16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 8, 2)],
+    ("fp8", 16): [_gluon(16, 32, 4, 2), _gluon(16, 32, 8, 2), _gluon(16, 32, 4, 3, **AHEAD), _gluon(16, 32, 8, 3, **AHEAD),
+                  _gluon(16, 16, 4, 3, **AHEAD), _gluon(16, 32, 4, 2, **PLANES), _gluon(16, 32, 4, 3, **PLANES)],
+    ("fp8", 128): [_gluon(32, 32, 8, 2), _gluon(32, 64, 8, 2), _gluon(32, 32, 8, 3, **AHEAD), _gluon(32, 32, 8, 2, **PLANES)],
+    ("bf16", 16): [_gluon(16, 32, 4, 2), _gluon(16, 32, 4, 3), _gluon(16, 64, 8, 2), _gluon(16, 32, 4, 2, **PLANES)],
 }
 
 
-def gluon_sweep(caches, ceilings, gen, kv_formats, heads_list=None):
+def gluon_sweep(caches, ceilings, gen, kv_formats, heads_list=None, decode_tokens=None):
     rows = []
     for (kv_format, heads), candidates in GLUON_SWEEP.items():
         if kv_format not in kv_formats or (heads_list and heads not in heads_list):
             continue
-        configs = [None] + [SparseMLAConfig(*c[:4], gluon_sm80=True, dequant_ahead=len(c) > 6 and c[6]) for c in candidates]
-        for tokens in (32, 128):
+        configs = [None] + candidates
+        for tokens in decode_tokens or (32, 128):
             rows += run_case("decode", tokens, heads, kv_format, caches, ceilings, gen, configs, [None], False)
         rows += run_case("prefill", 4096, heads, kv_format, caches, ceilings, gen, configs, [None], False)
         torch.cuda.empty_cache()
@@ -335,7 +340,7 @@ def main():
     parser.add_argument("--kv", default="bf16,fp8", help="cache formats to sweep (and of --sweep-gluon)")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--heads", help="comma-separated head counts of the full table (default 16,32,64,128; --sweep-gluon: its 16, 128)")
-    parser.add_argument("--tokens", help="comma-separated decode token counts of the full table (default 1,8,32,64,128)")
+    parser.add_argument("--tokens", help="comma-separated decode token counts (default 1,8,32,64,128; --sweep-gluon: 32,128)")
     args = parser.parse_args()
     ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
 
@@ -346,7 +351,7 @@ def main():
     kv = torch.randn(NUM_SLOTS, 576, device="cuda", generator=gen).bfloat16()
     caches = {"bf16": kv, "fp8": quantize_kv_fp8(kv)}
     if args.sweep_gluon:
-        rows = gluon_sweep(caches, ceilings, gen, args.kv.split(","), ints(args.heads))
+        rows = gluon_sweep(caches, ceilings, gen, args.kv.split(","), ints(args.heads), ints(args.tokens))
     elif args.sweep:
         rows = sweep_cases(caches, ceilings, gen, args.kv.split(","))
     else:

@@ -561,7 +561,15 @@ def _launch(plan: SparseMLAPlan, q, q_rope, rows, indices, sm_scale, out, lse, s
         SKIP_INVALID_TAIL=skip_invalid_tail, num_warps=cfg.num_warps,
     )  # fmt: skip
     fp8_format = dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else EMULATED_FP8_FACTOR)
-    if cfg.gluon_sm80:
+    if cfg.gluon_sm80 and cfg.plane_warps:
+        from . import sparse_mla_sm80_planes  # imports Gluon: only where info.gluon_sm80 says it exists
+
+        kv, rope = (rows.words, rows.rope) if rows.is_fp8 else (rows.latent, rows.latent)
+        sparse_mla_sm80_planes.sparse_mla_sm80_planes_kernel[plan.grid](
+            **common, kv_ptr=kv, rope_ptr=rope, stride_kv=kv.stride(0), stride_rope=rope.stride(0),
+            STAGES=cfg.num_stages, WARPS_M=cfg.warps_m, KV_FP8=rows.is_fp8,
+        )  # fmt: skip
+    elif cfg.gluon_sm80:
         from . import sparse_mla_sm80  # imports Gluon: only where info.gluon_sm80 says it exists
 
         kv, rope = (rows.words, rows.rope) if rows.is_fp8 else (rows.latent, rows.latent)

@@ -32,6 +32,7 @@ class SparseMLAConfig:
     warp_specialized: bool = False
     gluon_sm80: bool = False
     dequant_ahead: bool = False  # Gluon SM80, FP8: dequantize tile i + 1 while computing tile i
+    plane_warps: bool = False  # Gluon SM80: one warp a latent plane (:mod:`.sparse_mla_sm80_planes`)
 
     @property
     def warps_m(self) -> int:
@@ -196,8 +197,11 @@ def gluon_sm80_programs_per_sm(config: SparseMLAConfig, info: DeviceInfo) -> int
     and scales (656 bytes a row), the dequantized ``[block_n, 512]`` bf16 tile. An SM offers
     the per-block opt-in limit plus one reserved KB."""
     planes = 2 if config.dequant_ahead else 1
-    smem = config.block_h * D_QK * 2 + config.num_stages * config.block_n * FP8_ROW_BYTES
-    smem += planes * config.block_n * D_LATENT * 2
+    smem = config.num_stages * config.block_n * FP8_ROW_BYTES + planes * config.block_n * D_LATENT * 2
+    if config.plane_warps:  # the query in registers; the score exchange in the ring but above 16 heads
+        smem += 0 if config.block_h <= 16 else 2 * 4 * config.block_h * config.block_n * 4
+    else:
+        smem += config.block_h * D_QK * 2
     smem += config.block_h * _GLUON_SM80_SCRATCH_PER_HEAD + _CTA_RESERVED_SMEM
     return max(1, (info.max_shared_memory + _CTA_RESERVED_SMEM) // smem)
 

@@ -71,6 +71,9 @@ def _cases():
                                       WARPS_M=config.warps_m, KV_FP8=fp8, DEQUANT_AHEAD=config.dequant_ahead, SPLIT_OUTPUT=split,
                                       SKIP_INVALID_TAIL=skip_tail)  # fmt: skip
                     kernel = "sglang_sparse_mla.kernels.sparse_mla_sm80:sparse_mla_sm80_kernel"
+                    if config.plane_warps:
+                        del constexprs["DEQUANT_AHEAD"]
+                        kernel = "sglang_sparse_mla.kernels.sparse_mla_sm80_planes:sparse_mla_sm80_planes_kernel"
                 mode = "split" if split else "single-skip-tail" if skip_tail else "single"
                 label = f"sm{capability}-{'fp8' if fp8 else 'bf16'}-{config}-{mode}"
                 job = CompileJob(kernel, sig, constexprs, capability, config.num_warps, config.num_stages, aligned)

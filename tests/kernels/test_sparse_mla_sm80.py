@@ -37,6 +37,8 @@ from sglang_sparse_mla.kernels.sparse_mla_configs import (
 
 GLUON_16 = SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True)
 GLUON_32 = SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True)
+PLANES_16 = SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True, plane_warps=True)
+PLANES_32 = SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True, plane_warps=True)
 
 
 def _gluon_gpu() -> bool:
@@ -111,7 +113,9 @@ def test_fp8_matches_reference_and_triton(target, rng, arch_path, heads, num_kv_
 
 
 @on_gluon_gpu
-@pytest.mark.parametrize("config", [GLUON_16, GLUON_32], ids=["h16", "h32"])
+@pytest.mark.parametrize(
+    "config", [GLUON_16, GLUON_32, PLANES_16, PLANES_32], ids=["h16", "h32", "h16-planes", "h32-planes"]
+)
 @pytest.mark.parametrize("heads", [8, 16, 48])
 def test_bf16_variant_matches_reference(target, rng, arch_path, config, heads):
     tokens = 37
@@ -125,8 +129,10 @@ def test_bf16_variant_matches_reference(target, rng, arch_path, config, heads):
 @pytest.mark.parametrize(
     "config, ahead",
     [((16, 16, 4, 2), False), ((16, 32, 4, 2), False), ((16, 32, 8, 2), False), ((16, 32, 4, 3), True),
-     ((16, 16, 4, 3), True), ((16, 32, 8, 3), True)],
-    ids=["n16s2", "n32s2", "n32w8", "n32s3-ahead", "n16s3-ahead", "n32w8s3-ahead"],
+     ((16, 16, 4, 3), True), ((16, 32, 8, 3), True), ((16, 32, 4, 2), "planes"), ((16, 32, 4, 3), "planes"),
+     ((32, 32, 8, 2), "planes")],
+    ids=["n16s2", "n32s2", "n32w8", "n32s3-ahead", "n16s3-ahead", "n32w8s3-ahead", "n32s2-planes", "n32s3-planes",
+         "h32-planes"],
 )  # fmt: skip
 @pytest.mark.parametrize("heads", [8, 16])
 @pytest.mark.parametrize("num_kv_splits", [1, 5, 32])
@@ -140,7 +146,7 @@ def test_fp8_key_tiles_match_reference(target, rng, arch_path, config, ahead, he
     idx[::3, 1000:] = -1  # rows whose valid entries end mid-split
     idx[1::5, 7::11] = -1
     out, lse = poisoned_outputs(tokens, heads, target.device)
-    cfg = SparseMLAConfig(*config, gluon_sm80=True, dequant_ahead=ahead)
+    cfg = SparseMLAConfig(*config, gluon_sm80=True, dequant_ahead=ahead is True, plane_warps=ahead == "planes")
     sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, config=cfg, out=out, lse=lse)
     assert_matches_reference(out, lse, q, kv, idx)
 

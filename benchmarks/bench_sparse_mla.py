@@ -292,19 +292,23 @@ def _gluon(block_h, block_n, num_warps, num_stages, **variant) -> SparseMLAConfi
 
 # Candidates of the Gluon SM80-class kernels per (cache, head bucket), timed on the native and the
 # forced SM80 path (``--sweep-gluon``): key tile, warps and ring depth, the FP8 tile dequantized one
-# iteration ahead, and the one-warp-a-plane kernel.
-AHEAD, PLANES = dict(dequant_ahead=True), dict(plane_warps=True)
-GLUON_SWEEP = {
-    ("fp8", 16): [_gluon(16, 32, 4, 2), _gluon(16, 32, 8, 2), _gluon(16, 32, 4, 3, **AHEAD), _gluon(16, 32, 8, 3, **AHEAD),
-                  _gluon(16, 16, 4, 3, **AHEAD), _gluon(16, 32, 4, 2, **PLANES), _gluon(16, 32, 4, 3, **PLANES)],
-    ("fp8", 128): [_gluon(32, 32, 8, 2), _gluon(32, 64, 8, 2), _gluon(32, 32, 8, 3, **AHEAD), _gluon(32, 32, 8, 2, **PLANES)],
-    ("bf16", 16): [_gluon(16, 32, 4, 2), _gluon(16, 32, 4, 3), _gluon(16, 64, 8, 2), _gluon(16, 32, 4, 2, **PLANES)],
-}
+# iteration ahead, and the one-warp-a-plane kernel. Built on use: the benchmark also times earlier
+# packages (gpu_suite.sh bench-before) whose configs lack these variants.
+def gluon_sweep_candidates() -> dict[tuple[str, int], list[SparseMLAConfig]]:
+    ahead, planes = dict(dequant_ahead=True), dict(plane_warps=True)
+    return {
+        ("fp8", 16): [_gluon(16, 32, 4, 2), _gluon(16, 32, 8, 2), _gluon(16, 32, 4, 3, **ahead),
+                      _gluon(16, 32, 8, 3, **ahead), _gluon(16, 16, 4, 3, **ahead), _gluon(16, 32, 4, 2, **planes),
+                      _gluon(16, 32, 4, 3, **planes)],
+        ("fp8", 128): [_gluon(32, 32, 8, 2), _gluon(32, 64, 8, 2), _gluon(32, 32, 8, 3, **ahead),
+                       _gluon(32, 32, 8, 2, **planes)],
+        ("bf16", 16): [_gluon(16, 32, 4, 2), _gluon(16, 32, 4, 3), _gluon(16, 64, 8, 2), _gluon(16, 32, 4, 2, **planes)],
+    }  # fmt: skip
 
 
 def gluon_sweep(caches, ceilings, gen, kv_formats, heads_list=None, decode_tokens=None):
     rows = []
-    for (kv_format, heads), candidates in GLUON_SWEEP.items():
+    for (kv_format, heads), candidates in gluon_sweep_candidates().items():
         if kv_format not in kv_formats or (heads_list and heads not in heads_list):
             continue
         configs = [None] + candidates

@@ -114,7 +114,10 @@ def config_label(cfg):
     if cfg is None:
         return "auto"
     kind = "ws " if cfg.warp_specialized else "gluon-sm80 " if cfg.gluon_sm80 else ""
-    return f"{kind}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}" + (" ahead" if cfg.dequant_ahead else "") + (" planes" if cfg.plane_warps else "")
+    # Variants an earlier package (bench-before) may not have.
+    variants = [label for field, label in (("word_dequant", "words"), ("dequant_ahead", "ahead"), ("plane_warps", "planes"))
+                if getattr(cfg, field, False)]  # fmt: skip
+    return f"{kind}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}" + "".join(f" {v}" for v in variants)
 
 
 def measure(label, calls, flops, bytes_, ceilings: Ceilings, shape):
@@ -295,14 +298,16 @@ def _gluon(block_h, block_n, num_warps, num_stages, **variant) -> SparseMLAConfi
 # iteration ahead, and the one-warp-a-plane kernel. Built on use: the benchmark also times earlier
 # packages (gpu_suite.sh bench-before) whose configs lack these variants.
 def gluon_sweep_candidates() -> dict[tuple[str, int], list[SparseMLAConfig]]:
-    ahead, planes = dict(dequant_ahead=True), dict(plane_warps=True)
+    word = dict(word_dequant=True)
+    ahead, planes = dict(word, dequant_ahead=True), dict(plane_warps=True)
     return {
-        ("fp8", 16): [_gluon(16, 32, 4, 2), _gluon(16, 32, 8, 2), _gluon(16, 32, 4, 3, **ahead),
-                      _gluon(16, 32, 8, 3, **ahead), _gluon(16, 16, 4, 3, **ahead), _gluon(16, 32, 4, 2, **planes),
-                      _gluon(16, 32, 4, 3, **planes)],
-        ("fp8", 128): [_gluon(32, 32, 8, 2), _gluon(32, 64, 8, 2), _gluon(32, 32, 8, 3, **ahead),
-                       _gluon(32, 32, 8, 2, **planes)],
-        ("bf16", 16): [_gluon(16, 32, 4, 2), _gluon(16, 32, 4, 3), _gluon(16, 64, 8, 2), _gluon(16, 32, 4, 2, **planes)],
+        ("fp8", 16): [_gluon(16, 32, 4, 2), _gluon(16, 32, 4, 2, **word), _gluon(16, 32, 8, 2, **word),
+                      _gluon(16, 32, 4, 3, **ahead), _gluon(16, 32, 8, 3, **ahead), _gluon(16, 16, 4, 3, **ahead),
+                      _gluon(16, 32, 4, 2, **planes), _gluon(16, 32, 4, 3, **planes)],
+        ("fp8", 128): [_gluon(32, 32, 8, 2), _gluon(32, 32, 8, 2, **word), _gluon(32, 64, 8, 2, **word),
+                       _gluon(32, 32, 8, 3, **ahead), _gluon(32, 32, 8, 2, **planes)],
+        ("bf16", 16): [_gluon(16, 32, 4, 2), _gluon(16, 32, 4, 2, **word), _gluon(16, 32, 4, 3), _gluon(16, 64, 8, 2),
+                       _gluon(16, 32, 4, 2, **planes)],
     }  # fmt: skip
 
 

@@ -575,7 +575,8 @@ def _launch(plan: SparseMLAPlan, q, q_rope, rows, indices, sm_scale, out, lse, s
         kv, rope = (rows.words, rows.rope) if rows.is_fp8 else (rows.latent, rows.latent)
         sparse_mla_sm80.sparse_mla_sm80_kernel[plan.grid](
             **common, kv_ptr=kv, rope_ptr=rope, stride_kv=kv.stride(0), stride_rope=rope.stride(0),
-            STAGES=cfg.num_stages, WARPS_M=cfg.warps_m, KV_FP8=rows.is_fp8, DEQUANT_AHEAD=cfg.dequant_ahead,
+            STAGES=cfg.num_stages, WARPS_M=cfg.warps_m, KV_FP8=rows.is_fp8, WORD_DEQUANT=cfg.word_dequant,
+            DEQUANT_AHEAD=cfg.dequant_ahead, **fp8_format,
         )  # fmt: skip
     elif rows.is_fp8:
         _sparse_mla_fp8_kernel[plan.grid](

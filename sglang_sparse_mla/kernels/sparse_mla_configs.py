@@ -31,7 +31,8 @@ class SparseMLAConfig:
     num_stages: int
     warp_specialized: bool = False
     gluon_sm80: bool = False
-    dequant_ahead: bool = False  # Gluon SM80, FP8: dequantize tile i + 1 while computing tile i
+    word_dequant: bool = False  # Gluon SM80: codes rebuilt a word at a time, QK over four accumulators
+    dequant_ahead: bool = False  # Gluon SM80, FP8 (with word_dequant): dequantize tile i + 1 while computing tile i
     plane_warps: bool = False  # Gluon SM80: one warp a latent plane (:mod:`.sparse_mla_sm80_planes`)
 
     @property

@@ -15,8 +15,8 @@ not pipeline, which made the FP8 kernel slower than BF16 although it reads
   tile; invalid entries are zero-filled rows);
 * FP8: each ``BLOCK_N``-row tile's 512 codes a row are read from the ring as
   32-bit words, dequantized once (``code * scale`` rounded to bf16, as the
-  Triton kernel rounds them; the codes rebuilt two a word with integer masks,
-  the same on every arch) and stored to one bf16 tile in shared memory.
+  Triton kernel rounds them; with ``WORD_DEQUANT`` the codes are rebuilt two
+  a word with integer masks, the same bits in fewer instructions) and stored to one bf16 tile in shared memory.
   The tile holds byte planes: plane ``b`` holds latent columns ``4j + b``,
   the queries are stored in the same column order and each plane's output
   goes back to its columns, so no byte is shuffled. BF16: the ring's tiles
@@ -41,6 +41,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from .fp8_convert import fp8_e4m3_to_f32
 from .kv_cache_layout import FP8_ROPE_OFFSET, FP8_SCALE_OFFSET
 from .sparse_mla_gluon_common import cta_barrier, online_softmax_step, program_keys, store_lse
 
@@ -113,6 +114,20 @@ def _f16_pair_to_f32(pairs):
 
 
 @gluon.jit
+def _dequantize_tile_bytes(words_smem, scale_smem, planes, FP8_NATIVE: gl.constexpr, FP8_FACTOR: gl.constexpr,
+                           BLOCK_N: gl.constexpr):  # fmt: skip
+    """As :func:`_dequantize_tile` into ``planes[0:4]``, one code at a time (the dispatched path until
+    the word-at-a-time rebuild has run on a GPU)."""
+    nw: gl.constexpr = gl.num_warps()
+    words_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [nw, 1, 1], [2, 1, 0])
+    words = words_smem.load(words_l)
+    scale = scale_smem.load(gl.SliceLayout(2, words_l)).to(gl.float32, bitcast=True) * FP8_FACTOR
+    for b in gl.static_range(4):
+        values = fp8_e4m3_to_f32((words >> (8 * b)) & 0xFF, FP8_NATIVE) * scale[:, :, None]
+        planes.index(b).store(gl.reshape(values.to(gl.bfloat16), [BLOCK_N, 128]))
+
+
+@gluon.jit
 def _dequantize_tile(words_smem, scale_smem, planes, p0, BLOCK_N: gl.constexpr):
     """One ring stage's code words ``[BLOCK_N, 4, 32]`` (word ``32 g + w`` in scale group ``g``)
     and scales ``[BLOCK_N, 4]`` -> four bf16 planes ``[BLOCK_N, 128]``, ``planes[p0 + b]`` (plane
@@ -169,7 +184,8 @@ def sparse_mla_sm80_kernel(
     stride_qt, stride_qh, stride_qrt, stride_qrh, stride_kv, stride_rope, stride_it,
     stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WARPS_M: gl.constexpr,
-    KV_FP8: gl.constexpr, DEQUANT_AHEAD: gl.constexpr,
+    KV_FP8: gl.constexpr, FP8_NATIVE: gl.constexpr, FP8_FACTOR: gl.constexpr, WORD_DEQUANT: gl.constexpr,
+    DEQUANT_AHEAD: gl.constexpr,
     SPLIT_OUTPUT: gl.constexpr, SKIP_INVALID_TAIL: gl.constexpr,
 ):  # fmt: skip
     """Grid ``(tokens, head blocks, splits)``. ``kv_ptr``: FP8, the rows as int32 words
@@ -178,7 +194,8 @@ def sparse_mla_sm80_kernel(
     ``stride_rope`` in bf16 values. ``WARPS_M`` of the warps split the ``BLOCK_H`` heads
     (16 each), the others the keys of ``QK^T`` and the columns of ``PV``. Other arguments
     as :func:`.sparse_mla._sparse_mla_bf16_kernel`."""
-    gl.static_assert(not DEQUANT_AHEAD or (KV_FP8 and STAGES >= 3), "DEQUANT_AHEAD: FP8 and a ring of 3+")
+    gl.static_assert(not DEQUANT_AHEAD or (KV_FP8 and WORD_DEQUANT and STAGES >= 3),
+                     "DEQUANT_AHEAD: FP8, WORD_DEQUANT and a ring of 3+")  # fmt: skip
     nw: gl.constexpr = gl.num_warps()
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS_M, nw // WARPS_M],
                                                   instr_shape=[16, 8])  # fmt: skip
@@ -252,7 +269,11 @@ def sparse_mla_sm80_kernel(
             tile = planes
             t0 = (i % 2) * 4
         elif KV_FP8:
-            _dequantize_tile(kv_ring.index(stage), scale_ring.index(stage), planes, 0, BLOCK_N)
+            if WORD_DEQUANT:
+                _dequantize_tile(kv_ring.index(stage), scale_ring.index(stage), planes, 0, BLOCK_N)
+            else:
+                _dequantize_tile_bytes(kv_ring.index(stage), scale_ring.index(stage), planes, FP8_NATIVE, FP8_FACTOR,
+                                       BLOCK_N)  # fmt: skip
             cta_barrier()  # the whole bf16 tile before any warp reads it
             tile = planes
             t0 = 0
@@ -260,15 +281,18 @@ def sparse_mla_sm80_kernel(
             tile = kv_ring
             t0 = stage * 4
 
-        # Four independent accumulators (the rope with the first plane): chains of at most 12
-        # dependent MMAs instead of one of 36.
-        zeros = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma)
-        s0 = _qk_block(q_smem.index(0), tile.index(t0), dot_a, dot_b,
-                       mma_v2(qr_smem.load(dot_a), kr_ring.index(stage).permute((1, 0)).load(dot_b), zeros))  # fmt: skip
-        s1 = _qk_block(q_smem.index(1), tile.index(t0 + 1), dot_a, dot_b, zeros)
-        s2 = _qk_block(q_smem.index(2), tile.index(t0 + 2), dot_a, dot_b, zeros)
-        s3 = _qk_block(q_smem.index(3), tile.index(t0 + 3), dot_a, dot_b, zeros)
-        s = (s0 + s1) + (s2 + s3)
+        s = mma_v2(qr_smem.load(dot_a), kr_ring.index(stage).permute((1, 0)).load(dot_b),
+                   gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))  # fmt: skip
+        if WORD_DEQUANT:  # four independent accumulators: chains of at most 12 dependent MMAs, not 36
+            zeros = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma)
+            s0 = _qk_block(q_smem.index(0), tile.index(t0), dot_a, dot_b, s)
+            s1 = _qk_block(q_smem.index(1), tile.index(t0 + 1), dot_a, dot_b, zeros)
+            s2 = _qk_block(q_smem.index(2), tile.index(t0 + 2), dot_a, dot_b, zeros)
+            s3 = _qk_block(q_smem.index(3), tile.index(t0 + 3), dot_a, dot_b, zeros)
+            s = (s0 + s1) + (s2 + s3)
+        else:
+            for b in gl.static_range(4):
+                s = _qk_block(q_smem.index(b), tile.index(t0 + b), dot_a, dot_b, s)
         if KV_FP8 and DEQUANT_AHEAD:
             # Tile i + 1 into the other half of the planes, between the products (no barrier in
             # between: the scheduler interleaves the two). Past the last tile it rebuilds a stale

@@ -68,11 +68,13 @@ def _cases():
                     kernel = f"{ws.__name__}:sparse_mla_sm90_ws_kernel"
                 if config.gluon_sm80:
                     constexprs = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, STAGES=config.num_stages,
-                                      WARPS_M=config.warps_m, KV_FP8=fp8, DEQUANT_AHEAD=config.dequant_ahead, SPLIT_OUTPUT=split,
+                                      WARPS_M=config.warps_m, KV_FP8=fp8, SPLIT_OUTPUT=split,
                                       SKIP_INVALID_TAIL=skip_tail)  # fmt: skip
                     kernel = "sglang_sparse_mla.kernels.sparse_mla_sm80:sparse_mla_sm80_kernel"
-                    if config.plane_warps:
-                        del constexprs["DEQUANT_AHEAD"]
+                    if not config.plane_warps:
+                        constexprs |= dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else 256.0,
+                                           WORD_DEQUANT=config.word_dequant, DEQUANT_AHEAD=config.dequant_ahead)  # fmt: skip
+                    else:
                         kernel = "sglang_sparse_mla.kernels.sparse_mla_sm80_planes:sparse_mla_sm80_planes_kernel"
                 mode = "split" if split else "single-skip-tail" if skip_tail else "single"
                 label = f"sm{capability}-{'fp8' if fp8 else 'bf16'}-{config}-{mode}"

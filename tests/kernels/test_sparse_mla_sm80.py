@@ -6,6 +6,8 @@ checks the dispatch and the refusals here and compiles the kernel for every arch
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from utils import relative_error
@@ -37,6 +39,8 @@ from sglang_sparse_mla.kernels.sparse_mla_configs import (
 
 GLUON_16 = SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True)
 GLUON_32 = SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True)
+WORD, PLANES = dict(word_dequant=True), dict(plane_warps=True)
+AHEAD = dict(WORD, dequant_ahead=True)
 PLANES_16 = SparseMLAConfig(16, 32, 4, 2, gluon_sm80=True, plane_warps=True)
 PLANES_32 = SparseMLAConfig(32, 32, 8, 2, gluon_sm80=True, plane_warps=True)
 
@@ -114,7 +118,9 @@ def test_fp8_matches_reference_and_triton(target, rng, arch_path, heads, num_kv_
 
 @on_gluon_gpu
 @pytest.mark.parametrize(
-    "config", [GLUON_16, GLUON_32, PLANES_16, PLANES_32], ids=["h16", "h32", "h16-planes", "h32-planes"]
+    "config",
+    [GLUON_16, GLUON_32, replace(GLUON_16, **WORD), PLANES_16, PLANES_32],
+    ids=["h16", "h32", "h16-words", "h16-planes", "h32-planes"],
 )
 @pytest.mark.parametrize("heads", [8, 16, 48])
 def test_bf16_variant_matches_reference(target, rng, arch_path, config, heads):
@@ -127,26 +133,26 @@ def test_bf16_variant_matches_reference(target, rng, arch_path, config, heads):
 
 @on_gluon_gpu
 @pytest.mark.parametrize(
-    "config, ahead",
-    [((16, 16, 4, 2), False), ((16, 32, 4, 2), False), ((16, 32, 8, 2), False), ((16, 32, 4, 3), True),
-     ((16, 16, 4, 3), True), ((16, 32, 8, 3), True), ((16, 32, 4, 2), "planes"), ((16, 32, 4, 3), "planes"),
-     ((32, 32, 8, 2), "planes")],
-    ids=["n16s2", "n32s2", "n32w8", "n32s3-ahead", "n16s3-ahead", "n32w8s3-ahead", "n32s2-planes", "n32s3-planes",
-         "h32-planes"],
+    "config, variant",
+    [((16, 16, 4, 2), {}), ((16, 32, 4, 2), {}), ((16, 32, 4, 2), WORD), ((16, 32, 8, 2), WORD),
+     ((16, 32, 4, 3), AHEAD), ((16, 16, 4, 3), AHEAD), ((16, 32, 8, 3), AHEAD), ((16, 32, 4, 2), PLANES),
+     ((16, 32, 4, 3), PLANES), ((32, 32, 8, 2), PLANES)],
+    ids=["n16s2", "n32s2", "n32s2-words", "n32w8-words", "n32s3-ahead", "n16s3-ahead", "n32w8s3-ahead", "n32s2-planes",
+         "n32s3-planes", "h32-planes"],
 )  # fmt: skip
 @pytest.mark.parametrize("heads", [8, 16])
 @pytest.mark.parametrize("num_kv_splits", [1, 5, 32])
-def test_fp8_key_tiles_match_reference(target, rng, arch_path, config, ahead, heads, num_kv_splits):
-    """The 16-head FP8 tiles a sweep picks from, whichever the dispatch takes: 16 and 32 keys a
-    tile, 4 and 8 warps, each tile dequantized just before its products or one iteration ahead;
-    -1 entries, short rows and splits ending mid-tile (and rows of fewer tiles than the ring)
-    included."""
+def test_fp8_key_tiles_match_reference(target, rng, arch_path, config, variant, heads, num_kv_splits):
+    """The FP8 tiles a sweep picks from, whichever the dispatch takes: 16 and 32 keys a tile, 4 and 8
+    warps, codes rebuilt one or a word at a time, each tile dequantized just before its products or
+    one iteration ahead, one warp a plane; -1 entries, short rows and splits ending mid-tile (and
+    rows of fewer tiles than the ring) included."""
     tokens = 37
     kv, q, idx = make_inputs(target, rng, tokens, heads, 2048, 1 << 20, "fp8")
     idx[::3, 1000:] = -1  # rows whose valid entries end mid-split
     idx[1::5, 7::11] = -1
     out, lse = poisoned_outputs(tokens, heads, target.device)
-    cfg = SparseMLAConfig(*config, gluon_sm80=True, dequant_ahead=ahead is True, plane_warps=ahead == "planes")
+    cfg = SparseMLAConfig(*config, gluon_sm80=True, **variant)
     sparse_mla_forward(q, kv, idx, SM_SCALE, num_kv_splits=num_kv_splits, config=cfg, out=out, lse=lse)
     assert_matches_reference(out, lse, q, kv, idx)
 

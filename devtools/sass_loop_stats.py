@@ -1,10 +1,11 @@
 """What a kernel's hot loop costs, read from its SASS, without a GPU.
 
-    python devtools/sass_loop_stats.py REGEX [REGEX ...]
+    python devtools/sass_loop_stats.py [--candidates] REGEX [REGEX ...]
 
 Compiles the compile-check jobs of ``tests/kernels/test_sparse_mla_compile.py`` whose labels
 match any REGEX (e.g. ``'sm80-fp8-.*block_h=16.*-split'``; ``--list`` prints the labels) exactly
-as CI compiles them, and prints for each its registers and shared memory and, for its longest
+as CI compiles them (``--candidates`` adds the split launches of ``bench_sparse_mla.py
+--sweep-gluon``'s candidates on every arch, labelled ``smCC-KV-candidate-LABEL``), and prints for each its registers and shared memory and, for its longest
 loop (the widest backward branch in the SASS), the instructions one iteration issues per thread:
 the total, CTA barriers, tensor-core MMAs, and the most frequent opcodes. Static counts, not
 timings: a change that cuts a loop's instructions or barriers is worth timing on a GPU; one that
@@ -20,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "kernels")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "kernels"), str(ROOT / "benchmarks")]
 
 _INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)\s*([^;]*);")
 
@@ -57,15 +58,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("patterns", nargs="*", help="regular expressions over the compile-check labels")
     parser.add_argument("--list", action="store_true", help="print the labels and stop")
+    parser.add_argument("--candidates", action="store_true", help="also the Gluon sweep's candidate configs")
     args = parser.parse_args()
 
-    from target_compile import job_sass
-    from test_sparse_mla_compile import CASES
+    from target_compile import SHARED_MEMORY_LIMIT, job_sass
+    from test_sparse_mla_compile import CASES, sparse_mla_job
 
+    jobs = [(label, job) for label, _, job in CASES]
+    if args.candidates:
+        from bench_sparse_mla import config_label, gluon_sweep_candidates
+
+        for capability in SHARED_MEMORY_LIMIT:
+            for (kv, _), configs in gluon_sweep_candidates().items():
+                for config in configs:
+                    label = f"sm{capability}-{kv}-candidate-{config_label(config)}"
+                    jobs.append((label, sparse_mla_job(capability, kv == "fp8", config, True, False)))
     if args.list:
-        print("\n".join(label for label, _, _ in CASES))
+        print("\n".join(label for label, _ in jobs))
         return
-    chosen = [(label, job) for label, _, job in CASES if any(re.search(p, label) for p in args.patterns)]
+    chosen = [(label, job) for label, job in jobs if any(re.search(p, label) for p in args.patterns)]
     if not chosen:
         parser.error("no compile-check label matches; see --list")
     for label, job in chosen:

@@ -45,41 +45,50 @@ def kernel_signature(fp8: bool, split: bool, gluon_sm80: bool = False) -> tuple[
 _MODULE = "sglang_sparse_mla.kernels.sparse_mla"
 
 
+def device_for(capability: int) -> DeviceInfo:
+    """What the dispatch sees on an arch of this family (132 SMs, the arch's shared memory)."""
+    ws_target = capability == 90 and gluon_hopper_available()  # the Gluon kernels need Triton 3.6+
+    return DeviceInfo((capability // 10, capability % 10), SHARED_MEMORY_LIMIT[capability], 132,
+                      warp_specialized=ws_target, gluon_sm80=gluon_ampere_available())  # fmt: skip
+
+
+def sparse_mla_job(capability: int, fp8: bool, config, split: bool, skip_tail: bool) -> CompileJob:
+    """The launch of ``config`` on ``sm_<capability>``: split (decode partials) or single pass, scanning
+    for the valid tail (prefill) or not."""
+    info = device_for(capability)
+    sig, aligned = kernel_signature(fp8, split, config.gluon_sm80)
+    constexprs = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, SPLIT_OUTPUT=split,
+                      SKIP_INVALID_TAIL=skip_tail, UPCAST=False)  # fmt: skip
+    fp8_format = dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else 256.0)
+    if fp8:
+        constexprs |= fp8_format
+    kernel = f"{_MODULE}:{'_sparse_mla_fp8_kernel' if fp8 else '_sparse_mla_bf16_kernel'}"
+    if config.warp_specialized:
+        from sglang_sparse_mla.kernels import sparse_mla_sm90_ws as ws
+
+        del constexprs["UPCAST"]
+        constexprs |= dict(STAGES=config.num_stages, LOADER_WARPS=ws.LOADER_WARPS,
+                           LOADER_REGS=ws.LOADER_REGS, VALUES_REGS=ws.VALUES_REGS)  # fmt: skip
+        kernel = f"{ws.__name__}:sparse_mla_sm90_ws_kernel"
+    if config.gluon_sm80:
+        constexprs = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, STAGES=config.num_stages,
+                          WARPS_M=config.warps_m, KV_FP8=fp8, SPLIT_OUTPUT=split, SKIP_INVALID_TAIL=skip_tail)  # fmt: skip
+        if config.plane_warps:
+            kernel = "sglang_sparse_mla.kernels.sparse_mla_sm80_planes:sparse_mla_sm80_planes_kernel"
+        else:
+            kernel = "sglang_sparse_mla.kernels.sparse_mla_sm80:sparse_mla_sm80_kernel"
+            constexprs |= fp8_format | dict(WORD_DEQUANT=config.word_dequant, DEQUANT_AHEAD=config.dequant_ahead)
+    return CompileJob(kernel, sig, constexprs, capability, config.num_warps, config.num_stages, aligned)
+
+
 def _cases():
     for capability, limit in SHARED_MEMORY_LIMIT.items():
-        ws_target = capability == 90 and gluon_hopper_available()  # the Gluon kernels need Triton 3.6+
-        info = DeviceInfo((capability // 10, capability % 10), limit, 132, warp_specialized=ws_target,
-                          gluon_sm80=gluon_ampere_available())  # fmt: skip
-        for fp8, config in all_configs(info):
+        for fp8, config in all_configs(device_for(capability)):
             # Decode launches (split or not) and prefill launches (single pass, scanning for the valid tail).
             for split, skip_tail in ((False, False), (True, False), (False, True)):
-                sig, aligned = kernel_signature(fp8, split, config.gluon_sm80)
-                constexprs = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, SPLIT_OUTPUT=split,
-                                  SKIP_INVALID_TAIL=skip_tail, UPCAST=False)  # fmt: skip
-                if fp8:
-                    constexprs |= dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else 256.0)
-                kernel = f"{_MODULE}:{'_sparse_mla_fp8_kernel' if fp8 else '_sparse_mla_bf16_kernel'}"
-                if config.warp_specialized:
-                    from sglang_sparse_mla.kernels import sparse_mla_sm90_ws as ws
-
-                    del constexprs["UPCAST"]
-                    constexprs |= dict(STAGES=config.num_stages, LOADER_WARPS=ws.LOADER_WARPS,
-                                       LOADER_REGS=ws.LOADER_REGS, VALUES_REGS=ws.VALUES_REGS)  # fmt: skip
-                    kernel = f"{ws.__name__}:sparse_mla_sm90_ws_kernel"
-                if config.gluon_sm80:
-                    constexprs = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, STAGES=config.num_stages,
-                                      WARPS_M=config.warps_m, KV_FP8=fp8, SPLIT_OUTPUT=split,
-                                      SKIP_INVALID_TAIL=skip_tail)  # fmt: skip
-                    kernel = "sglang_sparse_mla.kernels.sparse_mla_sm80:sparse_mla_sm80_kernel"
-                    if not config.plane_warps:
-                        constexprs |= dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else 256.0,
-                                           WORD_DEQUANT=config.word_dequant, DEQUANT_AHEAD=config.dequant_ahead)  # fmt: skip
-                    else:
-                        kernel = "sglang_sparse_mla.kernels.sparse_mla_sm80_planes:sparse_mla_sm80_planes_kernel"
                 mode = "split" if split else "single-skip-tail" if skip_tail else "single"
                 label = f"sm{capability}-{'fp8' if fp8 else 'bf16'}-{config}-{mode}"
-                job = CompileJob(kernel, sig, constexprs, capability, config.num_warps, config.num_stages, aligned)
-                yield label, limit, job
+                yield label, limit, sparse_mla_job(capability, fp8, config, split, skip_tail)
     for capability, limit in SHARED_MEMORY_LIMIT.items():
         sig = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32", "num_splits": "i32"}
         sig |= {n: "i32" for n in ["stride_pt", "stride_ph", "stride_ps", "stride_plt", "stride_plh", "stride_pls", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]}

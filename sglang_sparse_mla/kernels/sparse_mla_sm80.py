@@ -65,31 +65,48 @@ def _tile_slots(idx_row, n0, end, num_slots, layout: gl.constexpr, BLOCK_N: gl.c
 
 
 @gluon.jit
-def _issue_tile(kv_ptr, rope_ptr, idx_row, n0, end, num_slots, stride_kv, stride_rope, stage,
-                kv_ring, scale_ring, kr_ring, KV_FP8: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """``cp.async`` the rows of tile ``n0`` into ring stage ``stage`` (16-byte copies, one
-    thread a copy: no replicated issue). FP8: the 128 code words ``[BLOCK_N, 4, 32]`` and the
-    4 scale words of each row; BF16: the latent ``[4, BLOCK_N, 128]``; both: the rope."""
+def _issue_rope(rope_ptr, idx_row, n0, end, num_slots, stride_rope, kr_stage, BLOCK_N: gl.constexpr):
+    """``cp.async`` the rope ``[BLOCK_N, 64]`` of tile ``n0``'s rows into ``kr_stage`` (16-byte copies,
+    one thread a copy)."""
     nw: gl.constexpr = gl.num_warps()
     rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [nw, 1], [1, 0])
     slot, valid = _tile_slots(idx_row, n0, end, num_slots, gl.SliceLayout(1, rope_l), BLOCK_N)
     rope_rows = rope_ptr + (slot * (stride_rope // 8)) * 8  # 16-byte aligned rows: 16-byte copies
     rope_ptrs = rope_rows[:, None] + gl.arange(0, 64, gl.SliceLayout(0, rope_l))[None, :]
-    _async_load(kr_ring.index(stage), rope_ptrs, mask=gl.broadcast(valid[:, None], rope_ptrs)[0])
+    _async_load(kr_stage, rope_ptrs, mask=gl.broadcast(valid[:, None], rope_ptrs)[0])
+
+
+@gluon.jit
+def _issue_fp8_codes(kv_ptr, idx_row, n0, end, num_slots, stride_kv, words_stage, scale_stage, BLOCK_N: gl.constexpr):
+    """``cp.async`` tile ``n0``'s FP8 rows: the 128 code words ``[BLOCK_N, 4, 32]`` into ``words_stage``
+    and the 4 scale words of each row into ``scale_stage``."""
+    nw: gl.constexpr = gl.num_warps()
+    words_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [nw, 1, 1], [2, 1, 0])
+    rows_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, words_l))
+    slot, valid = _tile_slots(idx_row, n0, end, num_slots, rows_l, BLOCK_N)
+    group = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, words_l)))
+    word = gl.arange(0, 32, gl.SliceLayout(0, gl.SliceLayout(1, words_l)))
+    row_ptrs = kv_ptr + (slot * (stride_kv // 4)) * 4  # rows are 16-byte aligned: 16-byte copies
+    word_ptrs = row_ptrs[:, None, None] + (group * 32)[None, :, None] + word[None, None, :]
+    _async_load(words_stage, word_ptrs, mask=gl.broadcast(valid[:, None, None], word_ptrs)[0])
+    scale_l: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [nw, 1], [1, 0])
+    slot, valid = _tile_slots(idx_row, n0, end, num_slots, gl.SliceLayout(1, scale_l), BLOCK_N)
+    scale_ptrs = (kv_ptr + (slot * (stride_kv // 4)) * 4 + _SCALE_COL)[:, None] + gl.arange(0, 4, gl.SliceLayout(0, scale_l))[None, :]
+    _async_load(scale_stage, scale_ptrs, mask=gl.broadcast(valid[:, None], scale_ptrs)[0])
+
+
+@gluon.jit
+def _issue_tile(kv_ptr, rope_ptr, idx_row, n0, end, num_slots, stride_kv, stride_rope, stage,
+                kv_ring, scale_ring, kr_ring, KV_FP8: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """``cp.async`` the rows of tile ``n0`` into ring stage ``stage`` (16-byte copies, one
+    thread a copy: no replicated issue). FP8: the 128 code words ``[BLOCK_N, 4, 32]`` and the
+    4 scale words of each row; BF16: the latent ``[4, BLOCK_N, 128]``; both: the rope."""
+    _issue_rope(rope_ptr, idx_row, n0, end, num_slots, stride_rope, kr_ring.index(stage), BLOCK_N)
     if KV_FP8:
-        words_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [nw, 1, 1], [2, 1, 0])
-        rows_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, words_l))
-        slot, valid = _tile_slots(idx_row, n0, end, num_slots, rows_l, BLOCK_N)
-        group = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, words_l)))
-        word = gl.arange(0, 32, gl.SliceLayout(0, gl.SliceLayout(1, words_l)))
-        row_ptrs = kv_ptr + (slot * (stride_kv // 4)) * 4  # rows are 16-byte aligned: 16-byte copies
-        word_ptrs = row_ptrs[:, None, None] + (group * 32)[None, :, None] + word[None, None, :]
-        _async_load(kv_ring.index(stage), word_ptrs, mask=gl.broadcast(valid[:, None, None], word_ptrs)[0])
-        scale_l: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [nw, 1], [1, 0])
-        slot, valid = _tile_slots(idx_row, n0, end, num_slots, gl.SliceLayout(1, scale_l), BLOCK_N)
-        scale_ptrs = (kv_ptr + (slot * (stride_kv // 4)) * 4 + _SCALE_COL)[:, None] + gl.arange(0, 4, gl.SliceLayout(0, scale_l))[None, :]
-        _async_load(scale_ring.index(stage), scale_ptrs, mask=gl.broadcast(valid[:, None], scale_ptrs)[0])
+        _issue_fp8_codes(kv_ptr, idx_row, n0, end, num_slots, stride_kv, kv_ring.index(stage), scale_ring.index(stage),
+                         BLOCK_N)  # fmt: skip
     else:
+        nw: gl.constexpr = gl.num_warps()
         latent_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [nw, 1], [1, 0])
         slot, valid = _tile_slots(idx_row, n0, end, num_slots, gl.SliceLayout(1, latent_l), BLOCK_N)
         row_ptrs = kv_ptr + slot * stride_kv
@@ -128,31 +145,43 @@ def _dequantize_tile_bytes(words_smem, scale_smem, planes, FP8_NATIVE: gl.conste
 
 
 @gluon.jit
-def _dequantize_tile(words_smem, scale_smem, planes, p0, BLOCK_N: gl.constexpr):
-    """One ring stage's code words ``[BLOCK_N, 4, 32]`` (word ``32 g + w`` in scale group ``g``)
-    and scales ``[BLOCK_N, 4]`` -> four bf16 planes ``[BLOCK_N, 128]``, ``planes[p0 + b]`` (plane
-    ``b``: byte ``b`` of every word, i.e. latent column ``4 j + b``), each value ``code * scale``
-    rounded once.
-
-    Two codes of a word at a time: masks and shifts turn bytes 0 and 2 (then 1 and 3) into an
-    fp16 pair holding ``value / 256`` exactly, on every arch (no FP8 conversion instruction), which
-    the scale times 256 takes back in fp32: the same bits as converting each code on its own, in
-    about 4.4 instructions a value instead of 7 (SASS of the 16-head tile for sm80). The two
-    codes that are NaN in e4m3fn (0x7F, 0xFF; quantization with ``amax / 448`` never writes them)
-    give +-480 here."""
+def _load_codes(words_smem, scale_smem):
+    """One ring stage's code words ``[BLOCK_N, 4, 32]`` (word ``32 g + w`` in scale group ``g``) and
+    their groups' scales times 256, ``[BLOCK_N, 4, 1]``, for :func:`_rebuild_pair`."""
     nw: gl.constexpr = gl.num_warps()
     words_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [nw, 1, 1], [2, 1, 0])
-    words = words_smem.load(words_l)
     scale = scale_smem.load(gl.SliceLayout(2, words_l)).to(gl.float32, bitcast=True) * 256.0
-    scale = scale[:, :, None]
+    return words_smem.load(words_l), scale[:, :, None]
+
+
+@gluon.jit
+def _rebuild_pair(words, scale, HALF: gl.constexpr):
+    """Bytes 0 and 2 (``HALF`` 0) or 1 and 3 (``HALF`` 1) of every code word as bf16 ``code * scale``,
+    each rounded once: ``(low byte's, high byte's)``.
+
+    Masks and shifts turn the two bytes into an fp16 pair holding ``value / 256`` exactly, on every
+    arch (no FP8 conversion instruction), which the scale times 256 takes back in fp32: the same bits
+    as converting each code on its own (:func:`_dequantize_tile_bytes`), in about 4.4 instructions a
+    value instead of 7.2 (sm80 SASS of the 16-head tile). The two codes that are NaN in e4m3fn (0x7F,
+    0xFF; quantization with ``amax / 448`` never writes them) give +-480 here."""
+    if HALF == 0:
+        pairs = ((words << 8) & _F16_SIGNS) | ((words << 7) & _F16_MAGNITUDES)
+    else:
+        pairs = (words & _F16_SIGNS) | ((words >> 1) & _F16_MAGNITUDES)
+    low, high = _f16_pair_to_f32(pairs)
+    return (low * scale).to(gl.bfloat16), (high * scale).to(gl.bfloat16)
+
+
+@gluon.jit
+def _dequantize_tile(words_smem, scale_smem, planes, p0, BLOCK_N: gl.constexpr):
+    """One ring stage's code words and scales (:func:`_load_codes`) -> four bf16 planes
+    ``[BLOCK_N, 128]``, ``planes[p0 + b]`` (plane ``b``: byte ``b`` of every word, i.e. latent
+    column ``4 j + b``), two codes of a word at a time (:func:`_rebuild_pair`)."""
+    words, scale = _load_codes(words_smem, scale_smem)
     for half in gl.static_range(2):  # bytes 0 and 2 of every word, then bytes 1 and 3
-        if half == 0:
-            pairs = ((words << 8) & _F16_SIGNS) | ((words << 7) & _F16_MAGNITUDES)
-        else:
-            pairs = (words & _F16_SIGNS) | ((words >> 1) & _F16_MAGNITUDES)
-        low, high = _f16_pair_to_f32(pairs)
-        planes.index(p0 + half).store(gl.reshape((low * scale).to(gl.bfloat16), [BLOCK_N, 128]))
-        planes.index(p0 + half + 2).store(gl.reshape((high * scale).to(gl.bfloat16), [BLOCK_N, 128]))
+        low, high = _rebuild_pair(words, scale, half)
+        planes.index(p0 + half).store(gl.reshape(low, [BLOCK_N, 128]))
+        planes.index(p0 + half + 2).store(gl.reshape(high, [BLOCK_N, 128]))
 
 
 @gluon.jit

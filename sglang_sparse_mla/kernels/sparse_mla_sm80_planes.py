@@ -15,49 +15,38 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .sparse_mla_gluon_common import cta_barrier, online_softmax_step, program_keys, store_lse
-from .sparse_mla_sm80 import _F16_MAGNITUDES, _F16_SIGNS, _ROPE_COL, _SCALE_COL, _async_load, _f16_pair_to_f32, _tile_slots
+from .sparse_mla_sm80 import (
+    _ROPE_COL,
+    _async_load,
+    _issue_fp8_codes,
+    _issue_rope,
+    _load_codes,
+    _rebuild_pair,
+    _tile_slots,
+)
 
 
 @gluon.jit
 def _dequantize_planes(words_smem, scale_smem, planes, BLOCK_N: gl.constexpr):
-    nw: gl.constexpr = gl.num_warps()
-    words_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [nw, 1, 1], [2, 1, 0])
-    words = words_smem.load(words_l)
-    scale = scale_smem.load(gl.SliceLayout(2, words_l)).to(gl.float32, bitcast=True) * 256.0
-    scale = scale[:, :, None]
+    """As :func:`.sparse_mla_sm80._dequantize_tile`, into the planes ``[4, BLOCK_N, 128]`` of a rank-3
+    layout (which the batched products read)."""
+    words, scale = _load_codes(words_smem, scale_smem)
     for half in gl.static_range(2):
-        if half == 0:
-            pairs = ((words << 8) & _F16_SIGNS) | ((words << 7) & _F16_MAGNITUDES)
-        else:
-            pairs = (words & _F16_SIGNS) | ((words >> 1) & _F16_MAGNITUDES)
-        low, high = _f16_pair_to_f32(pairs)
-        planes.slice(half, 1, dim=0).store(gl.reshape((low * scale).to(gl.bfloat16), [1, BLOCK_N, 128]))
-        planes.slice(half + 2, 1, dim=0).store(gl.reshape((high * scale).to(gl.bfloat16), [1, BLOCK_N, 128]))
+        low, high = _rebuild_pair(words, scale, half)
+        planes.slice(half, 1, dim=0).store(gl.reshape(low, [1, BLOCK_N, 128]))
+        planes.slice(half + 2, 1, dim=0).store(gl.reshape(high, [1, BLOCK_N, 128]))
 
 
 @gluon.jit
 def _issue_planes_tile(kv_ptr, rope_ptr, idx_row, n0, end, num_slots, stride_kv, stride_rope, stage,
                        kv_ring, scale_ring, kr_ring, KV_FP8: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    nw: gl.constexpr = gl.num_warps()
-    rope_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [nw, 1], [1, 0])
-    slot, valid = _tile_slots(idx_row, n0, end, num_slots, gl.SliceLayout(1, rope_l), BLOCK_N)
-    rope_rows = rope_ptr + (slot * (stride_rope // 8)) * 8
-    rope_ptrs = rope_rows[:, None] + gl.arange(0, 64, gl.SliceLayout(0, rope_l))[None, :]
-    _async_load(kr_ring.index(stage), rope_ptrs, mask=gl.broadcast(valid[:, None], rope_ptrs)[0])
+    """As :func:`.sparse_mla_sm80._issue_tile`; BF16 latent rows land as ``[4, BLOCK_N, 128]`` blocks."""
+    _issue_rope(rope_ptr, idx_row, n0, end, num_slots, stride_rope, kr_ring.index(stage), BLOCK_N)
     if KV_FP8:
-        words_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [nw, 1, 1], [2, 1, 0])
-        rows_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, words_l))
-        slot, valid = _tile_slots(idx_row, n0, end, num_slots, rows_l, BLOCK_N)
-        group = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, words_l)))
-        word = gl.arange(0, 32, gl.SliceLayout(0, gl.SliceLayout(1, words_l)))
-        row_ptrs = kv_ptr + (slot * (stride_kv // 4)) * 4
-        word_ptrs = row_ptrs[:, None, None] + (group * 32)[None, :, None] + word[None, None, :]
-        _async_load(kv_ring.index(stage), word_ptrs, mask=gl.broadcast(valid[:, None, None], word_ptrs)[0])
-        scale_l: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [nw, 1], [1, 0])
-        slot, valid = _tile_slots(idx_row, n0, end, num_slots, gl.SliceLayout(1, scale_l), BLOCK_N)
-        scale_ptrs = (kv_ptr + (slot * (stride_kv // 4)) * 4 + _SCALE_COL)[:, None] + gl.arange(0, 4, gl.SliceLayout(0, scale_l))[None, :]
-        _async_load(scale_ring.index(stage), scale_ptrs, mask=gl.broadcast(valid[:, None], scale_ptrs)[0])
+        _issue_fp8_codes(kv_ptr, idx_row, n0, end, num_slots, stride_kv, kv_ring.index(stage), scale_ring.index(stage),
+                         BLOCK_N)  # fmt: skip
     else:
+        nw: gl.constexpr = gl.num_warps()
         latent_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 2, 16], [1, nw, 1], [2, 1, 0])
         slot, valid = _tile_slots(idx_row, n0, end, num_slots, gl.SliceLayout(0, gl.SliceLayout(2, latent_l)), BLOCK_N)
         b = gl.arange(0, 4, gl.SliceLayout(1, gl.SliceLayout(2, latent_l)))
@@ -91,6 +80,8 @@ def sparse_mla_sm80_planes_kernel(
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WARPS_M: gl.constexpr,
     KV_FP8: gl.constexpr, SPLIT_OUTPUT: gl.constexpr, SKIP_INVALID_TAIL: gl.constexpr,
 ):  # fmt: skip
+    """Grid and arguments as :func:`.sparse_mla_sm80.sparse_mla_sm80_kernel` (the same launch, without
+    its dequantization variants); ``num_warps`` is ``4 * WARPS_M``: a warp per plane and 16 heads."""
     nw: gl.constexpr = gl.num_warps()
     gl.static_assert(nw == 4 * WARPS_M, "one warp a plane and 16 heads")
     gl.static_assert(BLOCK_H == 16 * WARPS_M)

@@ -2,10 +2,11 @@
 # The whole GPU check in one go, for a CUDA machine with torch + triton and no
 # package index (the project's H100 test machine):
 #
-#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env baselines test sweep bench bench-before indexer-sweep
-#                                                      indexer indexer-before profile
+#   bash benchmarks/gpu_suite.sh [STEP ...]      STEP: env baselines test sweep sweep-gluon bench bench-before
+#                                                      indexer-sweep indexer indexer-before profile
 #
-# (no STEP = env baselines test bench indexer profile). INDEXER_ARGS adds bench_indexer.py options
+# (no STEP = env baselines test bench indexer profile). SWEEP_ARGS adds bench_sparse_mla.py options to
+# sweep and sweep-gluon (the Gluon SM80-class candidates, e.g. "--kv fp8,bf16 --heads 16,128"). INDEXER_ARGS adds bench_indexer.py options
 # (e.g. "--sections paged,topk --graph-only"), BENCH_ARGS bench_sparse_mla.py's (e.g. "--kv fp8
 # --heads 16,128 --tokens 32,128 --no-baselines"), and TAG suffixes the output names (e.g. _forced_sm80
 # for a run under SGLANG_SPARSE_MLA_FORCE_SM80=1; the profile's too). indexer-before and bench-before time
@@ -80,6 +81,12 @@ sys.exit(1 if missing else 0)" || status=1
         log "sparse MLA config sweep"
         $PY benchmarks/bench_sparse_mla.py --sweep ${SWEEP_ARGS:-} --out "$RESULTS/sparse_mla_sweep.json" > "$RESULTS/sparse_mla_sweep.txt" 2>&1 || status=1
         cat "$RESULTS/sparse_mla_sweep.txt"
+        ;;
+    sweep-gluon)
+        log "Gluon SM80-class sparse MLA candidates"
+        $PY benchmarks/bench_sparse_mla.py --sweep-gluon ${SWEEP_ARGS:-} --out "$RESULTS/sweep_gluon${TAG:-}.json" \
+            > "$RESULTS/sweep_gluon${TAG:-}.txt" 2>&1 || status=1
+        cat "$RESULTS/sweep_gluon${TAG:-}.txt"
         ;;
     bench)
         log "sparse MLA benchmark"

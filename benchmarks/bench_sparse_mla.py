@@ -114,10 +114,11 @@ def config_label(cfg):
     if cfg is None:
         return "auto"
     kind = "ws " if cfg.warp_specialized else "gluon-sm80 " if cfg.gluon_sm80 else ""
-    # Variants an earlier package (bench-before) may not have.
-    variants = [label for field, label in (("word_dequant", "words"), ("dequant_ahead", "ahead"), ("plane_warps", "planes"))
-                if getattr(cfg, field, False)]  # fmt: skip
-    return f"{kind}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}" + "".join(f" {v}" for v in variants)
+    label = f"{kind}h{cfg.block_h} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}"
+    for field, variant in (("word_dequant", "words"), ("dequant_ahead", "ahead"), ("plane_warps", "planes")):
+        if getattr(cfg, field, False):  # an earlier package (bench-before) may not have the field
+            label += f" {variant}"
+    return label
 
 
 def measure(label, calls, flops, bytes_, ceilings: Ceilings, shape):

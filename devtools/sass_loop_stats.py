@@ -5,11 +5,11 @@
 Compiles the compile-check jobs of ``tests/kernels/test_sparse_mla_compile.py`` whose labels
 match any REGEX (e.g. ``'sm80-fp8-.*block_h=16.*-split'``; ``--list`` prints the labels) exactly
 as CI compiles them (``--candidates`` adds the split launches of ``bench_sparse_mla.py
---sweep-gluon``'s candidates on every arch, labelled ``smCC-KV-candidate-LABEL``), and prints for each its registers and shared memory and, for its longest
-loop (the widest backward branch in the SASS), the instructions one iteration issues per thread:
-the total, CTA barriers, tensor-core MMAs, and the most frequent opcodes. Static counts, not
-timings: a change that cuts a loop's instructions or barriers is worth timing on a GPU; one that
-adds them needs a reason.
+--sweep-gluon``'s candidates on every arch, labelled ``smCC-KV-candidate-LABEL``), and prints for
+each its registers and shared memory and, for its longest loop (the widest backward branch in the
+SASS), the instructions one iteration issues per thread: the total, CTA barriers, tensor-core
+MMAs, and the most frequent opcodes. Static counts, not timings: a change that cuts a loop's
+instructions or barriers is worth timing on a GPU; one that adds them needs a reason.
 """
 
 from __future__ import annotations

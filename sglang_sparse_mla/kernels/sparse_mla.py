@@ -480,7 +480,7 @@ def plan_sparse_mla(
     if num_kv_splits is None and batch_invariant:
         num_kv_splits = batch_invariant_num_kv_splits(topk)
     elif num_kv_splits is None:
-        num_kv_splits = choose_num_kv_splits(num_tokens * head_blocks, topk, cfg, info)
+        num_kv_splits = choose_num_kv_splits(num_tokens * head_blocks, topk, cfg, kv_fp8, info)
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
     keys_per_split = triton.cdiv(triton.cdiv(max(topk, 1), num_kv_splits), cfg.block_n) * cfg.block_n
@@ -561,22 +561,19 @@ def _launch(plan: SparseMLAPlan, q, q_rope, rows, indices, sm_scale, out, lse, s
         SKIP_INVALID_TAIL=skip_invalid_tail, num_warps=cfg.num_warps,
     )  # fmt: skip
     fp8_format = dict(FP8_NATIVE=info.native_fp8, FP8_FACTOR=1.0 if info.native_fp8 else EMULATED_FP8_FACTOR)
-    if cfg.gluon_sm80 and cfg.plane_warps:
-        from . import sparse_mla_sm80_planes  # imports Gluon: only where info.gluon_sm80 says it exists
+    if cfg.gluon_sm80:  # imports Gluon: only where info.gluon_sm80 says it exists
+        if cfg.plane_warps:
+            from .sparse_mla_sm80_planes import sparse_mla_sm80_planes_kernel as kernel
 
-        kv, rope = (rows.words, rows.rope) if rows.is_fp8 else (rows.latent, rows.latent)
-        sparse_mla_sm80_planes.sparse_mla_sm80_planes_kernel[plan.grid](
-            **common, kv_ptr=kv, rope_ptr=rope, stride_kv=kv.stride(0), stride_rope=rope.stride(0),
-            STAGES=cfg.num_stages, WARPS_M=cfg.warps_m, KV_FP8=rows.is_fp8,
-        )  # fmt: skip
-    elif cfg.gluon_sm80:
-        from . import sparse_mla_sm80  # imports Gluon: only where info.gluon_sm80 says it exists
+            variant = {}
+        else:
+            from .sparse_mla_sm80 import sparse_mla_sm80_kernel as kernel
 
+            variant = dict(WORD_DEQUANT=cfg.word_dequant, DEQUANT_AHEAD=cfg.dequant_ahead, **fp8_format)
         kv, rope = (rows.words, rows.rope) if rows.is_fp8 else (rows.latent, rows.latent)
-        sparse_mla_sm80.sparse_mla_sm80_kernel[plan.grid](
+        kernel[plan.grid](
             **common, kv_ptr=kv, rope_ptr=rope, stride_kv=kv.stride(0), stride_rope=rope.stride(0),
-            STAGES=cfg.num_stages, WARPS_M=cfg.warps_m, KV_FP8=rows.is_fp8, WORD_DEQUANT=cfg.word_dequant,
-            DEQUANT_AHEAD=cfg.dequant_ahead, **fp8_format,
+            STAGES=cfg.num_stages, WARPS_M=cfg.warps_m, KV_FP8=rows.is_fp8, **variant,
         )  # fmt: skip
     elif rows.is_fp8:
         _sparse_mla_fp8_kernel[plan.grid](

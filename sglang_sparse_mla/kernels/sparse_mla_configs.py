@@ -192,22 +192,28 @@ _CTA_RESERVED_SMEM = 1024
 _GLUON_SM80_SCRATCH_PER_HEAD = 64
 
 
-def gluon_sm80_programs_per_sm(config: SparseMLAConfig, info: DeviceInfo) -> int:
-    """CTAs of the Gluon SM80 kernel one SM holds, by shared memory (the FP8 footprint, the
-    larger): the query ``[block_h, 576]``, the ``cp.async`` ring of rope rows and code words
-    and scales (656 bytes a row), the dequantized ``[block_n, 512]`` bf16 tile. An SM offers
-    the per-block opt-in limit plus one reserved KB."""
-    planes = 2 if config.dequant_ahead else 1
-    smem = config.num_stages * config.block_n * FP8_ROW_BYTES + planes * config.block_n * D_LATENT * 2
-    if config.plane_warps:  # the query in registers; the score exchange in the ring but above 16 heads
-        smem += 0 if config.block_h <= 16 else 2 * 4 * config.block_h * config.block_n * 4
+def gluon_sm80_programs_per_sm(config: SparseMLAConfig, kv_fp8: bool, info: DeviceInfo) -> int:
+    """CTAs of the Gluon SM80 kernels one SM holds, by shared memory: the query ``[block_h, 576]``
+    (none with ``plane_warps``: it lives in registers); FP8, the ``cp.async`` ring of rope rows and
+    code words and scales (656 bytes a row) and the dequantized ``[block_n, 512]`` bf16 tile (two
+    with ``dequant_ahead``); BF16, the ring of whole rows (1152 bytes); with ``plane_warps``, the
+    score and probability exchange (inside the FP8 ring at 16 heads). An SM offers the per-block
+    opt-in limit plus one reserved KB."""
+    if kv_fp8:
+        planes = 2 if config.dequant_ahead else 1
+        smem = config.num_stages * config.block_n * FP8_ROW_BYTES + planes * config.block_n * D_LATENT * 2
+    else:
+        smem = config.num_stages * config.block_n * D_QK * 2
+    if config.plane_warps:
+        exchange_in_ring = kv_fp8 and config.block_h <= 16
+        smem += 0 if exchange_in_ring else 2 * 4 * config.block_h * config.block_n * 4
     else:
         smem += config.block_h * D_QK * 2
     smem += config.block_h * _GLUON_SM80_SCRATCH_PER_HEAD + _CTA_RESERVED_SMEM
     return max(1, (info.max_shared_memory + _CTA_RESERVED_SMEM) // smem)
 
 
-def choose_num_kv_splits(programs: int, topk: int, config: SparseMLAConfig, info: DeviceInfo) -> int:
+def choose_num_kv_splits(programs: int, topk: int, config: SparseMLAConfig, kv_fp8: bool, info: DeviceInfo) -> int:
     """Split the top-k list so that the grid fills the GPU.
 
     Memory-bound 16-head blocks want at least two resident programs per SM;
@@ -218,7 +224,7 @@ def choose_num_kv_splits(programs: int, topk: int, config: SparseMLAConfig, info
     """
     max_splits = max(1, topk // (2 * config.block_n))
     if config.gluon_sm80:  # one full wave of the CTAs its shared memory lets reside
-        resident = gluon_sm80_programs_per_sm(config, info) * info.num_sms
+        resident = gluon_sm80_programs_per_sm(config, kv_fp8, info) * info.num_sms
         return max(1, min(resident // max(programs, 1), max_splits))
     if config.block_h <= 16:
         splits = -(-2 * info.num_sms // programs)

@@ -16,7 +16,8 @@ not pipeline, which made the FP8 kernel slower than BF16 although it reads
 * FP8: each ``BLOCK_N``-row tile's 512 codes a row are read from the ring as
   32-bit words, dequantized once (``code * scale`` rounded to bf16, as the
   Triton kernel rounds them; with ``WORD_DEQUANT`` the codes are rebuilt two
-  a word with integer masks, the same bits in fewer instructions) and stored to one bf16 tile in shared memory.
+  a word with integer masks, the same bits in fewer instructions) and stored
+  to one bf16 tile in shared memory.
   The tile holds byte planes: plane ``b`` holds latent columns ``4j + b``,
   the queries are stored in the same column order and each plane's output
   goes back to its columns, so no byte is shuffled. BF16: the ring's tiles
@@ -135,22 +136,19 @@ def _dequantize_tile_bytes(words_smem, scale_smem, planes, FP8_NATIVE: gl.conste
                            BLOCK_N: gl.constexpr):  # fmt: skip
     """As :func:`_dequantize_tile` into ``planes[0:4]``, one code at a time (the dispatched path until
     the word-at-a-time rebuild has run on a GPU)."""
-    nw: gl.constexpr = gl.num_warps()
-    words_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [nw, 1, 1], [2, 1, 0])
-    words = words_smem.load(words_l)
-    scale = scale_smem.load(gl.SliceLayout(2, words_l)).to(gl.float32, bitcast=True) * FP8_FACTOR
+    words, scale = _load_codes(words_smem, scale_smem, FP8_FACTOR)
     for b in gl.static_range(4):
-        values = fp8_e4m3_to_f32((words >> (8 * b)) & 0xFF, FP8_NATIVE) * scale[:, :, None]
+        values = fp8_e4m3_to_f32((words >> (8 * b)) & 0xFF, FP8_NATIVE) * scale
         planes.index(b).store(gl.reshape(values.to(gl.bfloat16), [BLOCK_N, 128]))
 
 
 @gluon.jit
-def _load_codes(words_smem, scale_smem):
+def _load_codes(words_smem, scale_smem, FACTOR: gl.constexpr):
     """One ring stage's code words ``[BLOCK_N, 4, 32]`` (word ``32 g + w`` in scale group ``g``) and
-    their groups' scales times 256, ``[BLOCK_N, 4, 1]``, for :func:`_rebuild_pair`."""
+    their groups' scales times ``FACTOR``, ``[BLOCK_N, 4, 1]``."""
     nw: gl.constexpr = gl.num_warps()
     words_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [nw, 1, 1], [2, 1, 0])
-    scale = scale_smem.load(gl.SliceLayout(2, words_l)).to(gl.float32, bitcast=True) * 256.0
+    scale = scale_smem.load(gl.SliceLayout(2, words_l)).to(gl.float32, bitcast=True) * FACTOR
     return words_smem.load(words_l), scale[:, :, None]
 
 
@@ -159,10 +157,11 @@ def _rebuild_pair(words, scale, HALF: gl.constexpr):
     """Bytes 0 and 2 (``HALF`` 0) or 1 and 3 (``HALF`` 1) of every code word as bf16 ``code * scale``,
     each rounded once: ``(low byte's, high byte's)``.
 
-    Masks and shifts turn the two bytes into an fp16 pair holding ``value / 256`` exactly, on every
-    arch (no FP8 conversion instruction), which the scale times 256 takes back in fp32: the same bits
-    as converting each code on its own (:func:`_dequantize_tile_bytes`), in about 4.4 instructions a
-    value instead of 7.2 (sm80 SASS of the 16-head tile). The two codes that are NaN in e4m3fn (0x7F,
+    ``scale``: :func:`_load_codes`'s with ``FACTOR`` 256. Masks and shifts turn the two bytes into an
+    fp16 pair holding ``value / 256`` exactly, on every arch (no FP8 conversion instruction), which
+    the scale times 256 takes back in fp32: the same bits as converting each code on its own
+    (:func:`_dequantize_tile_bytes`), in about 4.4 instructions a value instead of 7.2 (sm80 SASS of
+    the 16-head tile). The two codes that are NaN in e4m3fn (0x7F,
     0xFF; quantization with ``amax / 448`` never writes them) give +-480 here."""
     if HALF == 0:
         pairs = ((words << 8) & _F16_SIGNS) | ((words << 7) & _F16_MAGNITUDES)
@@ -177,7 +176,7 @@ def _dequantize_tile(words_smem, scale_smem, planes, p0, BLOCK_N: gl.constexpr):
     """One ring stage's code words and scales (:func:`_load_codes`) -> four bf16 planes
     ``[BLOCK_N, 128]``, ``planes[p0 + b]`` (plane ``b``: byte ``b`` of every word, i.e. latent
     column ``4 j + b``), two codes of a word at a time (:func:`_rebuild_pair`)."""
-    words, scale = _load_codes(words_smem, scale_smem)
+    words, scale = _load_codes(words_smem, scale_smem, 256.0)
     for half in gl.static_range(2):  # bytes 0 and 2 of every word, then bytes 1 and 3
         low, high = _rebuild_pair(words, scale, half)
         planes.index(p0 + half).store(gl.reshape(low, [BLOCK_N, 128]))

@@ -30,7 +30,7 @@ from .sparse_mla_sm80 import (
 def _dequantize_planes(words_smem, scale_smem, planes, BLOCK_N: gl.constexpr):
     """As :func:`.sparse_mla_sm80._dequantize_tile`, into the planes ``[4, BLOCK_N, 128]`` of a rank-3
     layout (which the batched products read)."""
-    words, scale = _load_codes(words_smem, scale_smem)
+    words, scale = _load_codes(words_smem, scale_smem, 256.0)
     for half in gl.static_range(2):
         low, high = _rebuild_pair(words, scale, half)
         planes.slice(half, 1, dim=0).store(gl.reshape(low, [1, BLOCK_N, 128]))
@@ -56,14 +56,20 @@ def _issue_planes_tile(kv_ptr, rope_ptr, idx_row, n0, end, num_slots, stride_kv,
 
 
 @gluon.jit
+def _plane_columns(b, j, KV_FP8: gl.constexpr):
+    """Latent column of position ``j`` of plane ``b`` (broadcast): FP8 planes hold byte ``b`` of every
+    code word (``4 j + b``), BF16 ones the 128-column blocks (``128 b + j``)."""
+    return (4 * j[None, :] + b[:, None]) if KV_FP8 else (128 * b[:, None] + j[None, :])
+
+
+@gluon.jit
 def _load_query_part(q_rows, head_ok, c0, part_smem, layout: gl.constexpr, dot_a: gl.constexpr, KV_FP8: gl.constexpr,
                      BLOCK_H: gl.constexpr, WIDTH: gl.constexpr):
     """Columns ``c0 .. c0 + WIDTH`` of every plane of the query block, as the ``[4, BLOCK_H, WIDTH]`` A
     operand (staged through ``part_smem``)."""
     b = gl.arange(0, 4, gl.SliceLayout(1, gl.SliceLayout(1, layout)))
     j = c0 + gl.arange(0, WIDTH, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
-    cols = (4 * j[None, :] + b[:, None]) if KV_FP8 else (128 * b[:, None] + j[None, :])
-    ptrs = q_rows + cols[:, None, :]
+    ptrs = q_rows + _plane_columns(b, j, KV_FP8)[:, None, :]
     part_smem.store(gl.load(ptrs, mask=gl.broadcast(head_ok, ptrs)[0], other=0.0))
     cta_barrier()
     part = part_smem.load(dot_a)
@@ -109,7 +115,6 @@ def sparse_mla_sm80_planes_kernel(
     else:
         kv_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 4, BLOCK_N, 128], plane_sl)
         scale_ring = kv_ring
-        planes = kv_ring
         staging = kv_ring.index(STAGES - 1)  # filled first by the loop's first issue, after the query is read
 
     # The per-tile exchange of partial scores (index 0) and probabilities (index 1): at 16 heads and FP8,
@@ -117,7 +122,7 @@ def sparse_mla_sm80_planes_kernel(
     # after the next iteration's first barrier), which keeps the CTA small enough for two an SM on the
     # A100 class; otherwise a buffer of its own.
     xchg_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    XCHG_IN_RING: gl.constexpr = KV_FP8 and 2 * 4 * BLOCK_H * 4 <= 512
+    XCHG_IN_RING: gl.constexpr = KV_FP8 and 2 * 4 * BLOCK_H * BLOCK_N * 4 <= BLOCK_N * 512  # a stage's code bytes
     if not XCHG_IN_RING:
         xchg_buf = gl.allocate_shared_memory(gl.float32, [2, 4, BLOCK_H, BLOCK_N], xchg_l)
     alpha_xchg = gl.allocate_shared_memory(gl.float32, [BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -219,6 +224,6 @@ def sparse_mla_sm80_planes_kernel(
 
 @gluon.jit
 def _store_plane_chunk(out_rows, acc, inv_l, b, j, out_ok, KV_FP8: gl.constexpr):
-    cols = (4 * j[None, :] + b[:, None]) if KV_FP8 else (128 * b[:, None] + j[None, :])
-    ptrs = out_rows + cols[:, None, :]
+    """``acc * inv_l`` (``[4, heads, width]``: planes ``b``, positions ``j``) to its latent columns."""
+    ptrs = out_rows + _plane_columns(b, j, KV_FP8)[:, None, :]
     gl.store(ptrs, (acc * inv_l).to(out_rows.dtype.element_ty), mask=gl.broadcast(out_ok, ptrs)[0])

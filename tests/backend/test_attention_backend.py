@@ -159,6 +159,6 @@ def test_deterministic_inference_is_batch_invariant(sglang_config, target):
 
     info = device_info(target.device)
     cfg = select_config(16, False, info)
-    alone = choose_num_kv_splits(1, 512, cfg, info)
-    batch = next(b for b in range(2, 257) if choose_num_kv_splits(b, 512, cfg, info) != alone)
+    alone = choose_num_kv_splits(1, 512, cfg, False, info)
+    batch = next(b for b in range(2, 257) if choose_num_kv_splits(b, 512, cfg, False, info) != alone)
     assert torch.equal(_decode_outputs(1, batch)[0], _decode_outputs(batch, batch)[0])

@@ -167,7 +167,8 @@ def test_rows_are_batch_invariant(target, rng, mode, kv_format):
     info = device_info(target.device)
     cfg = select_config(heads, kv_format == "fp8", info)
     blocks = -(-heads // cfg.block_h)
-    assert choose_num_kv_splits(blocks, topk, cfg, info) != choose_num_kv_splits(tokens * blocks, topk, cfg, info)
+    fp8 = kv_format == "fp8"
+    assert choose_num_kv_splits(blocks, topk, cfg, fp8, info) != choose_num_kv_splits(tokens * blocks, topk, cfg, fp8, info)
 
     kwargs = {"num_kv_splits": 1} if mode == "single_pass" else {"batch_invariant": True}
     batch_out, batch_lse = sparse_mla_decode(q, kv, idx, SM_SCALE, **kwargs)

@@ -165,7 +165,7 @@ def test_layers_override_deepens_the_model_and_repeats_index_share():
     assert deep["num_hidden_layers"] == 7 and deep["indexer_types"] == ["full", "shared"] * 3 + ["full"]
     spec = checkpoint_spec(deep)
     assert "model.layers.6.self_attn.indexer.wq_b.weight" in spec
-    assert "model.layers.7.input_layernorm.weight" not in spec
+    assert "model.layers.8.input_layernorm.weight" not in spec
     assert "model.layers.5.self_attn.indexer.wq_b.weight" not in spec
     released = tiny_config("deepseek-v3.2", "released", layers=3)
     assert {k: v for k, v in released.items() if k != "num_hidden_layers"} == {
@@ -173,6 +173,26 @@ def test_layers_override_deepens_the_model_and_repeats_index_share():
     }
     with pytest.raises(ValueError, match="at least 1"):
         tiny_config("deepseek-v3.2", layers=0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_mtp_layer_follows_the_model_layers(arch):
+    """One MTP layer at ``model.layers.{num_hidden_layers}``, whatever the depth: a MoE decoder layer
+    with its own indexer (even past GLM-5's IndexShare pattern) and the NextN head's tensors."""
+    for layers in (2, 4, 5):
+        config = tiny_config(arch, layers=layers)
+        spec = checkpoint_spec(config)
+        mtp = f"model.layers.{layers}"
+        assert config["num_nextn_predict_layers"] == 1
+        assert spec[f"{mtp}.eh_proj.weight"].shape == (config["hidden_size"], 2 * config["hidden_size"])
+        for name in ("enorm", "hnorm", "shared_head.norm", "self_attn.indexer.wq_b", "mlp.experts.0.down_proj"):
+            assert f"{mtp}.{name}.weight" in spec, name
+        assert not any(name.startswith(f"model.layers.{layers + 1}.") for name in spec)
+        assert f"{mtp}.embed_tokens.weight" not in spec and f"{mtp}.shared_head.head.weight" not in spec
+    # SGLang reads a one-layer checkpoint's draft at layer 0, the model's own: no MTP layer then.
+    single = tiny_config(arch, layers=1)
+    assert single["num_nextn_predict_layers"] == 0
+    assert not any(name.startswith("model.layers.1.") for name in checkpoint_spec(single))
 
 
 def _rms_norm(x, weight, eps=1e-6):
@@ -277,18 +297,32 @@ def sglang_load_reports(tmp_path_factory) -> dict:
     argv = [sys.executable, script, *map(str, paths.values())]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     reports = [json.loads(line[len("REPORT ") :]) for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    assert len(reports) == 2 * len(paths), proc.stdout[-2000:] + proc.stderr[-4000:]
+    # Every model is built as the target and as its MTP draft, each with both indexer builds.
+    assert len(reports) == 4 * len(paths), proc.stdout[-2000:] + proc.stderr[-4000:]
     model_of = {str(path): model for model, path in paths.items()}
-    return {(*model_of[r["path"]], r["fused"]): r for r in reports}
+    return {(*model_of[r["path"]], r["fused"], r["draft"]): r for r in reports}
+
+
+# SGLang's speculative worker renames a DSA target's architecture to its NextN draft class.
+DRAFT_CLASSES = {"deepseek-v3.2": "DeepseekV3ForCausalLMNextN", "glm-5": "GlmMoeDsaForCausalLMNextN"}
 
 
 @needs_sglang
 @pytest.mark.parametrize(("arch", "shape"), MODELS, ids=MODEL_IDS)
 @pytest.mark.parametrize("fused_indexer", [False, True], ids=["cpu_build", "cuda_build"])
-def test_sglang_model_class_loads_every_parameter(sglang_load_reports, arch, shape, fused_indexer):
-    report = sglang_load_reports[arch, shape, fused_indexer]
-    assert report["class"] == tiny_config(arch, shape)["architectures"][0]
-    assert report["unfilled"] == [] and report["warnings"] == []
+@pytest.mark.parametrize("draft", [False, True], ids=["target", "mtp_draft"])
+def test_sglang_model_class_loads_every_parameter(sglang_load_reports, arch, shape, fused_indexer, draft):
+    """The target loads every tensor but the MTP layer's; the draft loads the MTP layer's, all of
+    them (its decoder, with the layer's own indexer and experts, and its norms and projection),
+    and leaves only the embedding and head, which SGLang's worker sets to the target's."""
+    report = sglang_load_reports[arch, shape, fused_indexer, draft]
+    config = tiny_config(arch, shape)
+    assert report["class"] == (DRAFT_CLASSES[arch] if draft else config["architectures"][0])
+    assert report["unfilled"] == (["model.embed_tokens.weight", "lm_head.weight"] if draft else [])
+    assert report["warnings"] == []
     assert all(report["fused_checks"].values()), report["fused_checks"]
     fused = any(name.endswith("indexer.wk_weights_proj.weight") for name in report["shapes"])
     assert fused == (fused_indexer and arch == "glm-5")  # only an interleaved-rope indexer fuses on CUDA
+    if draft:
+        assert any(name.startswith("model.decoder.mlp.experts.") for name in report["shapes"])
+        assert report["mtp_index_share"] == (arch == "glm-5")  # GLM-5.2 shares the index over the MTP steps

@@ -19,7 +19,12 @@ the released checkpoints, bf16, one ``model.safetensors``):
 
 Both have 4 layers (layer 0 dense, 1-3 MoE with 8 routed experts), 16 query
 heads and ``index_topk`` 256, so prompts of a few hundred tokens already make
-the attention sparse. The head dimensions are the released ones because
+the attention sparse, and an MTP layer after them as released
+(``num_nextn_predict_layers`` 1, ``model.layers.{num_hidden_layers}``: a MoE
+decoder layer with its own indexer, ``enorm``/``hnorm``/``eh_proj`` and
+``shared_head.norm``), which SGLang serves as the NextN draft of
+``--speculative-algorithm EAGLE``/``NEXTN``; GLM-5's config sets
+``index_share_for_mtp_iteration`` as GLM-5.2's does. The head dimensions are the released ones because
 SGLang's own DSA paths (compared against in ``benchmarks/e2e``) refuse others
 (its FA3 dense prefill rejected q/k 128 with v 64 on the H100). Weights are
 drawn per tensor from ``(seed, name)`` (independent of write order) with
@@ -84,7 +89,7 @@ _COMMON = {
     "attention_bias": False,
     "attention_dropout": 0.0,
     "tie_word_embeddings": False,
-    "num_nextn_predict_layers": 0,
+    "num_nextn_predict_layers": 1,
     "bos_token_id": 0,
     "eos_token_id": 1,
     "initializer_range": 0.02,
@@ -124,6 +129,8 @@ _ARCH_CONFIGS = {
         "rope_interleave": True,
         "indexer_rope_interleave": True,
         "indexer_types": ["full", "shared", "full", "shared"],
+        # GLM-5.2's MTP draft reuses its first step's top-k over the rest of the iteration.
+        "index_share_for_mtp_iteration": True,
         "pad_token_id": 1,
     },
 }
@@ -174,18 +181,32 @@ def tiny_config(arch: str = "deepseek-v3.2", shape: str = "small", layers: int |
         if "indexer_types" in config:
             pattern = config["indexer_types"]
             config["indexer_types"] = [pattern[i % len(pattern)] for i in range(layers)]
+    if config["num_hidden_layers"] == 1:
+        # SGLang reads a one-layer checkpoint's draft layer at model.layers.0 (a draft-only
+        # checkpoint): that is the model's own layer here, so a one-layer model has no MTP layer.
+        config["num_nextn_predict_layers"] = 0
     return config
 
 
+def nextn_layer(config: dict) -> int | None:
+    """The checkpoint index of the MTP (NextN) layer, after the model's layers as released
+    (``model.layers.61`` of DeepSeek-V3.2); ``None`` if the model has none."""
+    return config["num_hidden_layers"] if config["num_nextn_predict_layers"] else None
+
+
 def is_moe_layer(config: dict, layer: int) -> bool:
-    """Whether ``layer`` has routed experts (DeepSeek's ``first_k_dense_replace`` rule)."""
+    """Whether ``layer`` has routed experts (DeepSeek's ``first_k_dense_replace`` rule; the MTP
+    layer always has)."""
+    if layer == nextn_layer(config):
+        return True
     return layer >= config["first_k_dense_replace"] and layer % config["moe_layer_freq"] == 0
 
 
 def has_indexer(config: dict, layer: int) -> bool:
-    """Whether ``layer`` runs its own indexer (IndexShare "shared" layers do not)."""
+    """Whether ``layer`` runs its own indexer (IndexShare "shared" layers do not; the MTP layer,
+    past ``indexer_types``, always has one)."""
     types = config.get("indexer_types")
-    return types is None or types[layer] != "shared"
+    return types is None or layer >= len(types) or types[layer] != "shared"
 
 
 @dataclass(frozen=True)
@@ -253,19 +274,41 @@ def _moe(prefix: str, c: dict) -> dict[str, TensorSpec]:
     return specs | _mlp(f"{prefix}.shared_experts", hidden, inner * c["n_shared_experts"])
 
 
+def _decoder_layer(prefix: str, c: dict, layer: int) -> dict[str, TensorSpec]:
+    hidden = c["hidden_size"]
+    specs = {
+        f"{prefix}.input_layernorm.weight": _norm(hidden),
+        f"{prefix}.post_attention_layernorm.weight": _norm(hidden),
+    }
+    specs |= _attention(f"{prefix}.self_attn", c, layer)
+    if is_moe_layer(c, layer):
+        return specs | _moe(f"{prefix}.mlp", c)
+    return specs | _mlp(f"{prefix}.mlp", hidden, c["intermediate_size"])
+
+
+def _nextn(prefix: str, c: dict, layer: int) -> dict[str, TensorSpec]:
+    """The MTP layer as SGLang's NextN draft loads it: a decoder layer, the norms of the token
+    embedding and of the target's hidden state, and their projection ``eh_proj`` ``[hidden,
+    2 * hidden]``. The released layer also repeats ``embed_tokens`` and ``shared_head.head``, which
+    SGLang does not load (the draft shares the target's); they are left out."""
+    hidden = c["hidden_size"]
+    return _decoder_layer(prefix, c, layer) | {
+        f"{prefix}.enorm.weight": _norm(hidden),
+        f"{prefix}.hnorm.weight": _norm(hidden),
+        f"{prefix}.eh_proj.weight": _linear(hidden, 2 * hidden),
+        f"{prefix}.shared_head.norm.weight": _norm(hidden),
+    }
+
+
 def checkpoint_spec(config: dict) -> dict[str, TensorSpec]:
     """Every tensor of the checkpoint, by its Hugging Face name."""
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     specs = {"model.embed_tokens.weight": TensorSpec((vocab, hidden), std=1.0)}
     for layer in range(config["num_hidden_layers"]):
-        prefix = f"model.layers.{layer}"
-        specs[f"{prefix}.input_layernorm.weight"] = _norm(hidden)
-        specs[f"{prefix}.post_attention_layernorm.weight"] = _norm(hidden)
-        specs |= _attention(f"{prefix}.self_attn", config, layer)
-        if is_moe_layer(config, layer):
-            specs |= _moe(f"{prefix}.mlp", config)
-        else:
-            specs |= _mlp(f"{prefix}.mlp", hidden, config["intermediate_size"])
+        specs |= _decoder_layer(f"model.layers.{layer}", config, layer)
+    mtp = nextn_layer(config)
+    if mtp is not None:
+        specs |= _nextn(f"model.layers.{mtp}", config, mtp)
     specs["model.norm.weight"] = _norm(hidden)
     # Logits with a standard deviation of about 2: a peaked, not flat, next-token distribution.
     specs["lm_head.weight"] = _linear(vocab, hidden, gain=2.0)

@@ -235,3 +235,52 @@ def test_projection_matches_sglang_gate_and_keys(sglang_config, monkeypatch, is_
     norm = indexer.k_norm
     normed = torch.nn.functional.layer_norm(sglang_key.float(), (128,), norm.weight, norm.bias, norm.variance_epsilon)
     assert relative_error(key[:, 64:], normed[:, 64:]) < 1e-2  # unrotated: the FP8 kernel rotates
+
+
+@pytest.mark.parametrize(
+    "sglang_config", [{"speculative_num_draft_tokens": 3, "enable_deterministic_inference": True}], indirect=True
+)
+def test_verify_gives_each_draft_token_its_decode_bits(layer):
+    """What MTP's exactness rests on (issue 17: speculative greedy output bit-identical to
+    non-speculative): with ``--enable-deterministic-inference``, verifying a request's draft tokens
+    in one batch gives every token the top-k (position for position, in order) and attention bits
+    it gets when the same tokens are decoded one at a time. Twin requests hold the same context
+    in different slots; one verifies, the other decodes, beside an unrelated request each time."""
+    w, n = layer.world, 3
+    twins, other = [w.new_request() for _ in range(2)], w.new_request()
+    x, q_lora, rows = w.random(40, HIDDEN), w.random(40, Q_LORA), w.random(40, 576)
+    for twin in twins:
+        layer.x[twin.pool_index], layer.q_lora[twin.pool_index] = x.clone(), q_lora.clone()
+    ox, oq_lora = layer.tokens(other, 25)
+    orows = w.random(25, 576)
+    fb = w.extend_batch([*twins, other], [rows, rows, orows])
+    w.backend.init_forward_metadata(fb)
+    layer.forward(fb, torch.cat([x, x, ox]), torch.cat([q_lora, q_lora, oq_lora]), w.random(105, HEADS, 576),
+                  torch.cat([rows, rows, orows]))  # fmt: skip
+
+    dx, dq_lora, drows, dq = w.random(n, HIDDEN), w.random(n, Q_LORA), w.random(n, 576), w.random(n, HEADS, 576)
+    for twin in twins:
+        layer.x[twin.pool_index] = torch.cat([layer.x[twin.pool_index], dx])
+        layer.q_lora[twin.pool_index] = torch.cat([layer.q_lora[twin.pool_index], dq_lora])
+
+    def step(req, count, i):
+        """``count`` draft tokens of ``req`` from token ``i`` (verify: all of them), beside ``other``."""
+        ox, oq_lora = layer.tokens(other, count)
+        orows = w.random(count, 576)
+        fb = w.decode_batch([req, other], [drows[i : i + count], orows])
+        if count > 1:  # SGLang counts verify batches without their draft tokens
+            fb.forward_mode = ForwardMode.TARGET_VERIFY
+            fb.seq_lens, fb.seq_lens_cpu = fb.seq_lens - count, fb.seq_lens_cpu - count
+        w.backend.init_forward_metadata(fb)
+        slots, out = layer.forward(
+            fb, torch.cat([dx[i : i + count], ox]), torch.cat([dq_lora[i : i + count], oq_lora]),
+            torch.cat([dq[i : i + count], w.random(count, HEADS, 576)]), torch.cat([drows[i : i + count], orows]),
+        )  # fmt: skip
+        layer.check_topk([req, other], [count, count], slots)
+        position_of = {s: p for p, s in enumerate(req.slots)}
+        return [[position_of.get(s, -1) for s in row] for row in slots[:count].tolist()], out[:count]
+
+    verified = step(twins[0], n, 0)
+    decoded = [step(twins[1], 1, i) for i in range(n)]
+    assert verified[0] == [row for positions, _ in decoded for row in positions]
+    assert torch.equal(verified[1], torch.cat([out for _, out in decoded]))

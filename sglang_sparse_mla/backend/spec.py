@@ -163,6 +163,52 @@ def check_parallelism(*, dcp_size: int = 1, attn_cp_size: int = 1, two_batch_ove
         )
 
 
-def check_speculative(eagle_topk: int | None) -> None:
+# ``--speculative-algorithm`` values served, as SGLang resolves them (NEXTN is EAGLE): a draft
+# model proposes a chain that the target verifies in one batch. NGRAM verifies token trees
+# through attention masks, and DFLASH, UNO, DSPARK and FROZEN_KV_MTP need attention paths of
+# their own; none of them is served.
+SPECULATIVE_ALGORITHMS = ("EAGLE", "EAGLE3", "STANDALONE")
+
+
+def check_speculative(
+    algorithm: str | None,
+    *,
+    eagle_topk: int | None = None,
+    multi_layer_eagle: bool = False,
+    draft_backend: str | None = None,
+    draft_architecture: str | None = None,
+    draft_is_dsa: bool = True,
+    draft_window_size: int | None = None,
+) -> None:
+    """A speculative set-up: chain drafts verified here, and a draft model whose attention runs
+    here a DSA one (or another ``--speculative-draft-attention-backend`` named for it).
+
+    ``draft_backend``: the draft's ``--speculative-draft-attention-backend`` (``None``: the
+    target's, this backend); ``draft_architecture`` / ``draft_is_dsa``: the draft checkpoint's.
+    """
+    if algorithm is None or algorithm.upper() == "NONE":
+        return
+    if algorithm.upper() not in SPECULATIVE_ALGORITHMS:
+        raise UnsupportedConfiguration(
+            f"{BACKEND_NAME} serves --speculative-algorithm EAGLE / NEXTN (the model's MTP layer), "
+            f"EAGLE3 and STANDALONE, not {algorithm}: NGRAM verifies token trees, and DFLASH, UNO, "
+            "DSPARK and FROZEN_KV_MTP need attention paths of their own"
+        )
     if eagle_topk not in (None, 0, 1):
         raise UnsupportedConfiguration(f"{BACKEND_NAME} verifies chain drafts only; use --speculative-eagle-topk 1")
+    if multi_layer_eagle:
+        raise UnsupportedConfiguration(
+            f"{BACKEND_NAME} drafts with one MTP layer (DSA models ship one); drop --enable-multi-layer-eagle"
+        )
+    if draft_backend not in (None, BACKEND_NAME):
+        return  # the draft's attention runs on the backend named for it
+    if not draft_is_dsa:
+        raise UnsupportedConfiguration(
+            f"the draft model ({draft_architecture}) is not a DeepSeek Sparse Attention model, so its attention "
+            f"cannot run on {BACKEND_NAME}; name a backend for it with --speculative-draft-attention-backend"
+        )
+    if draft_window_size is not None:
+        raise UnsupportedConfiguration(
+            f"{BACKEND_NAME}'s draft decode attends to the draft layer's top-k, not to a window; drop "
+            "--speculative-draft-window-size (or name another --speculative-draft-attention-backend)"
+        )

@@ -19,6 +19,10 @@ already resolves for a DSA model with our backend, and what these hooks add:
   its own flag);
 * prefill CUDA graphs (breakable by default on CUDA) are turned off: the
   indexer's ragged extend path runs eagerly;
+* speculative decoding: EAGLE / NEXTN (the model's MTP layer), EAGLE3 and
+  STANDALONE with chain drafts; a draft whose attention runs here must be a
+  DSA model, and SGLang's draft-window option is refused (its own draft
+  backends honour it, ours does not);
 * start-up validation of everything else the backend cannot serve.
 """
 
@@ -109,9 +113,35 @@ def validate(server_args, previous) -> None:
         attn_cp_size=view.attn_cp_size,
         two_batch_overlap=view.enable_two_batch_overlap,
     )
-    spec.check_speculative(view.speculative_eagle_topk)
+    _check_speculative(view)
     if view.enable_hisparse:
         raise spec.UnsupportedConfiguration(f"{spec.BACKEND_NAME} does not support HiSparse; drop --enable-hisparse")
+
+
+def _check_speculative(view) -> None:
+    """:func:`spec.check_speculative` on the resolved arguments and the draft checkpoint's config
+    (SGLang has set the draft path by now: the model's own for its MTP layer)."""
+    from sglang.srt.configs.model_config import is_deepseek_dsa
+    from sglang.srt.utils.hf_transformers_utils import get_config
+
+    algorithm, draft_backend = view.speculative_algorithm, view.speculative_draft_attention_backend
+    architecture, is_dsa = None, True
+    if algorithm is not None and draft_backend in (None, spec.BACKEND_NAME) and view.speculative_draft_model_path:
+        draft = get_config(
+            view.speculative_draft_model_path,
+            trust_remote_code=view.trust_remote_code,
+            revision=view.speculative_draft_model_revision,
+        )
+        architecture, is_dsa = (getattr(draft, "architectures", None) or ["unknown"])[0], is_deepseek_dsa(draft)
+    spec.check_speculative(
+        algorithm,
+        eagle_topk=view.speculative_eagle_topk,
+        multi_layer_eagle=view.enable_multi_layer_eagle,
+        draft_backend=draft_backend,
+        draft_architecture=architecture,
+        draft_is_dsa=is_dsa,
+        draft_window_size=view.speculative_draft_window_size,
+    )
 
 
 def install() -> None:

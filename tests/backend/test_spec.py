@@ -70,12 +70,44 @@ def test_models_refused(kwargs, message):
         (spec.check_kv_cache_dtype, ("fp8_e5m2",), "--kv-cache-dtype"),
         (spec.check_kv_cache_row, (576, True), "--kv-cache-dtype"),
         (spec.check_attention_backends, (spec.BACKEND_NAME, "dsa"), "--attention-backend"),
-        (spec.check_speculative, (4,), "--speculative-eagle-topk 1"),
     ],
 )
 def test_flag_errors(check, args, flag):
     with pytest.raises(Bad, match=flag):
         check(*args)
+
+
+@pytest.mark.parametrize(
+    "algorithm,kwargs,message",
+    [
+        ("NGRAM", {}, "not NGRAM: NGRAM verifies token trees"),
+        ("DFLASH", {}, "not DFLASH"),
+        ("EAGLE", dict(eagle_topk=2), "--speculative-eagle-topk 1"),
+        ("EAGLE", dict(multi_layer_eagle=True), "--enable-multi-layer-eagle"),
+        ("EAGLE3", dict(draft_architecture="LlamaForCausalLMEagle3", draft_is_dsa=False),
+         r"LlamaForCausalLMEagle3\) is not a DeepSeek Sparse Attention model.*--speculative-draft-attention-backend"),
+        ("EAGLE", dict(draft_window_size=64), "--speculative-draft-window-size"),
+        ("EAGLE", dict(draft_backend=spec.BACKEND_NAME, draft_window_size=64), "--speculative-draft-window-size"),
+    ],
+)  # fmt: skip
+def test_speculative_setups_refused_by_flag(algorithm, kwargs, message):
+    with pytest.raises(Bad, match=message):
+        spec.check_speculative(algorithm, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "algorithm,kwargs",
+    [
+        (None, dict(eagle_topk=4)),  # no speculation: the draft flags are unused
+        ("EAGLE", dict(eagle_topk=1)),
+        ("eagle3", dict(eagle_topk=1)),
+        ("STANDALONE", {}),
+        # A draft on another backend: its window and architecture are that backend's business.
+        ("EAGLE3", dict(draft_backend="fa3", draft_is_dsa=False, draft_window_size=64)),
+    ],
+)
+def test_speculative_setups_accepted(algorithm, kwargs):
+    spec.check_speculative(algorithm, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -100,4 +132,4 @@ def test_accepted_settings():
     spec.check_attention_backends(spec.BACKEND_NAME, spec.BACKEND_NAME)
     spec.check_attention_backends("dsa", "dsa")
     spec.check_parallelism()
-    spec.check_speculative(1)
+    spec.check_speculative("EAGLE", eagle_topk=1)

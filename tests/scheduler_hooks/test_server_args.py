@@ -151,6 +151,54 @@ def test_non_dsa_model_is_refused(tmp_path, resolve):
         resolve(path, "--attention-backend", BACKEND_NAME)
 
 
+# SGLang's MTP flags for DSA models (its docs for DeepSeek-V3.2 / GLM-5).
+MTP = ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+       "--speculative-num-draft-tokens", "4"]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags", [MTP, ["--speculative-algorithm", "EAGLE"]], ids=["nextn", "eagle_auto"])
+def test_mtp_resolves_to_chain_drafts_of_the_models_own_layer(tmp_path, resolve, flags):
+    path = model_dir(tmp_path, num_nextn_predict_layers=1)
+    view = resolve(path, "--attention-backend", BACKEND_NAME, *flags)
+    assert view.speculative_algorithm == "EAGLE" and view.speculative_draft_model_path == path
+    assert (view.speculative_num_steps, view.speculative_eagle_topk, view.speculative_num_draft_tokens) == (3, 1, 4)
+
+
+def llama_draft_dir(path) -> str:
+    path.mkdir()
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": 256,
+              "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 1024}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "flags,flag_named",
+    [
+        (["--speculative-algorithm", "NGRAM", "--speculative-ngram-max-bfs-breadth", "1"], "NGRAM"),
+        ([*MTP, "--enable-multi-layer-eagle"], "--enable-multi-layer-eagle"),
+        ([*MTP, "--speculative-draft-window-size", "64"], "--speculative-draft-window-size"),
+        (["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "LLAMA", *MTP[2:]],
+         "LlamaForCausalLMEagle3.*--speculative-draft-attention-backend"),
+    ],
+    ids=["ngram", "multi_layer", "draft_window", "eagle3_llama_draft"],
+)  # fmt: skip
+def test_speculative_setups_we_cannot_serve_fail_at_startup(tmp_path, resolve, flags, flag_named):
+    flags = [llama_draft_dir(tmp_path / "draft") if f == "LLAMA" else f for f in flags]
+    path = model_dir(tmp_path, num_nextn_predict_layers=1)
+    with pytest.raises(UnsupportedConfiguration, match=flag_named):
+        resolve(path, "--attention-backend", BACKEND_NAME, *flags)
+
+
+def test_a_draft_on_another_backend_is_its_business(tmp_path, resolve):
+    """A non-DSA EAGLE3 draft whose attention runs on a backend named for it starts."""
+    draft = llama_draft_dir(tmp_path / "draft")
+    flags = ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft, *MTP[2:]]
+    view = resolve(model_dir(tmp_path), "--attention-backend", BACKEND_NAME, *flags,
+                   "--speculative-draft-attention-backend", "triton")  # fmt: skip
+    assert view.speculative_algorithm == "EAGLE3" and view.attention_backend == BACKEND_NAME
+
+
 def test_fp8_pool_row_is_656_bytes_without_sglang_dsa_kernels():
     """Why SGLang's DSA kernel choice is suppressed: ``trtllm`` would drop the FP8 scales."""
     from sglang.srt.mem_cache.kv_cache_configurator import calculate_mla_kv_cache_dim

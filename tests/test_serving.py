@@ -39,6 +39,7 @@ def test_completion_from_response():
     c = Completion.from_response(response([5, 6], [-0.5, -1.0], [(-0.5, -2.0), (-1.0, -1.05)], [-3.0, -4.0], 64))
     assert c.output_ids == [5, 6] and c.logprobs == [-0.5, -1.0] and c.cached_tokens == 64
     assert c.top2_margin == pytest.approx([1.5, 0.05]) and c.input_logprobs == [-3.0, -4.0] and c.finite
+    assert c.spec_verify_ct == 0  # no speculative decoding: SGLang sends none
     assert not Completion.from_response(response([5], [float("nan")], [(-1.0, -2.0)])).finite
     assert not Completion.from_response(response([], [], [])).finite
     assert Completion(**c.to_json()) == c
@@ -186,6 +187,22 @@ def test_e2e_summary_of_recorded_results():
     assert summary["decode_layer_us"] == {"ours-fp8": {"32": 98.8}}  # batch 1 had no once-a-layer kernel
     assert summary["prefill_busy_us"] == {"ours-fp8": {"8192": 1234.5}}
 
+    # MTP: speculative greedy output against plain, exact in deterministic mode; accept lengths.
+    results["ours-det"]["greedy"] = completions(same)
+    results["ours-det-mtp"] = {"greedy": completions(same)}
+    results["ours-mtp"] = {"greedy": completions([[1, 2, 3], [4, 9]])}
+    results["dsa-mtp"] = {"greedy": completions([[1, 2, 3], [9, 5]])}
+    for name, verify_steps in (("ours-det-mtp", (2, 1)), ("ours-mtp", (1, 1)), ("dsa-mtp", (1, 1))):
+        for c, steps in zip(results[name]["greedy"]["completions"], verify_steps, strict=True):
+            c["spec_verify_ct"] = steps
+    summary = e2e.summarize(results, 0.1, 2.0, topk)
+    assert summary["mtp_vs_plain_ours-det-mtp"]["ok"] and summary["mtp_vs_plain_ours-mtp"]["ok"] is None
+    assert summary["mtp_vs_plain_ours-mtp"]["matches"][1].startswith("DIVERGED at token 1")
+    assert summary["mtp_vs_plain_dsa-mtp"]["matches"] == ["identical (3 tokens)", "identical (2 tokens)"]
+    assert summary["mtp_accept_length"] == {"ours-det-mtp": 1.667, "ours-mtp": 2.5, "dsa-mtp": 2.5}
+    results["ours-det-mtp"]["greedy"]["completions"][0]["logprobs"][2] += 1e-6  # same tokens, other bits
+    assert not e2e.summarize(results, 0.1, 2.0, topk)["mtp_vs_plain_ours-det-mtp"]["ok"]
+
     results["ours"]["teacher"] = completions(same, 0.0, teacher, sparse_shift=0.1)  # 0.09 sparse: 2.25x spread
     results["ours"]["soak"]["non_finite"] = 3
     results["ours-det-no-radix"] = {"one_by_one": completions([[1, 2, 3], [4, 6]])}
@@ -207,9 +224,24 @@ def test_e2e_configs_and_workloads_follow_the_model_shape(tmp_path, monkeypatch,
     assert tuple(native) == e2e.CONFIG_NAMES and set(e2e.WORKLOADS) == set(SHAPES)
     # The forced SM80 path: our backend with the environment that selects it, BF16 and FP8 KV.
     forced = {name: c for name, c in native.items() if name.startswith("ours-sm80")}
-    assert set(forced) == {"ours-sm80", "ours-sm80-fp8", "ours-sm80-det", "ours-sm80-det-no-radix"}
+    assert set(forced) == {
+        "ours-sm80", "ours-sm80-fp8", "ours-sm80-det", "ours-sm80-det-no-radix",
+        "ours-sm80-mtp", "ours-sm80-mtp-fp8", "ours-sm80-det-mtp",
+    }  # fmt: skip
     assert all(c.env == {"SGLANG_SPARSE_MLA_FORCE_SM80": "1"} and c.args[:2] == e2e.OURS for c in forced.values())
     assert forced["ours-sm80-fp8"].args[-2:] == ("--kv-cache-dtype", "fp8_e4m3")
+    # MTP: SGLang's flags for DSA models on every path; each exact pair's plain side greedy-decodes too.
+    mtp = {name: c for name, c in native.items() if "-mtp" in name}
+    assert set(mtp) == {f"{p}-mtp{k}" for p in ("ours", "ours-sm80") for k in ("", "-fp8")} | {
+        "ours-det-mtp", "ours-sm80-det-mtp", "dsa-mtp"
+    }
+    for name, config in mtp.items():
+        start = config.args.index("--speculative-algorithm")
+        assert config.args[start : start + len(e2e.MTP)] == e2e.MTP and "greedy" in config.work, name
+        assert ("--kv-cache-dtype", "fp8_e4m3") == config.args[-2:] if "fp8" in name else "fp8_e4m3" not in config.args
+    for with_mtp, plain, _ in e2e.MTP_PAIRS:
+        assert native[with_mtp].env == native[plain].env and "greedy" in native[plain].work
+        assert [a for a in native[with_mtp].args if a not in e2e.MTP] == list(native[plain].args)
     for shape, workload in e2e.WORKLOADS.items():
         config = tiny_config("deepseek-v3.2", shape)
         assert max(workload.teacher_lengths) > 2 * config["index_topk"]  # well into the sparse region

@@ -284,3 +284,32 @@ def test_verify_gives_each_draft_token_its_decode_bits(layer):
     decoded = [step(twins[1], 1, i) for i in range(n)]
     assert verified[0] == [row for positions, _ in decoded for row in positions]
     assert torch.equal(verified[1], torch.cat([out for _, out in decoded]))
+
+
+def test_mtp_index_share_seed_is_the_last_tokens_slots(layer):
+    """GLM-5.2's MTP IndexShare (``index_share_for_mtp_iteration``): SGLang seeds the draft's decode
+    steps with the draft extend's top-k of each request's last token, through ``write_mtp_seed``,
+    which asks the backend to convert it (``prepare_mtp_seed_indices``; ``dsa`` maps ragged prefill
+    offsets to slots). Ours selects physical slots in every mode, so the seed is those rows as they
+    are, and a decode step attending over them reads the positions the extend's last token chose."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.attention.index_topk_share import write_mtp_seed
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+    w = layer.world
+    reqs = [w.new_request() for _ in range(2)]
+    fb, _, slots, _ = extend(layer, reqs, [50, 30])
+    last = torch.tensor([49, 79], device=w.device)
+    fb.spec_info = SimpleNamespace(dsa_seed_topk_select=last)
+    seed = torch.full((2, TOPK), -7, dtype=torch.int32, device=w.device)
+    with forward_context(ForwardContext(attn_backend=w.backend)):
+        write_mtp_seed(fb, seed, slots)
+    assert torch.equal(seed, slots[last])
+
+    rows, q = [w.random(1, 576) for _ in reqs], w.random(2, HEADS, 576)
+    fb = w.decode_batch(reqs, rows)
+    w.backend.init_forward_metadata(fb)
+    out = w.attend(fb, q, torch.cat(rows), seed)
+    positions = [torch.tensor([r.slots.index(s) for s in row if s >= 0]) for r, row in zip(reqs, seed.tolist())]
+    assert relative_error(out, w.reference(reqs, [1, 1], q, positions)) < 1e-2

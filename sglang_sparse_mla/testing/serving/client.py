@@ -37,6 +37,7 @@ class Completion:
     input_logprobs: list[float] = field(default_factory=list)  # teacher-forced, first position dropped
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    spec_verify_ct: int = 0  # speculative decoding: target verify steps (tokens / accept length)
 
     @classmethod
     def from_response(cls, item: dict) -> Completion:
@@ -56,6 +57,7 @@ class Completion:
             input_logprobs=inputs,
             prompt_tokens=meta.get("prompt_tokens", 0),
             cached_tokens=meta.get("cached_tokens", 0),
+            spec_verify_ct=meta.get("spec_verify_ct", 0),
         )
 
     @property

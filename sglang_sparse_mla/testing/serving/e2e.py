@@ -33,11 +33,16 @@ Configurations (make_configs):
                  A100 / RTX / DGX Spark runs (no wgmma, TMA or warp specialization), on this GPU
   ours-sm80-fp8  the same with --kv-cache-dtype fp8_e4m3
   ours-sm80-det  ours-sm80 with --enable-deterministic-inference, and ours-sm80-det-no-radix
+  ours-mtp       ours with MTP speculative decoding, SGLang's flags for DSA models (--speculative-algorithm
+                 NEXTN, 3 steps, EAGLE top-k 1, 4 draft tokens: the model's own MTP layer drafts a chain);
+                 ours-mtp-fp8, ours-sm80-mtp, ours-sm80-mtp-fp8 the same on those paths, and
+                 ours-det-mtp / ours-sm80-det-mtp in deterministic mode
   dsa            --attention-backend dsa: SGLang's Hopper path (FlashMLA sparse
                  prefill, FA3 decode, DeepGEMM indexer logits; with the small
                  shape the torch top-k, as sgl-kernel's asserts index_topk 2048)
   dsa-no-radix   the same with --disable-radix-cache
   dsa-fp8        the same with --kv-cache-dtype fp8_e4m3 (FlashMLA FP8 KV)
+  dsa-mtp        dsa with the MTP flags of ours-mtp
   fallback       SGLang's path for GPUs without FlashMLA/DeepGEMM: --attention-backend
                  dsa --dsa-{prefill,decode}-backend tilelang, indexer logits in torch
                  (SGLANG_FP8_PAGED_MQA_LOGITS_TORCH=1)
@@ -57,7 +62,10 @@ Work (WORK; lengths of the small shape, the released one's in WORKLOADS):
               throughput-length prompt's prefill (SGLang's torch profiler;
               testing/serving/decode_profile.py); traces kept in DIR/traces/CONFIG/
 
-Comparisons (summary): radix batch vs the same backend's no-radix one by one
+Comparisons (summary): greedy output with MTP vs without (the same backend and path;
+pass/fail for ours-det-mtp and ours-sm80-det-mtp, which must be bit-identical to
+ours-det / ours-sm80-det), MTP accept lengths (output tokens per verify step);
+radix batch vs the same backend's no-radix one by one
 (greedy agreement, near-tie rule of sglang_sparse_mla.testing.serving.workload, and the
 logprob drift before any difference; pass/fail only for ours-det and ours-sm80-det,
 which must be bit-identical); teacher-forced and greedy logprobs of ours and
@@ -120,6 +128,12 @@ def dsa_launch(index_topk: int) -> tuple[tuple[str, ...], dict[str, str]]:
 # alone took 169 s (H200, 16 layers, 2026-12-07), so a 240 s start timed out mid-capture.
 FALLBACK_STARTUP_S = 900.0
 FP8 = ("--kv-cache-dtype", "fp8_e4m3")
+# MTP as SGLang documents it for DeepSeek-V3.2 / GLM-5: the checkpoint's NextN layer drafts a
+# chain of 3 tokens, verified with the one after it (4 draft tokens a step).
+MTP = (
+    "--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+    "--speculative-num-draft-tokens", "4",
+)  # fmt: skip
 NO_RADIX = ("--disable-radix-cache",)
 DETERMINISTIC = ("--enable-deterministic-inference",)
 # NVLink multicast stays off for multi-GPU runs (the shared test hosts require it; SGLang's
@@ -147,7 +161,7 @@ def make_configs(index_topk: int) -> dict[str, Config]:
     return {
         "ours": Config(OURS, ("radix", "teacher", "greedy", "soak", "throughput", "profile")),
         "ours-no-radix": Config((*OURS, *NO_RADIX), ("one_by_one",)),
-        "ours-det": Config((*OURS, *DETERMINISTIC), ("radix",)),
+        "ours-det": Config((*OURS, *DETERMINISTIC), ("radix", "greedy")),
         "ours-det-no-radix": Config((*OURS, *DETERMINISTIC, *NO_RADIX), ("one_by_one",)),
         "ours-fp8": Config((*OURS, *FP8), ("teacher", "greedy", "throughput", "profile")),
         # FlashInfer's all-reduce fusion (auto-enabled for DeepSeek at TP > 1, unrelated to attention)
@@ -161,13 +175,20 @@ def make_configs(index_topk: int) -> dict[str, Config]:
         "ours-triton": Config(OURS, ("throughput", "profile"), env={"SGLANG_SPARSE_MLA_WARP_SPECIALIZED": "0"}),
         "ours-sm80": Config(OURS, ("radix", "teacher", "greedy", "soak", "throughput", "profile"), env=FORCE_SM80),
         "ours-sm80-fp8": Config((*OURS, *FP8), ("teacher", "greedy", "throughput", "profile"), env=FORCE_SM80),
-        "ours-sm80-det": Config((*OURS, *DETERMINISTIC), ("radix",), env=FORCE_SM80),
+        "ours-sm80-det": Config((*OURS, *DETERMINISTIC), ("radix", "greedy"), env=FORCE_SM80),
         "ours-sm80-det-no-radix": Config((*OURS, *DETERMINISTIC, *NO_RADIX), ("one_by_one",), env=FORCE_SM80),
+        "ours-mtp": Config((*OURS, *MTP), ("greedy", "throughput")),
+        "ours-mtp-fp8": Config((*OURS, *MTP, *FP8), ("greedy", "throughput")),
+        "ours-det-mtp": Config((*OURS, *MTP, *DETERMINISTIC), ("greedy",)),
+        "ours-sm80-mtp": Config((*OURS, *MTP), ("greedy", "throughput"), env=FORCE_SM80),
+        "ours-sm80-mtp-fp8": Config((*OURS, *MTP, *FP8), ("greedy", "throughput"), env=FORCE_SM80),
+        "ours-sm80-det-mtp": Config((*OURS, *MTP, *DETERMINISTIC), ("greedy",), env=FORCE_SM80),
         "dsa": Config(
             dsa, ("radix", "teacher", "greedy", "throughput", "profile"), env=dsa_env, modules=("flash_mla",)
         ),
         "dsa-no-radix": Config((*dsa, *NO_RADIX), ("one_by_one",), env=dsa_env, modules=("flash_mla",)),
         "dsa-fp8": Config((*dsa, *FP8), ("teacher", "greedy"), env=dsa_env, modules=("flash_mla",)),
+        "dsa-mtp": Config((*dsa, *MTP), ("greedy", "throughput"), env=dsa_env, modules=("flash_mla",)),
         "fallback": Config(
             (*dsa, "--dsa-prefill-backend", "tilelang", "--dsa-decode-backend", "tilelang"),
             ("teacher", "greedy", "throughput", "profile"),
@@ -204,6 +225,17 @@ LOGPROB_PAIRS = (
 # counts, GEMM tilings), and with the chaotic random-weight tiny model the
 # drift can flip a greedy token; those pairs are reported, not judged.
 RADIX_PAIRS = (("ours", False), ("dsa", False), ("ours-det", True), ("ours-sm80-det", True))
+# (with MTP, without, exact): greedy output of the same backend and path with speculative
+# decoding and without. Speculation must not change what the target model outputs; in
+# deterministic mode that is bit for bit (tokens and logprobs), otherwise the verify's batch
+# shape changes the rounding like any batch does, and the pair is reported.
+MTP_PAIRS = (
+    ("ours-det-mtp", "ours-det", True),
+    ("ours-sm80-det-mtp", "ours-sm80-det", True),
+    ("ours-mtp", "ours", False),
+    ("ours-sm80-mtp", "ours-sm80", False),
+    ("dsa-mtp", "dsa", False),
+)
 
 RADIX_TOKENS = 48
 SOAK_REQUESTS, SOAK_STEPS = 32, 3000
@@ -468,6 +500,25 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
                     for b, s, m in zip(batch, single, matches, strict=True)
                 ],
             }
+    for mtp, plain, exact in MTP_PAIRS:
+        with_mtp, without = _completions(results, mtp, "greedy"), _completions(results, plain, "greedy")
+        if with_mtp and without:
+            matches = [compare_greedy(x, y) for x, y in zip(with_mtp, without, strict=True)]
+            finite = all(c.finite for c in with_mtp + without)
+            summary[f"mtp_vs_plain_{mtp}"] = {
+                "ok": (
+                    (finite and all(bit_identical(x, y) for x, y in zip(with_mtp, without, strict=True)))
+                    if exact
+                    else (None if finite else False)
+                ),
+                "agree_up_to_near_ties": all(m.agrees(tie_margin) for m in matches),
+                "matches": [m.describe(tie_margin) for m in matches],
+            }
+    for name in results:
+        greedy = _completions(results, name, "greedy")
+        if greedy and all(c.spec_verify_ct for c in greedy):
+            tokens, steps = sum(len(c.output_ids) for c in greedy), sum(c.spec_verify_ct for c in greedy)
+            summary.setdefault("mtp_accept_length", {})[name] = round(tokens / steps, 3)
     for a, b, judged in LOGPROB_PAIRS:
         entry = {}
         ta, tb = teacher.get(a), teacher.get(b)
@@ -549,6 +600,10 @@ def print_summary(summary: dict) -> None:
             print(TABLE_TITLES[key], f"by {by}:")
             for name, levels in value.items():
                 print(f"  {name:14s} " + "  ".join(f"{by[0]}={c}: {v:9.1f}" for c, v in levels.items()))
+        elif key == "mtp_accept_length":
+            print("MTP accept length (greedy output tokens per verify step):")
+            for name, length in value.items():
+                print(f"  {name:18s} {length:.3f}")
         elif key == "not_run":
             for name, why in value.items():
                 print(f"not run: {name}: {why.splitlines()[0] if why else ''}")

@@ -167,7 +167,8 @@ def test_mtp_resolves_to_chain_drafts_of_the_models_own_layer(tmp_path, resolve,
 def llama_draft_dir(path) -> str:
     path.mkdir()
     config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": 256,
-              "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 1024}  # fmt: skip
+              "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "vocab_size": 1024}  # fmt: skip
     (path / "config.json").write_text(json.dumps(config))
     return str(path)
 

@@ -37,6 +37,8 @@ Configurations (make_configs):
                  NEXTN, 3 steps, EAGLE top-k 1, 4 draft tokens: the model's own MTP layer drafts a chain);
                  ours-mtp-fp8, ours-sm80-mtp, ours-sm80-mtp-fp8 the same on those paths, and
                  ours-det-mtp / ours-sm80-det-mtp in deterministic mode
+  ours-storm     ours in deterministic mode with the storm's server arguments (STORM), and
+                 ours-fp8-storm, ours-sm80-storm
   dsa            --attention-backend dsa: SGLang's Hopper path (FlashMLA sparse
                  prefill, FA3 decode, DeepGEMM indexer logits; with the small
                  shape the torch top-k, as sgl-kernel's asserts index_topk 2048)
@@ -54,6 +56,10 @@ Work (WORK; lengths of the small shape, the released one's in WORKLOADS):
   teacher     teacher-forced per-token logprobs of 4 fixed token sequences (300..4000)
   greedy      128 greedy tokens (top-2 logprobs) of 4 fixed prompts (100..3000 tokens)
   soak        32 requests x 3000 decode steps (ignore EOS): every logprob finite
+  storm       the overload and fault soak of testing/serving/storm.py (about 3 minutes of 192
+              clients: shared prefixes, context-limit prompts, aborts, hang-ups, malformed and
+              over-long requests against a small KV pool; then drain, health, KV gauge, server
+              log and a deterministic control set replayed bit for bit)
   throughput  concurrency 1, 8, 32: 4 x concurrency (>= 8) streamed requests of 1024 + 256
               tokens: output tokens/s, TTFT p50/p90, per-request decode tokens/s
   profile     batches of 1 and 32 throughput-length requests decoding: GPU kernel time of
@@ -96,6 +102,7 @@ from sglang_sparse_mla.testing.serving.client import Completion, flush_cache, ge
 from sglang_sparse_mla.testing.serving.decode_profile import profile_decode, profile_prefill, read_trace
 from sglang_sparse_mla.testing.serving.layer_timeline import layer_timeline, per_layer_anchor
 from sglang_sparse_mla.testing.serving.server import Server, ServerError
+from sglang_sparse_mla.testing.serving.storm import StormPlan, run_storm, storm_ok
 from sglang_sparse_mla.testing.serving.workload import (
     DEFAULT_TIE_MARGIN,
     bit_identical,
@@ -136,6 +143,14 @@ MTP = (
 )  # fmt: skip
 NO_RADIX = ("--disable-radix-cache",)
 DETERMINISTIC = ("--enable-deterministic-inference",)
+# The storm's server: a KV pool far below its load (the radix cache evicts, decoding requests
+# are retracted), small prefill chunks, up to 256 requests running, the KV gauge on /metrics;
+# deterministic, so its control set replays bit for bit; a pool leak stops the server.
+STORM = (
+    *DETERMINISTIC, "--max-total-tokens", "65536", "--chunked-prefill-size", "1024",
+    "--max-running-requests", "256", "--enable-metrics",
+)  # fmt: skip
+STRICT_MEMORY_CHECK = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 # NVLink multicast stays off for multi-GPU runs (the shared test hosts require it; SGLang's
 # default leaves it off too): NCCL NVLS, PyTorch symmetric memory, NVSHMEM.
 # The path of GPUs without Hopper's instructions, forced on this one.
@@ -183,6 +198,9 @@ def make_configs(index_topk: int) -> dict[str, Config]:
         "ours-sm80-mtp": Config((*OURS, *MTP), ("greedy", "throughput"), env=FORCE_SM80),
         "ours-sm80-mtp-fp8": Config((*OURS, *MTP, *FP8), ("greedy", "throughput"), env=FORCE_SM80),
         "ours-sm80-det-mtp": Config((*OURS, *MTP, *DETERMINISTIC), ("greedy",), env=FORCE_SM80),
+        "ours-storm": Config((*OURS, *STORM), ("storm",), env=STRICT_MEMORY_CHECK),
+        "ours-fp8-storm": Config((*OURS, *STORM, *FP8), ("storm",), env=STRICT_MEMORY_CHECK),
+        "ours-sm80-storm": Config((*OURS, *STORM), ("storm",), env={**FORCE_SM80, **STRICT_MEMORY_CHECK}),
         "dsa": Config(
             dsa, ("radix", "teacher", "greedy", "throughput", "profile"), env=dsa_env, modules=("flash_mla",)
         ),
@@ -387,6 +405,16 @@ def run_profile(url: str, workload: Workload, trace_dir: Path | None = None, lay
     return {"levels": levels, "prefill": profile_prefill(url, prompt, timeout=180.0, keep_trace=keep)}
 
 
+def storm_plan(model: Path) -> StormPlan:
+    """The storm of the model in ``model`` (its context, vocabulary and ``index_topk``)."""
+    config = json.loads((model / "config.json").read_text())
+    return StormPlan(config["max_position_embeddings"], config["vocab_size"], config["index_topk"])
+
+
+def run_storm_step(url: str, workload: Workload, plan: StormPlan, server_log: Path | None = None) -> dict:
+    return run_storm(url, plan, server_log)
+
+
 WORK = {
     "radix": run_radix,
     "one_by_one": run_one_by_one,
@@ -395,6 +423,7 @@ WORK = {
     "soak": run_soak,
     "throughput": run_throughput,
     "profile": run_profile,
+    "storm": run_storm_step,
 }
 
 
@@ -427,6 +456,8 @@ def run_config(name: str, config: Config, workload: Workload, model: Path, out: 
                     extra = {}
                     if step == "profile":
                         extra = {"trace_dir": out / "traces" / name, "layers": _num_layers(model)}
+                    elif step == "storm":
+                        extra = {"plan": storm_plan(model), "server_log": server.log_path}
                     result[step] = WORK[step](server.url, workload, **extra)
                 except Exception as err:  # one step's failure must not hide the others' results
                     result[step] = {"error": f"{type(err).__name__}: {err}"}
@@ -549,6 +580,9 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
         soak = result.get("soak")
         if isinstance(soak, dict) and "non_finite" in soak:
             summary[f"soak_{name}"] = {"ok": soak["non_finite"] == 0 and soak["min_steps"] == SOAK_STEPS, **soak}
+        storm = result.get("storm")
+        if isinstance(storm, dict) and "control" in storm:
+            summary[f"storm_{name}"] = {"ok": storm_ok(storm), **{k: v for k, v in storm.items() if k != "by_kind"}}
         levels = (result.get("throughput") or {}).get("levels")
         if levels:
             summary.setdefault("throughput_output_tok_per_s", {})[name] = {

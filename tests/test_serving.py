@@ -226,7 +226,7 @@ def test_e2e_configs_and_workloads_follow_the_model_shape(tmp_path, monkeypatch,
     forced = {name: c for name, c in native.items() if name.startswith("ours-sm80")}
     assert set(forced) == {
         "ours-sm80", "ours-sm80-fp8", "ours-sm80-det", "ours-sm80-det-no-radix",
-        "ours-sm80-mtp", "ours-sm80-mtp-fp8", "ours-sm80-det-mtp",
+        "ours-sm80-mtp", "ours-sm80-mtp-fp8", "ours-sm80-det-mtp", "ours-sm80-storm",
     }  # fmt: skip
     assert all(c.env == {"SGLANG_SPARSE_MLA_FORCE_SM80": "1"} and c.args[:2] == e2e.OURS for c in forced.values())
     assert forced["ours-sm80-fp8"].args[-2:] == ("--kv-cache-dtype", "fp8_e4m3")

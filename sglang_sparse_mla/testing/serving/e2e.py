@@ -406,9 +406,9 @@ def run_profile(url: str, workload: Workload, trace_dir: Path | None = None, lay
 
 
 def storm_plan(model: Path) -> StormPlan:
-    """The storm of the model in ``model`` (its context, vocabulary and ``index_topk``)."""
+    """The storm of the model in ``model`` (its context and ``index_topk``)."""
     config = json.loads((model / "config.json").read_text())
-    return StormPlan(config["max_position_embeddings"], config["vocab_size"], config["index_topk"])
+    return StormPlan(config["max_position_embeddings"], config["index_topk"])
 
 
 def run_storm_step(url: str, workload: Workload, plan: StormPlan, server_log: Path | None = None) -> dict:

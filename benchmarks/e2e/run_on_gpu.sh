@@ -6,7 +6,9 @@
 #
 # JOB: demo or demo-ARCH (the README main job: serve the tiny model, send requests;
 # at --mem-fraction-static 0.35, so it can share a GPU; DEMO_ARGS adds demo options), tests (the GPU test suite
-# under the staged runtime: TESTS, default tests/; PYTEST_ARGS, default -x), bench
+# under the staged runtime: TESTS, default tests/; PYTEST_ARGS, default -x), kits (SGLang's server test
+# kits against servers of our backend, tests/test_server_kits.py: 6 servers, about 10 minutes, so split
+# over two calls by TESTS node ids, e.g. TESTS="tests/test_server_kits.py::TestServerKits ..."), bench
 # (the kernel benchmarks with SGLang's SM90 kernels, FlashMLA and DeepGEMM, beside), indexer
 # (bench_indexer.py alone, native then forced SM80, beside DeepGEMM's logits and sgl-kernel's
 # top-k, which load only in the staged runtime; INDEXER_ARGS as gpu_suite.sh), or a
@@ -38,6 +40,9 @@ run_job() {
             --server-log "$RESULTS/$1.server.log" ${DEMO_ARGS:-} 2>&1 |
             tee "$RESULTS/$1.txt" ;;
     tests) OUT=$RESULTS PYTHON=$PY TESTS=${TESTS:-tests} bash benchmarks/gpu_suite.sh env test ;;
+    kits)
+        SGLANG_SPARSE_MLA_SERVER_KITS=1 OUT=$RESULTS PYTHON=$PY TESTS=${TESTS:-tests/test_server_kits.py} \
+            PYTEST_ARGS="${PYTEST_ARGS:--rs}" bash benchmarks/gpu_suite.sh test ;;
     bench) OUT=$RESULTS PYTHON=$PY bash benchmarks/gpu_suite.sh env bench indexer ;;
     indexer)
         OUT=$RESULTS PYTHON=$PY bash benchmarks/gpu_suite.sh env indexer &&

@@ -502,6 +502,20 @@ def teacher_regions(a: list[Completion], b: list[Completion], index_topk: int) -
     return {name: {"n": len(d), "mean_abs": sum(d) / len(d)} for name, d in regions.items()}
 
 
+def _same_answers(a: list[Completion], b: list[Completion], exact: bool, tie_margin: float) -> dict:
+    """Two runs' answers to the same requests: ``ok`` where they must be bit-identical (``exact``: batch
+    invariant numerics), else reported (``None``); a non-finite logprob fails either way."""
+    matches = [compare_greedy(x, y) for x, y in zip(a, b, strict=True)]
+    finite = all(c.finite for c in a + b)
+    identical = finite and all(bit_identical(x, y) for x, y in zip(a, b, strict=True))
+    return {
+        "ok": identical if exact else (None if finite else False),
+        "agree_up_to_near_ties": all(m.agrees(tie_margin) for m in matches),
+        "matches": [m.describe(tie_margin) for m in matches],
+        "first_differences": [m.first_difference for m in matches],
+    }
+
+
 def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_topk: int) -> dict:
     """The comparisons of the module docstring over whatever results are present."""
     summary: dict = {}
@@ -513,38 +527,19 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
         batch = _completions(results, backend, "radix")
         single = _completions(results, f"{backend}-no-radix", "one_by_one")
         if batch and single:
-            matches = [compare_greedy(b, s) for b, s in zip(batch, single, strict=True)]
-            finite = all(c.finite for c in batch + single)
+            entry = _same_answers(batch, single, exact, tie_margin)
             summary[f"radix_vs_no_radix_{backend}"] = {
-                # Exact where the numerics are batch invariant, else reported (see RADIX_PAIRS);
-                # a non-finite logprob fails either way.
-                "ok": (
-                    (finite and all(bit_identical(b, s) for b, s in zip(batch, single, strict=True)))
-                    if exact
-                    else (None if finite else False)
-                ),
-                "agree_up_to_near_ties": all(m.agrees(tie_margin) for m in matches),
+                **entry,
                 "cached_tokens": [c.cached_tokens for c in batch],
-                "matches": [m.describe(tie_margin) for m in matches],
                 "logprobs_before_difference": [
-                    logprob_difference(b.logprobs[: m.first_difference], s.logprobs[: m.first_difference])
-                    for b, s, m in zip(batch, single, matches, strict=True)
+                    logprob_difference(b.logprobs[:first], s.logprobs[:first])
+                    for b, s, first in zip(batch, single, entry["first_differences"], strict=True)
                 ],
             }
     for mtp, plain, exact in MTP_PAIRS:
         with_mtp, without = _completions(results, mtp, "greedy"), _completions(results, plain, "greedy")
         if with_mtp and without:
-            matches = [compare_greedy(x, y) for x, y in zip(with_mtp, without, strict=True)]
-            finite = all(c.finite for c in with_mtp + without)
-            summary[f"mtp_vs_plain_{mtp}"] = {
-                "ok": (
-                    (finite and all(bit_identical(x, y) for x, y in zip(with_mtp, without, strict=True)))
-                    if exact
-                    else (None if finite else False)
-                ),
-                "agree_up_to_near_ties": all(m.agrees(tie_margin) for m in matches),
-                "matches": [m.describe(tie_margin) for m in matches],
-            }
+            summary[f"mtp_vs_plain_{mtp}"] = _same_answers(with_mtp, without, exact, tie_margin)
     for name in results:
         greedy = _completions(results, name, "greedy")
         if greedy and all(c.spec_verify_ct for c in greedy):

@@ -3,8 +3,9 @@
 its fallback for GPUs without FlashMLA runs for BF16 decode and prefill), where they
 load, and torch.
 
-Decode: T = 1..128 query tokens, H = 16/32/64/128 heads, top-k 2048 random
-slots of a cache of 2^20 slots (1.2 GB BF16, 0.69 GB FP8), so gathers miss L2.
+Decode: T = 1..128 query tokens, H = 8/16/32/64/128 heads (8 and 16: one TP-8 rank of
+GLM-5 and of DeepSeek-V3.2), top-k 2048 random slots of a cache of 2^20 slots (1.2 GB
+BF16, 0.69 GB FP8), so gathers miss L2.
 Prefill: T = 4096 tokens, each attending top-k 2048 of its causal prefix in an
 8K..12K-token context spread over the same cache; and "prefill-fresh", the first
 4096 tokens of a new prompt (token t has min(t + 1, 2048) valid entries, then
@@ -329,7 +330,7 @@ def full_table(caches, ceilings, gen, quick, baselines, heads_list=None, decode_
     rows = []
     info = device_info(torch.device("cuda"))
     decode_tokens = decode_tokens or ([1, 32, 128] if quick else [1, 8, 32, 64, 128])
-    heads_list = heads_list or ([16, 128] if quick else [16, 32, 64, 128])
+    heads_list = heads_list or ([16, 128] if quick else [8, 16, 32, 64, 128])
     for kv_format in kv_formats:
         for heads in heads_list:
             configs = kernel_candidates(heads, kv_format, info)
@@ -349,7 +350,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--kv", default="bf16,fp8", help="cache formats to sweep (and of --sweep-gluon)")
     parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--heads", help="comma-separated head counts of the full table (default 16,32,64,128; --sweep-gluon: its 16, 128)")
+    parser.add_argument("--heads", help="comma-separated head counts of the full table (default 8,16,32,64,128; --sweep-gluon: its 16, 128)")
     parser.add_argument("--tokens", help="comma-separated decode token counts (default 1,8,32,64,128; --sweep-gluon: 32,128)")
     args = parser.parse_args()
     ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731

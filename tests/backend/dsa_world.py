@@ -351,7 +351,8 @@ class DSAWorld:
                 )
             else:
                 out = self.layers[layer](
-                    q.view(q.shape[0], -1), k_rows.view(-1, 1, D_QK), k_nope, fb, topk_indices=topk_slots
+                    q.reshape(q.shape[0], self.num_heads * D_QK), k_rows.view(-1, 1, D_QK), k_nope, fb,
+                    topk_indices=topk_slots,
                 )
         return out.view(q.shape[0], self.num_heads, 512)
 

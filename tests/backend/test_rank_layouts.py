@@ -104,3 +104,34 @@ def test_dp_padded_extend_tokens_select_nothing(sglang_config, monkeypatch):
     positions = layer.check_topk(reqs, counts, slots[:real])
     assert relative_error(out[:real], world.reference(reqs, counts, q[:real], positions)) < 1e-2
     assert torch.isfinite(out[real:]).all()
+
+
+@pytest.mark.parametrize("sglang_config", [{"tp_size": 4, "dp_size": 4, "enable_dp_attention": True}], indirect=True)
+@pytest.mark.parametrize("tokens", [0, 3], ids=["empty", "padded"])
+def test_dp_idle_rank_forward(sglang_config, monkeypatch, tokens):
+    """An attention-DP rank with no request runs SGLang's IDLE forward beside the others (its
+    collectives must be matched), padded to the others' token count or empty: no metadata, the
+    indexer's rows all ``-1`` with no index key written, and SGLang's attention layer answering for
+    the backend (``AttentionBackend.forward`` returns an uninitialised ``[tokens, H * 512]`` for
+    IDLE, with any backend): no cache byte of a real request touched."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+    world = DSAWorld(num_heads=HEADS, index_topk=TOPK)
+    layer = TinyDSALayer(world, make_indexer(monkeypatch))
+    busy = world.new_request()
+    world.cache(busy, world.random(70, 576))
+    kv_before, index_before = world.kv_bytes(busy.slots), world.pool.get_index_k_with_scale_buffer(0).clone()
+    empty = world.tensor([], torch.int32)
+    fb = ForwardBatch(
+        forward_mode=ForwardMode.IDLE, batch_size=0, input_ids=world.tensor([0] * tokens),
+        req_pool_indices=empty, seq_lens=empty, out_cache_loc=world.tensor([0] * tokens), seq_lens_sum=0,
+        seq_lens_cpu=torch.tensor([], dtype=torch.int32), positions=world.tensor([0] * tokens),
+    )  # fmt: skip
+    world.backend.init_forward_metadata(fb)
+    assert world.backend.forward_metadata is None
+    slots = layer.select(fb, world.random(tokens, 64), world.random(tokens, 32))
+    assert slots.shape == (tokens, TOPK) and (slots == -1).all()
+    out = world.attend(fb, world.random(tokens, HEADS, 576), world.random(tokens, 576), slots)
+    assert out.shape == (tokens, HEADS, 512)
+    assert torch.equal(world.kv_bytes(busy.slots), kv_before)
+    assert torch.equal(world.pool.get_index_k_with_scale_buffer(0), index_before)

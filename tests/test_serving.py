@@ -220,7 +220,8 @@ def test_e2e_configs_and_workloads_follow_the_model_shape(tmp_path, monkeypatch,
 
     native, small = e2e.make_configs(2048), e2e.make_configs(256)
     assert "--dsa-topk-backend" not in native["dsa"].args and native["dsa"].env == {}
-    assert small["fallback"].args[-6:-4] == ("--dsa-topk-backend", "torch") and small["dsa"].env
+    topk_flag = small["fallback"].args.index("--dsa-topk-backend")
+    assert small["fallback"].args[topk_flag + 1] == "torch" and small["dsa"].env
     assert tuple(native) == e2e.CONFIG_NAMES and set(e2e.WORKLOADS) == set(SHAPES)
     # The forced SM80 path: our backend with the environment that selects it, BF16 and FP8 KV.
     forced = {name: c for name, c in native.items() if name.startswith("ours-sm80")}
@@ -274,6 +275,11 @@ def test_throughput_warm_up_caches_none_of_the_timed_prompts():
         assert not {tuple(p[:64]) for p in timed} & {tuple(p[:64]) for p in warm_up}
         assert timed == e2e.throughput_prompts(workload, concurrency)[0]  # the same prompts for every backend
     assert e2e.make_configs(2048)["fallback"].min_startup_s >= 600 > e2e.make_configs(2048)["ours"].min_startup_s
+    # The fallback captures the batches its timed work decodes at, no others (each compiles kernels).
+    fallback = e2e.make_configs(2048)["fallback"].args
+    graphs = fallback[fallback.index("--cuda-graph-bs-decode") + 1 :]
+    assert tuple(map(int, graphs)) == e2e.FALLBACK_GRAPH_BATCHES
+    assert set(e2e.CONCURRENCY) | set(e2e.PROFILE_BATCHES) == set(e2e.FALLBACK_GRAPH_BATCHES)
 
 
 def test_stream_generate_times_first_token(tmp_path):

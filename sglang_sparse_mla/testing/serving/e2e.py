@@ -47,7 +47,8 @@ Configurations (make_configs):
   dsa-mtp        dsa with the MTP flags of ours-mtp
   fallback       SGLang's path for GPUs without FlashMLA/DeepGEMM: --attention-backend
                  dsa --dsa-{prefill,decode}-backend tilelang, indexer logits in torch
-                 (SGLANG_FP8_PAGED_MQA_LOGITS_TORCH=1)
+                 (SGLANG_FP8_PAGED_MQA_LOGITS_TORCH=1); decode graphs of batch 1, 8, 32 only
+                 (FALLBACK_GRAPH_BATCHES: its kernels compile during capture)
 
 Work (WORK; lengths of the small shape, the released one's in WORKLOADS):
   radix       the shared prefix cached, then a batch of 8 requests sharing it plus 4
@@ -132,8 +133,13 @@ def dsa_launch(index_topk: int) -> tuple[tuple[str, ...], dict[str, str]]:
 
 
 # The fallback's tilelang kernels compile while its decode CUDA graphs are captured: batch 32
-# alone took 169 s (H200, 16 layers, 2026-12-07), so a 240 s start timed out mid-capture.
+# alone took 169 s (H200, 16 layers, 2026-12-07), so a 240 s start timed out mid-capture. It
+# captures only the batch sizes its work decodes at (the throughput levels, whose requests all
+# end together, and the profiled batches; the greedy batch of 4 pads to 8), not SGLang's 8 sizes
+# up to 32; and the compiled kernels stay in SGLang's cache (SGLANG_CACHE_DIR, tilelang/), so a
+# start cut short by a device call's limit leaves the next call's start less to compile.
 FALLBACK_STARTUP_S = 900.0
+FALLBACK_GRAPH_BATCHES = (1, 8, 32)
 FP8 = ("--kv-cache-dtype", "fp8_e4m3")
 # MTP as SGLang documents it for DeepSeek-V3.2 / GLM-5: the checkpoint's NextN layer drafts a
 # chain of 3 tokens, verified with the one after it (4 draft tokens a step).
@@ -208,7 +214,10 @@ def make_configs(index_topk: int) -> dict[str, Config]:
         "dsa-fp8": Config((*dsa, *FP8), ("teacher", "greedy"), env=dsa_env, modules=("flash_mla",)),
         "dsa-mtp": Config((*dsa, *MTP), ("greedy", "throughput"), env=dsa_env, modules=("flash_mla",)),
         "fallback": Config(
-            (*dsa, "--dsa-prefill-backend", "tilelang", "--dsa-decode-backend", "tilelang"),
+            (
+                *dsa, "--dsa-prefill-backend", "tilelang", "--dsa-decode-backend", "tilelang",
+                "--cuda-graph-bs-decode", *map(str, FALLBACK_GRAPH_BATCHES),
+            ),  # fmt: skip
             ("teacher", "greedy", "throughput", "profile"),
             env={**dsa_env, "SGLANG_FP8_PAGED_MQA_LOGITS_TORCH": "1"},
             modules=("tilelang",),

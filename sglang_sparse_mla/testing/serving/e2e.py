@@ -136,8 +136,8 @@ def dsa_launch(index_topk: int) -> tuple[tuple[str, ...], dict[str, str]]:
 # alone took 169 s (H200, 16 layers, 2026-12-07), so a 240 s start timed out mid-capture. It
 # captures only the batch sizes its work decodes at (the throughput levels, whose requests all
 # end together, and the profiled batches; the greedy batch of 4 pads to 8), not SGLang's 8 sizes
-# up to 32; and the compiled kernels stay in SGLang's cache (SGLANG_CACHE_DIR, tilelang/), so a
-# start cut short by a device call's limit leaves the next call's start less to compile.
+# up to 32. Its compiled kernels go to SGLang's cache (SGLANG_CACHE_DIR, tilelang/), so a start
+# cut short by a device call's limit should leave the next call's start less to compile.
 FALLBACK_STARTUP_S = 900.0
 FALLBACK_GRAPH_BATCHES = (1, 8, 32)
 FP8 = ("--kv-cache-dtype", "fp8_e4m3")

@@ -16,6 +16,8 @@ import torch
 pytest.importorskip("sglang.srt")
 
 from sglang_sparse_mla.backend.spec import BACKEND_NAME, UnsupportedConfiguration  # noqa: E402
+from sglang_sparse_mla.testing.serving import e2e  # noqa: E402
+from sglang_sparse_mla.testing.tiny_model import tiny_config  # noqa: E402
 
 DSA_CONFIG = {
     "architectures": ["DeepseekV32ForCausalLM"],
@@ -223,3 +225,17 @@ def test_deterministic_inference_keeps_our_backend_and_radix_cache(tmp_path, res
     assert view.enable_deterministic_inference and not view.disable_radix_cache
     with pytest.raises(ValueError, match="deterministic inference"):
         resolve(model_dir(tmp_path), "--attention-backend", "dsa", "--enable-deterministic-inference")
+
+
+@pytest.mark.parametrize("name", e2e.CONFIG_NAMES)
+def test_every_e2e_configuration_resolves(tmp_path, resolve, name):
+    """Each run_e2e.py server's arguments pass SGLang's parser and resolution with the plugin loaded
+    (the model's config, CPU stand-in for the GPU), so a misspelt flag or a combination SGLang or the
+    plugin refuses fails here, not in a device call."""
+    config = tiny_config("deepseek-v3.2", "released-tp8")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    launch = e2e.make_configs(config["index_topk"])[name]
+    view = resolve(str(tmp_path), *e2e.COMMON, *launch.args)
+    assert view.attention_backend == (BACKEND_NAME if launch.args[:2] == e2e.OURS else "dsa")
+    assert view.cuda_graph_config.decode.max_bs == 32
+    assert (view.speculative_algorithm == "EAGLE") == ("-mtp" in name)

@@ -66,3 +66,26 @@ def arch_path(request, monkeypatch) -> bool:
     else:
         monkeypatch.delenv("SGLANG_SPARSE_MLA_FORCE_SM80", raising=False)
     return request.param
+
+
+@pytest.fixture
+def resolve(monkeypatch):
+    """``resolve(model_path, *flags, sm=90)`` -> the resolved view of SGLang's server arguments with the
+    plugin loaded: SGLang's real parser and resolution pipeline, its start-up validation included, on
+    ``--device cpu`` with a faked compute capability (the DSA passes ask CUDA for it) and the
+    prefill CUDA-graph default SGLang picks on CUDA (breakable)."""
+    import sglang.srt.model_executor.cuda_graph_config as cuda_graph_config
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    load_plugins()
+    monkeypatch.setattr(cuda_graph_config, "default_prefill_backend", lambda: cuda_graph_config.Backend.BREAKABLE)
+
+    def run(path: str, *flags: str, sm: int = 90):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (sm // 10, sm % 10))
+        args = prepare_server_args(["--model-path", path, "--device", "cpu", "--skip-tokenizer-init", *flags])
+        args.resolve_once()
+        return resolved_view(args)
+
+    return run

@@ -10,8 +10,9 @@ for the kits) whose ``setUpClass`` starts one server, e2e's ``COMMON`` and ``OUR
 need (:class:`KitServer`), and whose ``tearDownClass`` stops it. The kits' methods and assertions are SGLang's,
 unchanged; what a class sets are the knobs the kits leave to their user.
 
-Opt-in (``SGLANG_SPARSE_MLA_SERVER_KITS=1``; ``benchmarks/e2e/run_on_gpu.sh kits`` in the staged runtime):
-the servers, in the order they run (6 starts, about 60-90 s each):
+Opt-in (``SGLANG_SPARSE_MLA_SERVER_KITS=1``; ``benchmarks/e2e/run_on_gpu.sh kits`` in the staged runtime);
+every class's server arguments are resolved on any machine (``test_server_arguments_resolve``). The servers,
+in the order they run (6 starts, about 60-90 s each):
 
 * ``TestServerKits``: scheduler stress, abort-all, KL divergence of cache-hit logprobs, multi-turn cache hits,
   matched stop, streaming sessions. The flags of SGLang's streaming-session fixture and test
@@ -74,17 +75,6 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    pytest.skip(
-        "needs a CUDA GPU (not the Triton interpreter): starts sglang.launch_server with the triton_sparse_mla backend",
-        allow_module_level=True,
-    )
-if os.environ.get("SGLANG_SPARSE_MLA_SERVER_KITS") != "1":
-    pytest.skip(
-        "starts 6 servers (about 10 minutes): run with SGLANG_SPARSE_MLA_SERVER_KITS=1 "
-        "(benchmarks/e2e/run_on_gpu.sh kits)",
-        allow_module_level=True,
-    )
 pytest.importorskip("sglang.srt", reason="SGLang is not installed")
 
 from sglang.srt.utils.hf_transformers_utils import get_tokenizer  # noqa: E402
@@ -126,7 +116,17 @@ from sglang.test.server_fixtures.streaming_session_fixture import (  # noqa: E40
 
 from sglang_sparse_mla.testing.serving.e2e import COMMON, DETERMINISTIC, MTP, OURS  # noqa: E402
 from sglang_sparse_mla.testing.serving.server import Server  # noqa: E402
-from sglang_sparse_mla.testing.tiny_model import write_tiny_model  # noqa: E402
+from sglang_sparse_mla.backend.spec import BACKEND_NAME  # noqa: E402
+from sglang_sparse_mla.testing.tiny_model import tiny_config, write_tiny_model  # noqa: E402
+
+if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    NO_SERVERS = "needs a CUDA GPU (not the Triton interpreter): starts sglang.launch_server with triton_sparse_mla"
+elif os.environ.get("SGLANG_SPARSE_MLA_SERVER_KITS") != "1":
+    NO_SERVERS = "starts 6 servers (about 10 minutes): opt in with SGLANG_SPARSE_MLA_SERVER_KITS=1"
+else:
+    NO_SERVERS = None
+# On each server class: skipped as a whole, setUpClass included, where no server may start.
+with_servers = unittest.skipIf(NO_SERVERS is not None, NO_SERVERS or "")
 
 VOCABULARY = "the tiny model's vocabulary is 1024 ids"
 # StreamingSessionServerBase's environment: SGLang checks its KV pool for leaks after every busy step, and that
@@ -232,6 +232,7 @@ def sharegpt_stand_in() -> str:
     return str(path)
 
 
+@with_servers
 class TestServerKits(
     BasicSchedulerStressMixin,
     AbortAllMixin,
@@ -281,6 +282,7 @@ class TestServerKits(
         )
 
 
+@with_servers
 class TestAbortLeakReproKit(AbortLeakReproKitMixin, KitServer):
     server_args = (
         "--enable-streaming-session", "--chunked-prefill-size", str(ABORT_REPRO_CHUNKED_PREFILL_SIZE),
@@ -290,11 +292,13 @@ class TestAbortLeakReproKit(AbortLeakReproKitMixin, KitServer):
     server_env = STREAMING_ENV
 
 
+@with_servers
 class TestWaitingTimeoutKit(WaitingTimeoutMixin, KitServer):
     server_args = ("--max-running-requests", "1")
     server_env = {"SGLANG_REQ_WAITING_TIMEOUT": "0.001"}
 
 
+@with_servers
 class TestRunningTimeoutKit(RunningTimeoutTwoWaveMixin, KitServer):
     server_args = ("--max-running-requests", "16")
     server_env = {"SGLANG_REQ_RUNNING_TIMEOUT": "3"}
@@ -308,6 +312,7 @@ def record_parity_reference(base_url: str) -> None:
     PARITY_REFERENCE.update({p: spec_server_kits._greedy(base_url, p) for p in SpecParityKit.parity_prompts})
 
 
+@with_servers
 class TestDeterministicKits(BasicDecodeCorrectnessMixin, KitServer):
     server_args = DETERMINISTIC
 
@@ -350,6 +355,7 @@ class TestDeterministicKits(BasicDecodeCorrectnessMixin, KitServer):
         self.run_mode(test_mode="p_vs_d", n_trials=8)
 
 
+@with_servers
 class TestSpecKits(
     SpecCorrectnessKit,
     SpecLogprobKit,
@@ -383,3 +389,12 @@ class TestSpecKits(
                 record_parity_reference(reference.url)
         cls.parity_ref_outputs = dict(PARITY_REFERENCE)
         super().setUpClass()
+
+
+@pytest.mark.parametrize("server", KitServer.__subclasses__(), ids=lambda server: server.__name__)
+def test_server_arguments_resolve(server, resolve, tmp_path):
+    """Each class's server arguments pass SGLang's parser and resolution with the plugin loaded (CPU
+    too), so that a misspelt or refused flag fails in CI rather than in a device call."""
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config("deepseek-v3.2")))
+    view = resolve(str(tmp_path), *COMMON, *OURS, *server.server_args)
+    assert view.attention_backend == BACKEND_NAME

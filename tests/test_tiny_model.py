@@ -268,21 +268,9 @@ def test_sglang_sees_a_dsa_model_for_our_backend(written):
 
 
 @needs_sglang
-def test_server_arguments_resolve_to_our_backend(written, monkeypatch):
-    import sglang.srt.model_executor.cuda_graph_config as cuda_graph_config
-    from sglang.srt.arg_groups.overrides import resolved_view
-    from sglang.srt.plugins import load_plugins
-    from sglang.srt.server_args import prepare_server_args
-
-    load_plugins()
-    monkeypatch.setattr(cuda_graph_config, "default_prefill_backend", lambda: cuda_graph_config.Backend.BREAKABLE)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+def test_server_arguments_resolve_to_our_backend(written, resolve):
     *_, path = written
-    args = prepare_server_args(
-        ["--model-path", str(path), "--device", "cpu", "--attention-backend", "triton_sparse_mla"]
-    )
-    args.resolve_once()  # runs the plugin's start-up validation: DSA model, dims our kernels take
-    view = resolved_view(args)
+    view = resolve(str(path), "--attention-backend", "triton_sparse_mla")  # the plugin's start-up validation
     assert view.attention_backend == "triton_sparse_mla" and view.page_size == 64
 
 

@@ -1,8 +1,7 @@
 """Server-argument resolution with the plugin loaded: SGLang's real parser and pipeline.
 
 The machine has no GPU, so resolution runs with ``--device cpu`` and a faked
-compute capability (the DSA passes ask CUDA for it); the prefill CUDA-graph
-default is set to what SGLang picks on CUDA (breakable).
+compute capability (the ``resolve`` fixture of ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -51,26 +50,6 @@ def model_dir(tmp_path, **changes) -> str:
     config = {k: v for k, v in config.items() if v is not None}
     (tmp_path / "config.json").write_text(json.dumps(config))
     return str(tmp_path)
-
-
-@pytest.fixture
-def resolve(monkeypatch):
-    """``resolve(model_path, *flags, sm=90)`` -> the resolved view of SGLang's arguments."""
-    import sglang.srt.model_executor.cuda_graph_config as cuda_graph_config
-    from sglang.srt.arg_groups.overrides import resolved_view
-    from sglang.srt.plugins import load_plugins
-    from sglang.srt.server_args import prepare_server_args
-
-    load_plugins()
-    monkeypatch.setattr(cuda_graph_config, "default_prefill_backend", lambda: cuda_graph_config.Backend.BREAKABLE)
-
-    def run(path: str, *flags: str, sm: int = 90):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (sm // 10, sm % 10))
-        args = prepare_server_args(["--model-path", path, "--device", "cpu", "--skip-tokenizer-init", *flags])
-        args.resolve_once()
-        return resolved_view(args)
-
-    return run
 
 
 @pytest.mark.parametrize("sm,kv_dtype", [(80, "bfloat16"), (90, "bfloat16"), (100, "fp8_e4m3")])

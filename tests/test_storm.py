@@ -49,9 +49,11 @@ class StubSGLang(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if self.path == "/flush_cache":
             return self._reply(200, {})
-        if self.path == "/abort_request":
+        if self.path == "/abort_request":  # SGLang answers with an empty body
             self.server.aborted.add(json.loads(body)["rid"])
-            return self._reply(200, {})
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         try:
             request = json.loads(body)
         except json.JSONDecodeError:

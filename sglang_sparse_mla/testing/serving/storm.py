@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import flush_cache, generate, post_json
+from .client import flush_cache, generate
 from .workload import bit_identical, token_prompts
 
 KIND_WEIGHTS = {
@@ -175,8 +175,18 @@ def _streamed(url: str, request: StormRequest) -> Outcome:
             if events == request.abort_after:
                 if request.kind == "disconnect":
                     return Outcome(request.kind, "disconnected")  # the with block hangs up
-                post_json(f"{url}/abort_request", {"rid": request.rid}, timeout=60)
+                _abort(url, request.rid)
     return _finished(request.kind, meta, [])
+
+
+def _abort(url: str, rid: str) -> None:
+    """``/abort_request`` for ``rid`` (SGLang answers 200 with an empty body)."""
+    abort = urllib.request.Request(
+        f"{url}/abort_request", data=json.dumps({"rid": rid}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    with urllib.request.urlopen(abort, timeout=60):
+        pass
 
 
 def send(url: str, request: StormRequest) -> Outcome:

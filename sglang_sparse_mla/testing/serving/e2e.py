@@ -79,7 +79,7 @@ which must be bit-identical); teacher-forced and greedy logprobs of ours and
 ours-sm80 vs dsa and vs fallback, ours-fp8 vs dsa-fp8 and ours-tp2 vs ours
 (teacher-forced judged against SGLang's own spread, fallback vs dsa: see
 LOGPROB_PAIRS), ours-fp8 vs ours, ours-sm80-fp8 vs ours-sm80 and fallback vs dsa
-(reported); soak non-finite count; throughput and TTFT tables.
+(reported); soak non-finite count; storm pass/fail (storm.storm_ok); throughput and TTFT tables.
 """
 
 from __future__ import annotations

@@ -114,9 +114,9 @@ from sglang.test.server_fixtures.streaming_session_fixture import (  # noqa: E40
     ABORT_REPRO_PAGE_SIZE,
 )
 
+from sglang_sparse_mla.backend.spec import BACKEND_NAME  # noqa: E402
 from sglang_sparse_mla.testing.serving.e2e import COMMON, DETERMINISTIC, MTP, OURS  # noqa: E402
 from sglang_sparse_mla.testing.serving.server import Server  # noqa: E402
-from sglang_sparse_mla.backend.spec import BACKEND_NAME  # noqa: E402
 from sglang_sparse_mla.testing.tiny_model import tiny_config, write_tiny_model  # noqa: E402
 
 if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -313,3 +313,25 @@ def test_mtp_index_share_seed_is_the_last_tokens_slots(layer):
     out = w.attend(fb, q, torch.cat(rows), seed)
     positions = [torch.tensor([r.slots.index(s) for s in row if s >= 0]) for r, row in zip(reqs, seed.tolist())]
     assert relative_error(out, w.reference(reqs, [1, 1], q, positions)) < 1e-2
+
+
+def test_mixed_chunk_batch(layer):
+    """``--enable-mixed-chunk``: SGLang runs a prefill chunk and the running requests' decode steps
+    as one MIXED batch, the decoding requests as one-token extends on their cached context. Each
+    token selects the top-k of its own request's window and attends over it, as alone."""
+    w = layer.world
+    decoding = [w.new_request() for _ in range(2)]
+    extend(layer, decoding, [60, 25])
+    prefilling = w.new_request()
+    reqs, counts = [prefilling, *decoding], [40, 1, 1]
+    inputs = [layer.tokens(r, n) for r, n in zip(reqs, counts, strict=True)]
+    rows = [w.random(n, 576) for n in counts]
+    fb = w.extend_batch(reqs, rows)
+    fb.forward_mode = ForwardMode.MIXED
+    w.backend.init_forward_metadata(fb)
+    q = w.random(sum(counts), HEADS, 576)
+    slots, out = layer.forward(
+        fb, torch.cat([i[0] for i in inputs]), torch.cat([i[1] for i in inputs]), q, torch.cat(rows)
+    )
+    positions = layer.check_topk(reqs, counts, slots)
+    assert relative_error(out, w.reference(reqs, counts, q, positions)) < 1e-2

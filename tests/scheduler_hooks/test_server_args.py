@@ -218,3 +218,9 @@ def test_every_e2e_configuration_resolves(tmp_path, resolve, name):
     assert view.attention_backend == (BACKEND_NAME if launch.args[:2] == e2e.OURS else "dsa")
     assert view.cuda_graph_config.decode.max_bs == 32
     assert (view.speculative_algorithm == "EAGLE") == ("-mtp" in name)
+
+
+def test_mixed_chunk_is_kept(tmp_path, resolve):
+    """Mixed prefill-and-decode batches stay on with our backend (the MIXED forward mode: extend metadata)."""
+    view = resolve(model_dir(tmp_path), "--attention-backend", BACKEND_NAME, "--enable-mixed-chunk")
+    assert view.enable_mixed_chunk

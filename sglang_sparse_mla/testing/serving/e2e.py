@@ -587,6 +587,8 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
         storm = result.get("storm")
         if isinstance(storm, dict) and "control" in storm:
             summary[f"storm_{name}"] = {"ok": storm_ok(storm), **{k: v for k, v in storm.items() if k != "by_kind"}}
+        elif isinstance(storm, dict) and "error" in storm:  # the storm broke off: a failure, not a skip
+            summary[f"storm_{name}"] = {"ok": False, "error": storm["error"][-400:]}
         levels = (result.get("throughput") or {}).get("levels")
         if levels:
             summary.setdefault("throughput_output_tok_per_s", {})[name] = {

@@ -208,4 +208,4 @@ def test_storm_configurations_and_summary():
     result["failed"] = 1
     assert not e2e.summarize({"ours-storm": {"storm": result}}, 0.1, 2.0, 2048)["storm_ours-storm"]["ok"]
     broken = e2e.summarize({"ours-storm": {"storm": {"error": "URLError: refused"}}}, 0.1, 2.0, 2048)
-    assert broken["storm_ours-storm"] == {"ok": False, "error": "URLError: refused"}
+    assert broken == {"steps_failed_ours-storm": {"ok": False, "storm": "URLError: refused"}}

@@ -587,8 +587,7 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
         storm = result.get("storm")
         if isinstance(storm, dict) and "control" in storm:
             summary[f"storm_{name}"] = {"ok": storm_ok(storm), **{k: v for k, v in storm.items() if k != "by_kind"}}
-        elif isinstance(storm, dict) and "error" in storm:  # the storm broke off: a failure, not a skip
-            summary[f"storm_{name}"] = {"ok": False, "error": storm["error"][-400:]}
+
         levels = (result.get("throughput") or {}).get("levels")
         if levels:
             summary.setdefault("throughput_output_tok_per_s", {})[name] = {
@@ -618,6 +617,12 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
             }
         if "error" in result or "skipped" in result:
             summary.setdefault("not_run", {})[name] = result.get("error", result.get("skipped"))[-400:]
+        # A step that raised (its comparisons then silently missing) fails the run.
+        broken = {
+            step: data["error"][-400:] for step, data in result.items() if isinstance(data, dict) and "error" in data
+        }
+        if broken:
+            summary[f"steps_failed_{name}"] = {"ok": False, **broken}
     return summary
 
 

@@ -215,3 +215,32 @@ def test_misaligned_rows_fall_back_to_triton(target, rng):
     kv, q, idx = make_inputs(target, rng, 3, 16, 256, 2048, "fp8")
     out, lse = sparse_mla_decode(q, misaligned_copy(kv), idx, SM_SCALE)
     assert_matches_reference(out, lse, q, kv, idx)
+
+
+def test_word_rebuild_gives_every_e4m3_code_its_value():
+    """The word-at-a-time FP8 rebuild (``word_dequant``: ``_rebuild_pair``'s masks, shifts and fp16
+    reinterpretation, emulated here with the module's own constants, since Gluon has no interpreter):
+    every code at every byte position of a word becomes ``value / 256`` exactly, as fp16, beside any
+    other code; the two NaN codes (0x7F, 0xFF), which quantization never writes, become +-480."""
+    import sglang_sparse_mla.kernels.sparse_mla_sm80 as sm80
+
+    signs, magnitudes = sm80._F16_SIGNS.value, sm80._F16_MAGNITUDES.value
+    codes = torch.arange(256, dtype=torch.int32)
+    a, b = codes.repeat_interleave(256), codes.repeat(256)  # every pair of codes
+    expected = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    expected[[0x7F, 0xFF]] = torch.tensor([480.0, -480.0])
+
+    def halves(pairs):  # _f16_pair_to_f32: the low and high fp16 of each int32
+        low = pairs.to(torch.int16).view(torch.float16).float()
+        return low, (pairs >> 16).to(torch.int16).view(torch.float16).float()
+
+    for shift_a, shift_b in ((0, 16), (8, 24)):  # bytes 0 and 2 (HALF 0), bytes 1 and 3 (HALF 1)
+        words = (a << shift_a) | (b << shift_b)  # the other two bytes stay zero...
+        noise = (codes.flip(0).repeat(256) << (shift_a ^ 8)) | (codes.repeat(256) << (shift_b ^ 8))
+        words = words | noise  # ...or hold any codes: the masks must ignore them
+        if shift_a == 0:
+            pairs = ((words << 8) & signs) | ((words << 7) & magnitudes)
+        else:
+            pairs = (words & signs) | ((words >> 1) & magnitudes)
+        low, high = halves(pairs)
+        assert torch.equal(low * 256, expected[a.long()]) and torch.equal(high * 256, expected[b.long()])

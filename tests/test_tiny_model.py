@@ -25,9 +25,10 @@ pytest.importorskip("tokenizers")
 needs_sglang = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed")
 
 
-# Every (architecture, shape) there is: both architectures small, DeepSeek-V3.2 also released
-# (whole, and as one TP-8 rank).
-MODELS = [(arch, "small") for arch in ARCHITECTURES] + [("deepseek-v3.2", s) for s in ("released", "released-tp8")]
+# Both architectures small and as one TP-8 rank, DeepSeek-V3.2 also whole (GLM-5's whole released shape,
+# 295M parameters, has only its config checked: its checkpoint is a DeepSeek-V3.2 one's tensors, wider).
+MODELS = [(arch, shape) for arch in ARCHITECTURES for shape in ("small", "released-tp8")]
+MODELS.append(("deepseek-v3.2", "released"))
 MODEL_IDS = [f"{arch}-{shape}" for arch, shape in MODELS]
 
 
@@ -38,24 +39,27 @@ def written(request, tmp_path_factory):
     return arch, shape, write_tiny_model(tmp_path_factory.mktemp(f"{arch}-{shape}"), arch, seed=0, shape=shape)
 
 
-def test_released_shape_is_deepseek_v32_attention():
-    config = tiny_config("deepseek-v3.2", "released")
-    assert (config["num_attention_heads"], config["q_lora_rank"], config["index_topk"]) == (128, 1536, 2048)
-    assert config["index_n_heads"] == 64 and config["max_position_embeddings"] == 32768
-    assert config["hidden_size"] == tiny_config("deepseek-v3.2")["hidden_size"]  # the body stays tiny
-    with pytest.raises(ValueError, match="released"):
-        tiny_config("glm-5", "released")
+@pytest.mark.parametrize(
+    "arch,heads,q_lora,index_heads", [("deepseek-v3.2", 128, 1536, 64), ("glm-5", 64, 2048, 32)]
+)
+def test_released_shape_is_the_released_attention(arch, heads, q_lora, index_heads):
+    config = tiny_config(arch, "released")
+    assert (config["num_attention_heads"], config["q_lora_rank"], config["index_topk"]) == (heads, q_lora, 2048)
+    assert config["index_n_heads"] == index_heads and config["max_position_embeddings"] == 32768
+    assert config["hidden_size"] == tiny_config(arch)["hidden_size"]  # the body stays tiny
+    assert len(config.get("indexer_types", [None] * config["num_hidden_layers"])) == config["num_hidden_layers"]
+    with pytest.raises(ValueError, match="unknown shape"):
+        tiny_config(arch, "released-tp4")
 
 
-def test_tp8_shape_is_one_rank_of_the_released_attention():
+@pytest.mark.parametrize("arch,heads", [("deepseek-v3.2", 16), ("glm-5", 8)])
+def test_tp8_shape_is_one_rank_of_the_released_attention(arch, heads):
     """Tensor parallelism 8 splits the query heads only: the cache, indexer and top-k stay whole."""
-    released, rank = tiny_config("deepseek-v3.2", "released"), tiny_config("deepseek-v3.2", "released-tp8")
-    assert rank["num_attention_heads"] == rank["num_key_value_heads"] == 16
+    released, rank = tiny_config(arch, "released"), tiny_config(arch, "released-tp8")
+    assert rank["num_attention_heads"] == rank["num_key_value_heads"] == heads
     assert {k: v for k, v in rank.items() if k not in ("num_attention_heads", "num_key_value_heads")} == {
         k: v for k, v in released.items() if k not in ("num_attention_heads", "num_key_value_heads")
     }
-    with pytest.raises(ValueError, match="released-tp8"):
-        tiny_config("glm-5", "released-tp8")
 
 
 def test_files_names_and_shapes(written):
@@ -135,7 +139,7 @@ def test_cli_prints_what_it_wrote_and_keeps_a_non_empty_folder(tmp_path, capsys)
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--arch", "glm-5", "--shape", "released"], "no 'released' shape for 'glm-5'"),
+        (["--shape", "released-tp4"], "invalid choice"),
         (["--layers", "0"], "layers must be at least 1"),
         (["--arch", "llama"], "invalid choice"),
     ],

@@ -32,14 +32,16 @@ standard deviation ``fan_in ** -0.5`` and norms at 1, which keeps activations
 O(1) through the layers. A byte-level BPE tokenizer with a chat template is
 written beside them (:mod:`.tiny_tokenizer`).
 
-``--shape released`` (DeepSeek-V3.2 only) keeps the narrow hidden size but
-gives the attention its released shape: 128 query heads, q_lora_rank 1536,
-index_topk 2048, 32k positions, 2 layers (about 290 MB). There attention and
-the indexer dominate a step at long contexts, as in the real model, and
-SGLang's sgl-kernel top-k (which asserts index_topk 2048) runs unmodified.
-``--shape released-tp8`` is the same attention as one rank of a tensor-parallel-8 server
-sees it: 16 query heads (128 / 8; the latent cache, the indexer's 64 heads and its top-k are
-not split across ranks), the regime most users serve DSA models in.
+``--shape released`` keeps the narrow hidden size but gives the attention its
+released shape: for DeepSeek-V3.2 128 query heads, q_lora_rank 1536, 2 layers
+(about 290 MB with the MTP layer's 72M parameters more); for GLM-5 64 query
+heads, q_lora_rank 2048, 4 layers; both index_topk 2048 and 32k positions.
+There attention and the indexer dominate a step at long contexts, as in the
+real model, and SGLang's sgl-kernel top-k (which asserts index_topk 2048) runs
+unmodified. ``--shape released-tp8`` is the same attention as one rank of a
+tensor-parallel-8 server sees it: 16 query heads for DeepSeek-V3.2, 8 for GLM-5
+(the latent cache, the indexer's heads and its top-k are not split across
+ranks), the regime most users serve DSA models in.
 ``--layers N`` deepens any shape (about 72M parameters per released-shape
 layer), so that attention weighs more against a decode step's fixed cost
 (scheduler, sampling, launches), closer to the 61-layer released model.
@@ -151,10 +153,18 @@ _RELEASED_ATTENTION = {
             "original_max_position_embeddings": _RELEASED_POSITIONS // 2,
         },
     },
+    # GLM-5.x: 64 heads, q_lora_rank 2048; the 4 layers keep the small model's IndexShare pattern.
+    "glm-5": {
+        "num_attention_heads": 64,
+        "num_key_value_heads": 64,
+        "q_lora_rank": 2048,
+        "index_topk": 2048,
+        "max_position_embeddings": _RELEASED_POSITIONS,
+    },
 }
 # Tensor parallelism splits the query heads across ranks; everything else of the attention
 # (latent KV cache, indexer, top-k) is whole on every rank.
-_TP8_HEADS = _RELEASED_ATTENTION["deepseek-v3.2"]["num_attention_heads"] // 8
+_TP = 8
 
 
 def tiny_config(arch: str = "deepseek-v3.2", shape: str = "small", layers: int | None = None) -> dict:
@@ -165,15 +175,12 @@ def tiny_config(arch: str = "deepseek-v3.2", shape: str = "small", layers: int |
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
     if shape == "small":
         config = {**_COMMON, **_ARCH_CONFIGS[arch]}
-    elif shape in ("released", "released-tp8") and arch in _RELEASED_ATTENTION:
+    elif shape in ("released", "released-tp8"):
         config = {**_COMMON, **_ARCH_CONFIGS[arch], **_RELEASED_ATTENTION[arch]}
         if shape == "released-tp8":
-            config["num_attention_heads"] = config["num_key_value_heads"] = _TP8_HEADS
+            config["num_attention_heads"] = config["num_key_value_heads"] = config["num_attention_heads"] // _TP
     else:
-        raise ValueError(
-            f"no {shape!r} shape for {arch!r}: choose 'small', or 'released' / 'released-tp8' for "
-            f"{sorted(_RELEASED_ATTENTION)}"
-        )
+        raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
     if layers is not None:
         if layers < 1:
             raise ValueError(f"layers must be at least 1, got {layers}")
@@ -363,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         "--shape",
         choices=SHAPES,
         default="small",
-        help="released: DeepSeek-V3.2's attention shapes; released-tp8: the same at one TP-8 rank's 16 heads "
-        "(deepseek-v3.2 only)",
+        help="released: the architecture's released attention shapes; released-tp8: the same at one TP-8 rank's "
+        "heads (16 for deepseek-v3.2, 8 for glm-5)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="layer count (default: the shape's)")

@@ -9,8 +9,9 @@ that tests import it:
 Each configuration is one ``python -m sglang.launch_server`` (CUDA graphs on,
 captured up to the work's largest batch, 32) of the tiny model
 (:mod:`sglang_sparse_mla.testing.tiny_model`, written once to DIR; ``--shape released``:
-DeepSeek-V3.2's attention shapes, 128 heads and index_topk 2048, with long
-prompts; ``--shape released-tp8``: the same at one TP-8 rank's 16 heads) that runs
+the architecture's released attention shapes, 128 heads for DeepSeek-V3.2 and 64 for GLM-5,
+index_topk 2048, with long prompts; ``--shape released-tp8``: the same at one TP-8 rank's 16
+or 8 heads) that runs
 the work its comparisons need, then stops. One DIR holds the results of one model.
 Results accumulate in DIR/results.json (so runs can be split over several calls
 of a warm machine, run by several processes at once, e.g. one per GPU with CUDA_VISIBLE_DEVICES, or merged from

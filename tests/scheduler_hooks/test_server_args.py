@@ -206,12 +206,13 @@ def test_deterministic_inference_keeps_our_backend_and_radix_cache(tmp_path, res
         resolve(model_dir(tmp_path), "--attention-backend", "dsa", "--enable-deterministic-inference")
 
 
+@pytest.mark.parametrize("arch", ["deepseek-v3.2", "glm-5"])
 @pytest.mark.parametrize("name", e2e.CONFIG_NAMES)
-def test_every_e2e_configuration_resolves(tmp_path, resolve, name):
+def test_every_e2e_configuration_resolves(tmp_path, resolve, name, arch):
     """Each run_e2e.py server's arguments pass SGLang's parser and resolution with the plugin loaded
     (the model's config, CPU stand-in for the GPU), so a misspelt flag or a combination SGLang or the
     plugin refuses fails here, not in a device call."""
-    config = tiny_config("deepseek-v3.2", "released-tp8")
+    config = tiny_config(arch, "released-tp8")
     (tmp_path / "config.json").write_text(json.dumps(config))
     launch = e2e.make_configs(config["index_topk"])[name]
     view = resolve(str(tmp_path), *e2e.COMMON, *launch.args)

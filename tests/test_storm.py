@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from sglang_sparse_mla.testing.serving import e2e
+from sglang_sparse_mla.testing.serving import e2e, storm
 from sglang_sparse_mla.testing.serving.storm import KIND_WEIGHTS, StormPlan, make_request, run_storm, storm_ok
 
 CONTEXT, VOCAB = 4096, 1024
@@ -169,25 +169,21 @@ def test_a_clean_server_passes(stub, tmp_path):
         ("log", lambda r: r["log_problems"] == ["ERROR pool memory leak detected! available_size=10"]),
     ],
 )
-def test_each_fault_fails_the_storm(stub, tmp_path, fault, broken):
+def test_each_fault_fails_the_storm(stub, tmp_path, monkeypatch, fault, broken):
     stub.faults.add(fault)
     log = tmp_path / "server.log"
     log.write_text("Traceback (most recent call last): before the storm, not counted\n")
-    url = f"http://127.0.0.1:{stub.server_port}"
-    original = run_storm.__globals__["_drain"]
+    drain = storm._drain
 
-    def drain_then(url_, timeout_s=180.0):  # what happens while the server idles after the storm
+    def drain_then(url, timeout_s=180.0):  # what happens while the server idles after the storm
         stub.storm_done.set()
         if fault == "log":
             with log.open("a") as f:
                 f.write("ERROR pool memory leak detected! available_size=10\n")
-        return original(url_, timeout_s)
+        return drain(url, timeout_s)
 
-    run_storm.__globals__["_drain"] = drain_then
-    try:
-        result = run_storm(url, plan(), log)
-    finally:
-        run_storm.__globals__["_drain"] = original
+    monkeypatch.setattr(storm, "_drain", drain_then)
+    result = run_storm(f"http://127.0.0.1:{stub.server_port}", plan(), log)
     assert broken(result) and not storm_ok(result)
 
 

@@ -15,15 +15,28 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+
+def open_post(url: str, body: bytes, timeout: float):
+    """The open response to ``POST url`` of a JSON ``body`` (raises ``HTTPError`` on an error status)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    return urllib.request.urlopen(request, timeout=timeout)
 
 
 def post_json(url: str, payload: dict, timeout: float = 600.0) -> Any:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+    """``payload`` posted as JSON; the JSON answer, ``None`` for an empty body (``/abort_request``'s)."""
+    with open_post(url, json.dumps(payload).encode(), timeout) as response:
+        body = response.read()
+    return json.loads(body) if body else None
+
+
+def stream_events(response) -> Iterator[dict]:
+    """The JSON of each server-sent ``data:`` event of a streamed ``/generate`` response."""
+    for raw in response:
+        line = raw.decode().strip()
+        if line.startswith("data:") and line != "data: [DONE]":
+            yield json.loads(line[len("data:") :])
 
 
 @dataclass
@@ -136,20 +149,11 @@ def stream_generate(
         "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos},
         "stream": True,
     }
-    request = urllib.request.Request(
-        f"{base_url}/generate",
-        data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
     start = time.perf_counter()
     first, tokens = None, 0
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            tokens = json.loads(line[len("data:") :]).get("meta_info", {}).get("completion_tokens", tokens)
+    with open_post(f"{base_url}/generate", json.dumps(payload).encode(), timeout) as response:
+        for event in stream_events(response):
+            tokens = event.get("meta_info", {}).get("completion_tokens", tokens)
             if first is None and tokens >= 1:
                 first = time.perf_counter() - start
                 if on_first_token is not None:
@@ -160,14 +164,17 @@ def stream_generate(
     return StreamTiming(first, total, tokens)
 
 
-def flush_cache(base_url: str, attempts: int = 20) -> None:
-    """Empty the radix cache; retried while the server still winds down the last requests."""
-    for _ in range(attempts):
+def flush_cache(base_url: str, timeout_s: float = 10.0, interval_s: float = 0.5) -> float:
+    """Empty the radix cache, retried every ``interval_s`` while the server refuses (400: requests
+    still running) for up to ``timeout_s``; the seconds it took."""
+    start = time.monotonic()
+    while True:
         try:
             with urllib.request.urlopen(urllib.request.Request(f"{base_url}/flush_cache", method="POST"), timeout=60):
-                return
+                return time.monotonic() - start
         except urllib.error.HTTPError as err:
             if err.code != 400:
                 raise
-        time.sleep(0.5)
-    raise RuntimeError(f"{base_url}/flush_cache kept refusing: requests still running")
+        if time.monotonic() - start >= timeout_s:
+            raise RuntimeError(f"{base_url}/flush_cache kept refusing: requests still running")
+        time.sleep(interval_s)

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import flush_cache, generate
+from .client import flush_cache, generate, open_post, post_json, stream_events
 from .workload import bit_identical, token_prompts
 
 KIND_WEIGHTS = {
@@ -147,13 +147,6 @@ def make_request(rng: random.Random, plan: StormPlan, index: int, prefixes: list
     return StormRequest(kind, json.dumps({"sampling_params": {"max_new_tokens": 8}}).encode())
 
 
-def _open(url: str, body: bytes):
-    request = urllib.request.Request(
-        f"{url}/generate", data=body, headers={"Content-Type": "application/json"}, method="POST"
-    )
-    return urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S)
-
-
 def _finished(kind: str, meta: dict, logprobs: list) -> Outcome:
     reason = (meta.get("finish_reason") or {}).get("type")
     if reason == "abort":
@@ -165,29 +158,15 @@ def _finished(kind: str, meta: dict, logprobs: list) -> Outcome:
 
 
 def _streamed(url: str, request: StormRequest) -> Outcome:
-    meta, events = {}, 0
-    with _open(url, request.body) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            meta = json.loads(line[len("data:") :]).get("meta_info", meta)
-            events += 1
+    meta = {}
+    with open_post(f"{url}/generate", request.body, REQUEST_TIMEOUT_S) as response:
+        for events, event in enumerate(stream_events(response), 1):
+            meta = event.get("meta_info", meta)
             if events == request.abort_after:
                 if request.kind == "disconnect":
                     return Outcome(request.kind, "disconnected")  # the with block hangs up
-                _abort(url, request.rid)
+                post_json(f"{url}/abort_request", {"rid": request.rid}, timeout=60)
     return _finished(request.kind, meta, [])
-
-
-def _abort(url: str, rid: str) -> None:
-    """``/abort_request`` for ``rid`` (SGLang answers 200 with an empty body)."""
-    abort = urllib.request.Request(
-        f"{url}/abort_request", data=json.dumps({"rid": rid}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST",
-    )  # fmt: skip
-    with urllib.request.urlopen(abort, timeout=60):
-        pass
 
 
 def send(url: str, request: StormRequest) -> Outcome:
@@ -195,7 +174,7 @@ def send(url: str, request: StormRequest) -> Outcome:
     try:
         if request.stream:
             return _streamed(url, request)
-        with _open(url, request.body) as response:
+        with open_post(f"{url}/generate", request.body, REQUEST_TIMEOUT_S) as response:
             item = json.loads(response.read())
         meta = item.get("meta_info", {})
         return _finished(request.kind, meta, meta.get("output_token_logprobs") or [])
@@ -217,18 +196,10 @@ def _control(url: str, prompts: list[list[int]]):
 
 def _drain(url: str, timeout_s: float = 180.0) -> float | None:
     """Seconds until a cache flush succeeds (no request left running), ``None`` if it never does."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(f"{url}/flush_cache", method="POST"), timeout=60):
-                return time.monotonic() - start
-        except urllib.error.HTTPError as err:
-            if err.code != 400:
-                return None
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return None
-        time.sleep(1.0)
-    return None
+    try:
+        return flush_cache(url, timeout_s, interval_s=1.0)
+    except (RuntimeError, urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
 
 
 def _metric(url: str, name: str) -> float | None:

@@ -113,25 +113,26 @@ def validate(server_args, previous) -> None:
         attn_cp_size=view.attn_cp_size,
         two_batch_overlap=view.enable_two_batch_overlap,
     )
-    _check_speculative(view)
+    _check_speculative(view, hf_config)
     if view.enable_hisparse:
         raise spec.UnsupportedConfiguration(f"{spec.BACKEND_NAME} does not support HiSparse; drop --enable-hisparse")
 
 
-def _check_speculative(view) -> None:
+def _check_speculative(view, hf_config) -> None:
     """:func:`spec.check_speculative` on the resolved arguments and the draft checkpoint's config
-    (SGLang has set the draft path by now: the model's own for its MTP layer)."""
+    (SGLang has set the draft path by now: the model's own for its MTP layer, whose ``hf_config``
+    the target's is, read once)."""
     from sglang.srt.configs.model_config import is_deepseek_dsa
     from sglang.srt.utils.hf_transformers_utils import get_config
 
     algorithm, draft_backend = view.speculative_algorithm, view.speculative_draft_attention_backend
+    path, revision = view.speculative_draft_model_path, view.speculative_draft_model_revision
     architecture, is_dsa = None, True
-    if algorithm is not None and draft_backend in (None, spec.BACKEND_NAME) and view.speculative_draft_model_path:
-        draft = get_config(
-            view.speculative_draft_model_path,
-            trust_remote_code=view.trust_remote_code,
-            revision=view.speculative_draft_model_revision,
-        )
+    if algorithm is not None and draft_backend in (None, spec.BACKEND_NAME) and path:
+        if (path, revision) == (view.model_path, view.revision):
+            draft = hf_config
+        else:
+            draft = get_config(path, trust_remote_code=view.trust_remote_code, revision=revision)
         architecture, is_dsa = (getattr(draft, "architectures", None) or ["unknown"])[0], is_deepseek_dsa(draft)
     spec.check_speculative(
         algorithm,

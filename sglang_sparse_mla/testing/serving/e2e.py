@@ -550,11 +550,6 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
         with_mtp, without = _completions(results, mtp, "greedy"), _completions(results, plain, "greedy")
         if with_mtp and without:
             summary[f"mtp_vs_plain_{mtp}"] = _same_answers(with_mtp, without, exact, tie_margin)
-    for name in results:
-        greedy = _completions(results, name, "greedy")
-        if greedy and all(c.spec_verify_ct for c in greedy):
-            tokens, steps = sum(len(c.output_ids) for c in greedy), sum(c.spec_verify_ct for c in greedy)
-            summary.setdefault("mtp_accept_length", {})[name] = round(tokens / steps, 3)
     for a, b, judged in LOGPROB_PAIRS:
         entry = {}
         ta, tb = teacher.get(a), teacher.get(b)
@@ -588,7 +583,10 @@ def summarize(results: dict, tie_margin: float, max_spread_ratio: float, index_t
         storm = result.get("storm")
         if isinstance(storm, dict) and "control" in storm:
             summary[f"storm_{name}"] = {"ok": storm_ok(storm), **{k: v for k, v in storm.items() if k != "by_kind"}}
-
+        greedy = _completions(results, name, "greedy")
+        if greedy and all(c.spec_verify_ct for c in greedy):  # speculative decoding: tokens per verify step
+            tokens, steps = sum(len(c.output_ids) for c in greedy), sum(c.spec_verify_ct for c in greedy)
+            summary.setdefault("mtp_accept_length", {})[name] = round(tokens / steps, 3)
         levels = (result.get("throughput") or {}).get("levels")
         if levels:
             summary.setdefault("throughput_output_tok_per_s", {})[name] = {

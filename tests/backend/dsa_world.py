@@ -271,6 +271,15 @@ class DSAWorld:
         locs = [self._grow(r, rows) for r, rows in zip(reqs, new_rows, strict=True)]
         return self._batch(ForwardMode.DECODE, reqs, locs, None, None)
 
+    def verify_batch(self, reqs: list[Request], new_rows: list[torch.Tensor]) -> ForwardBatch:
+        """An MTP TARGET_VERIFY batch of the same number of draft tokens per request, counted as
+        SGLang counts it: ``seq_lens`` without the draft tokens."""
+        fb = self.decode_batch(reqs, new_rows)
+        n = new_rows[0].shape[0]
+        fb.forward_mode = ForwardMode.TARGET_VERIFY
+        fb.seq_lens, fb.seq_lens_cpu = fb.seq_lens - n, fb.seq_lens_cpu - n
+        return fb
+
     def _batch(self, mode, reqs, locs, prefix, ext) -> ForwardBatch:
         seq_lens = [r.length for r in reqs]
         positions = [pos for r, loc in zip(reqs, locs, strict=True) for pos in range(r.length - len(loc), r.length)]

@@ -28,11 +28,13 @@ def layer(sglang_config, monkeypatch):
     return TinyDSALayer(world, make_indexer(monkeypatch))
 
 
-def extend(layer: TinyDSALayer, reqs, counts):
+def extend(layer: TinyDSALayer, reqs, counts, mode=ForwardMode.EXTEND):
+    """``counts[i]`` new tokens of request ``i`` through the layer in one batch of extend ``mode``."""
     w = layer.world
     inputs = [layer.tokens(r, n) for r, n in zip(reqs, counts, strict=True)]
     rows = [w.random(n, 576) for n in counts]
     fb = w.extend_batch(reqs, rows)
+    fb.forward_mode = mode
     w.backend.init_forward_metadata(fb)
     q = w.random(sum(counts), HEADS, 576)
     x = torch.cat([i[0] for i in inputs])
@@ -92,11 +94,7 @@ def test_paged_modes_select_topk(layer, mode):
     n = 1 if mode == "decode" else 2
     inputs = [layer.tokens(r, n) for r in reqs]
     rows = [w.random(n, 576) for _ in reqs]
-    fb = w.decode_batch(reqs, rows)
-    if mode == "target_verify":  # SGLang counts verify batches without their draft tokens
-        fb.forward_mode = ForwardMode.TARGET_VERIFY
-        fb.seq_lens = fb.seq_lens - n
-        fb.seq_lens_cpu = fb.seq_lens_cpu - n
+    fb = (w.decode_batch if mode == "decode" else w.verify_batch)(reqs, rows)
     w.backend.init_forward_metadata(fb)
     assert w.backend.forward_metadata.is_paged
     q = w.random(2 * n, HEADS, 576)
@@ -267,10 +265,7 @@ def test_verify_gives_each_draft_token_its_decode_bits(layer):
         """``count`` draft tokens of ``req`` from token ``i`` (verify: all of them), beside ``other``."""
         ox, oq_lora = layer.tokens(other, count)
         orows = w.random(count, 576)
-        fb = w.decode_batch([req, other], [drows[i : i + count], orows])
-        if count > 1:  # SGLang counts verify batches without their draft tokens
-            fb.forward_mode = ForwardMode.TARGET_VERIFY
-            fb.seq_lens, fb.seq_lens_cpu = fb.seq_lens - count, fb.seq_lens_cpu - count
+        fb = (w.verify_batch if count > 1 else w.decode_batch)([req, other], [drows[i : i + count], orows])
         w.backend.init_forward_metadata(fb)
         slots, out = layer.forward(
             fb, torch.cat([dx[i : i + count], ox]), torch.cat([dq_lora[i : i + count], oq_lora]),
@@ -322,16 +317,7 @@ def test_mixed_chunk_batch(layer):
     w = layer.world
     decoding = [w.new_request() for _ in range(2)]
     extend(layer, decoding, [60, 25])
-    prefilling = w.new_request()
-    reqs, counts = [prefilling, *decoding], [40, 1, 1]
-    inputs = [layer.tokens(r, n) for r, n in zip(reqs, counts, strict=True)]
-    rows = [w.random(n, 576) for n in counts]
-    fb = w.extend_batch(reqs, rows)
-    fb.forward_mode = ForwardMode.MIXED
-    w.backend.init_forward_metadata(fb)
-    q = w.random(sum(counts), HEADS, 576)
-    slots, out = layer.forward(
-        fb, torch.cat([i[0] for i in inputs]), torch.cat([i[1] for i in inputs]), q, torch.cat(rows)
-    )
+    reqs, counts = [w.new_request(), *decoding], [40, 1, 1]
+    _, q, slots, out = extend(layer, reqs, counts, ForwardMode.MIXED)
     positions = layer.check_topk(reqs, counts, slots)
     assert relative_error(out, w.reference(reqs, counts, q, positions)) < 1e-2
